@@ -1,0 +1,34 @@
+"""Range estimators and the explicit calibration mode."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from qcnn.calib.observers import OBSERVERS, EMAObserver, MinMaxObserver, Observer, make_observer
+
+__all__ = ["OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "calibrating", "make_observer"]
+
+
+@contextmanager
+def calibrating(model: nn.Module):
+    """Calibration mode: every quantizer of ``model`` observes its input and passes it through unchanged;
+    on exit each computes its parameters (scale, zero point, fl ...).
+
+    >>> with calibrating(qmodel):
+    ...     for x, _ in calib_batches:
+    ...         qmodel(x)
+    """
+    from qcnn.quant.base import Quantizer
+
+    quants = [m for m in model.modules() if isinstance(m, Quantizer)]
+    for q in quants:
+        q.observing = True
+    try:
+        yield model
+    finally:
+        for q in quants:
+            q.observing = False
+    for q in quants:
+        q.finish_calibration()

@@ -1,0 +1,171 @@
+"""The quantizer contract shared by every method.
+
+A quantizer is an ``nn.Module`` that maps a float tensor to its fake-quantized float tensor of the same
+shape. Its backward is the straight-through estimator or the method's own rule, documented in the method
+file. Learnable parameters (PACT alpha, LSQ step) are parameters, calibrated ranges are buffers, so a
+``state_dict`` round-trips. Every quantizer describes its grid through :meth:`Quantizer.grid`; integer
+inference and export read only that description.
+
+Calibration is an explicit mode: inside :func:`qcnn.calib.calibrating` quantizers with an observer record
+statistics and pass their input through unchanged; on leaving the mode they compute their parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+MIN_BITS = 1
+MAX_BITS = 16
+
+
+def check_bits(bits: int, name: str = "bits", lo: int = MIN_BITS, hi: int = MAX_BITS) -> int:
+    """Return ``bits`` as int, or raise ValueError naming the bad value."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ValueError(f"{name}={bits!r} is not supported: expected an integer in [{lo}, {hi}]")
+    return bits
+
+
+def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer code range of a ``bits``-bit grid; ``narrow`` drops the most negative code."""
+    if signed:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return (lo + 1 if narrow else lo), hi
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def sign_ste(x: Tensor) -> Tensor:
+    """sign(x) with sign(0) = +1 forward, identity backward."""
+    s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return x + (s - x).detach()
+
+
+@dataclass
+class Grid:
+    """What a quantizer's output can be: ``value = scale * (code - zero_point)`` for uniform grids,
+    ``value = levels[code]`` for codebook (non-uniform) grids.
+
+    ``scale``/``zero_point`` are 0-d tensors (per-tensor) or 1-d along ``axis`` (per-channel).
+    ``fl`` is the fixed-point fractional length when the scale is ``2**-fl`` (QCode).
+    ``levels`` is the sorted codebook in real units for non-uniform quantizers; ``int_levels`` and
+    ``scale`` give its single-scale integer representation where the method has one.
+    """
+
+    bits: int
+    signed: bool
+    scale: Tensor | None = None
+    zero_point: Tensor | None = None
+    axis: int | None = None
+    qmin: int | None = None
+    qmax: int | None = None
+    fl: Tensor | None = None
+    levels: Tensor | None = None
+    int_levels: Tensor | None = None
+
+    def __post_init__(self):
+        if self.qmin is None or self.qmax is None:
+            self.qmin, self.qmax = qrange(self.bits, self.signed)
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.levels is None
+
+    def _bcast(self, t: Tensor, ndim: int) -> Tensor:
+        if t.dim() == 0 or self.axis is None:
+            return t
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+    def to_codes(self, x: Tensor) -> Tensor:
+        """Integer codes (int32) of an on-grid tensor ``x``."""
+        if self.levels is not None:
+            lv = self.levels.to(x.device, x.dtype)
+            return torch.argmin((x.unsqueeze(-1) - lv).abs(), dim=-1).to(torch.int32)
+        s = self._bcast(self.scale.to(x.device), x.dim())
+        z = self._bcast(self.zero_point.to(x.device), x.dim()) if self.zero_point is not None else 0
+        q = torch.round(x / s) + z
+        return q.clamp(self.qmin, self.qmax).to(torch.int32)
+
+    def from_codes(self, q: Tensor) -> Tensor:
+        """Real values of integer codes."""
+        if self.levels is not None:
+            return self.levels.to(q.device)[q.long()]
+        s = self._bcast(self.scale.to(q.device), q.dim())
+        z = self._bcast(self.zero_point.to(q.device), q.dim()) if self.zero_point is not None else 0
+        return (q.float() - z) * s
+
+
+class Quantizer(nn.Module):
+    """Base class: ``forward(x)`` returns the fake-quantized ``x``; ``grid()`` describes the output grid.
+
+    Subclasses set ``bits`` and ``signed``. Quantizers that need calibration own an ``observer`` (see
+    :mod:`qcnn.calib`) and override :meth:`is_initialized` and :meth:`finish_calibration`.
+    """
+
+    bits: int
+    signed: bool
+    #: True while inside :func:`qcnn.calib.calibrating`: observe, do not quantize.
+    observing: bool = False
+
+    def __init__(self, bits: int, signed: bool):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.signed = bool(signed)
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def finish_calibration(self) -> None:
+        """Turn observed statistics into quantization parameters (called when calibration ends)."""
+
+    def grid(self) -> Grid:
+        raise NotImplementedError(f"{type(self).__name__} does not describe its grid")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+    def _require_initialized(self) -> None:
+        if not self.is_initialized():
+            raise RuntimeError(
+                f"{type(self).__name__} is used before calibration: run the model inside "
+                "qcnn.calib.calibrating(model) on some data first (or load a calibrated state_dict)"
+            )
+
+
+class GradientQuantizer(nn.Module):
+    """A module that is the identity forward and quantizes the gradient flowing back through it.
+
+    Subclasses implement :meth:`quantize_grad`. Used for DoReFa's gradient quantizer and WAGE's errors.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits, "grad bits")
+
+    def quantize_grad(self, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _GradQuantFn.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class _GradQuantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mod):
+        ctx.mod = mod
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.mod.quantize_grad(g), None

@@ -1,0 +1,195 @@
+"""Method registry: how each method places quantizers on a network.
+
+A :class:`Method` answers, for one layer described by a :class:`LayerContext`, which quantizer goes on
+its weight, on the activation it consumes, and (optionally) on the gradient leaving its output. The
+method files in :mod:`qcnn.quant` define their quantizers and register a ``Method`` subclass with
+:func:`register_method`; :func:`qcnn.transform.quantize` only talks to this interface, so there are no
+switches on method names anywhere else.
+
+Method-specific options are a dataclass (``Method.Options``); a recipe's ``params`` are checked against
+it, and unknown keys are refused with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from qcnn.quant.base import GradientQuantizer, Quantizer
+from qcnn.quant.uniform import UniformQuantizer
+
+#: modules holding method files; each registers its methods on import
+METHOD_MODULES = (
+    "qcnn.quant.fixed_point",
+    "qcnn.quant.dorefa",
+    "qcnn.quant.pact",
+    "qcnn.quant.wrpn",
+    "qcnn.quant.hwgq",
+    "qcnn.quant.lsq",
+    "qcnn.quant.wage",
+    "qcnn.quant.binary",
+    "qcnn.quant.elq",
+    "qcnn.quant.nonuniform",
+    "qcnn.quant.codebook",
+    "qcnn.quant.vnq",
+    "qcnn.quant.fqn",
+)
+
+METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass
+class LayerContext:
+    """Everything a method needs to choose the quantizers of one layer."""
+
+    name: str  #: qualified module name, e.g. ``layer1.0.conv1``
+    module: nn.Module  #: the float Conv2d / Linear
+    role: str  #: ``first``, ``last`` or ``hidden``
+    w_bits: int
+    a_bits: int
+    input_signed: bool  #: the consumed activation may be negative (no ReLU in front of it)
+    per_channel: bool
+    calib: str  #: observer name for calibrated activation ranges
+    g_bits: int | None = None
+    e_bits: int | None = None
+    options: Any = None  #: the method's Options instance
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Method:
+    """Base: weights and activations on a uniform grid. Subclasses override what differs.
+
+    The defaults give the plain uniform quantizer of Jacob et al.: symmetric weights (per channel if
+    asked) with the range taken from the weight itself, activations unsigned after ReLU / signed and
+    asymmetric otherwise, range from the recipe's observer, kept up to date by EMA during training.
+    """
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    #: layer types this method can quantize
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d, nn.Linear)
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def make_options(cls, params: dict | None) -> Any:
+        params = dict(params or {})
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        bad = sorted(set(params) - names)
+        if bad:
+            raise ValueError(
+                f"unknown option(s) {bad} for method {cls.name!r}; valid options: {sorted(names) or 'none'}"
+            )
+        return cls.Options(**params)
+
+    # -- quantizer factories -------------------------------------------------------------------
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return UniformQuantizer(ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return self.calibrated_act(ctx.a_bits, ctx.input_signed, ctx.calib)
+
+    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        """Quantizer on the network input (the first layer's activation): signed, calibrated."""
+        return self.calibrated_act(ctx.a_bits, True, ctx.calib)
+
+    def grad_quantizer(self, ctx: LayerContext) -> GradientQuantizer | None:
+        """Optional quantizer of the gradient arriving at the layer output (DoReFa G, WAGE E)."""
+        return None
+
+    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
+        """Quantizer on the output of a residual add (needed for integer-only inference)."""
+        return self.calibrated_act(a_bits, True, calib)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Architecture changes a method needs before quantizers are placed (default: none)."""
+        return model
+
+    def calibrated_act(self, bits: int, signed: bool, calib: str) -> Quantizer:
+        """Uniform activation quantizer: unsigned symmetric after ReLU, signed asymmetric otherwise."""
+        return UniformQuantizer(bits, signed=signed, symmetric=not signed, observer=calib, track_in_training=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class UniformOptions:
+    #: power-of-two scales (fixed-point friendly)
+    pot: bool = False
+
+
+class UniformMethod(Method):
+    """Plain uniform affine quantization (Jacob et al. / FQN-style ranges, torch.ao-like baseline)."""
+
+    name = "uniform"
+    Options = UniformOptions
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return UniformQuantizer(
+            ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True, pot=self.options.pot
+        )
+
+    def calibrated_act(self, bits: int, signed: bool, calib: str) -> Quantizer:
+        return UniformQuantizer(
+            bits, signed=signed, symmetric=not signed, observer=calib, track_in_training=True, pot=self.options.pot
+        )
+
+
+register_method(UniformMethod)
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in METHOD_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a method family not present in this build
+            if e.name != mod:
+                raise
+    _loaded = True
+
+
+def available_methods() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+def get_method(name: str, params: dict | None = None) -> Method:
+    """Instantiate the method registered as ``name`` with recipe ``params``."""
+    _load_all()
+    if name not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[name]
+    return cls(cls.make_options(params))
+
+
+__all__ = [
+    "METHODS",
+    "LayerContext",
+    "Method",
+    "NoOptions",
+    "available_methods",
+    "get_method",
+    "register_method",
+]

@@ -1,0 +1,160 @@
+"""Uniform affine quantization (Jacob et al., arXiv 1712.05877; FQN, CVPR 2019).
+
+Forward   ``x_q = s * (clamp(round(x / s) + z, q_min, q_max) - z)``
+Backward  ``dx_q/dx = 1`` where ``q_min <= round(x/s) + z <= q_max``, else 0 (masked STE, the rule of
+          ``torch.fake_quantize_per_tensor_affine``, whose fused kernels are used here).
+
+Parameters from a range ``[lo, hi]`` (extended to contain 0 so that zero is exact):
+
+* symmetric, signed:    ``s = max(|lo|, |hi|) / (2^(B-1) - 1)``, ``z = 0``
+* symmetric, unsigned:  ``s = hi / (2^B - 1)``, ``z = 0``
+* asymmetric:           ``s = (hi - lo) / (q_max - q_min)``, ``z = clamp(q_min - round(lo / s))``
+* power of two (``pot``): ``s`` rounded up to ``2^ceil(log2 s)``, i.e. a fixed-point QCode ``fl = -log2 s``.
+
+``s`` is never below ``eps`` so a constant tensor gives a valid grid, never NaN.
+Weights (``dynamic=True``) take their range from the tensor itself at every call; activations take it
+from an observer (see :mod:`qcnn.calib`), during calibration or, with ``track_in_training``, during QAT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qcnn.calib.observers import make_observer, reduce_minmax
+from qcnn.quant.base import Grid, Quantizer, qrange
+
+EPS = 1e-8
+
+
+def qparams_from_range(
+    lo: Tensor, hi: Tensor, bits: int, signed: bool, symmetric: bool, pot: bool = False, narrow: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(scale, zero_point) of the grid that covers ``[lo, hi]`` (tensors, per tensor or per channel)."""
+    qmin, qmax = qrange(bits, signed, narrow)
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    if symmetric:
+        amax = torch.maximum(-lo, hi) if signed else hi
+        scale = amax / qmax
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.clamp(scale, min=EPS)
+    if pot:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if not symmetric:
+        zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
+    """Fake-quantize with torch's fused kernels (per tensor when ``scale`` is 0-d, else per channel)."""
+    if scale.dim() == 0 or axis is None:
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax
+        )
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point.to(torch.int32), axis, qmin, qmax)
+
+
+class UniformQuantizer(Quantizer):
+    """Uniform affine quantizer (see module docstring).
+
+    Args:
+        bits: grid bits (1..16).
+        signed: signed codes ``[-2^(B-1), 2^(B-1)-1]`` or unsigned ``[0, 2^B - 1]``.
+        symmetric: zero point fixed at 0.
+        per_channel: one scale per slice along ``axis`` (0 = conv/linear output channels).
+        observer: range estimator name (``minmax``, ``ema``, ``percentile``, ``mse``, ``kl``).
+        dynamic: take the range from the input at every call (weights); no calibration needed.
+        track_in_training: keep updating the observer in training mode (EMA activation ranges in QAT).
+        pot: power-of-two scale (fixed-point QCode).
+        narrow: drop the most negative signed code (symmetric int8 as in TensorRT/ONNX weight ranges).
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        signed: bool = True,
+        symmetric: bool = True,
+        per_channel: bool = False,
+        axis: int = 0,
+        observer: str = "minmax",
+        dynamic: bool = False,
+        track_in_training: bool = False,
+        pot: bool = False,
+        narrow: bool = False,
+        **observer_kwargs,
+    ):
+        super().__init__(bits, signed)
+        self.symmetric = symmetric
+        self.per_channel = per_channel
+        self.axis = axis if per_channel else None
+        self.dynamic = dynamic
+        self.track_in_training = track_in_training
+        self.pot = pot
+        self.narrow = narrow
+        self.qmin, self.qmax = qrange(bits, signed, narrow)
+        self.observer = None if dynamic else make_observer(observer, axis=self.axis, **observer_kwargs)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("initialized", torch.tensor(bool(dynamic)))
+        self._ready = bool(dynamic)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in ("scale", "zero_point"):
+            if prefix + k in state_dict:
+                setattr(self, k, torch.empty_like(state_dict[prefix + k]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    def _set_qparams(self, lo: Tensor, hi: Tensor) -> None:
+        self.scale, self.zero_point = qparams_from_range(
+            lo, hi, self.bits, self.signed, self.symmetric, self.pot, self.narrow
+        )
+
+    def finish_calibration(self) -> None:
+        if self.observer is not None and self.observer.is_initialized():
+            self._set_qparams(*self.observer.compute_range(self.bits, self.signed))
+            self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            with torch.no_grad():
+                self._set_qparams(*reduce_minmax(x, self.axis))
+        elif self.observing:
+            from qcnn.calib.observers import check_finite
+
+            check_finite(x)
+            self.observer.update(x)
+            return x
+        elif self.training and self.track_in_training:
+            with torch.no_grad():
+                self.observer.update(x)
+                self._set_qparams(*self.observer.compute_range(self.bits, self.signed))
+                self.initialized.fill_(True)
+        elif not self._ready:
+            self._require_initialized()  # checked once, so no host sync per call afterwards
+            self._ready = True
+        return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def grid(self) -> Grid:
+        fl = -torch.log2(self.scale).round().to(torch.int32) if self.pot else None
+        return Grid(
+            bits=self.bits,
+            signed=self.signed,
+            scale=self.scale.detach().clone(),
+            zero_point=self.zero_point.detach().clone(),
+            axis=self.axis,
+            qmin=self.qmin,
+            qmax=self.qmax,
+            fl=fl,
+        )
+
+    def extra_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        ch = f"per-channel(axis={self.axis})" if self.per_channel else "per-tensor"
+        src = "dynamic" if self.dynamic else (self.observer.name if self.observer else "")
+        return f"bits={self.bits}, signed={self.signed}, {kind}, {ch}, range={src}, pot={self.pot}"

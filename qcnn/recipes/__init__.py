@@ -1,0 +1,133 @@
+"""Recipes are data: which method, how many bits where, how to calibrate and how to train.
+
+A recipe loads from YAML (one per method under ``recipes/`` at the repository root) or a dict, and every
+key is checked: an unknown key is refused with the list of valid ones. CLI flags override fields with
+:meth:`Recipe.replace`.
+
+Example (``recipes/pact.yaml``)::
+
+    method: pact
+    w_bits: 4
+    a_bits: 4
+    first_last: 8bit
+    params: {alpha_init: 10.0, alpha_decay: 0.0002}
+    train: {epochs: 2, optimizer: sgd, lr: 0.01, schedule: cosine}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qcnn.quant.base import check_bits
+
+FIRST_LAST = ("fp32", "8bit", "same")
+
+
+def _strict(cls, d: dict | None, where: str):
+    d = dict(d or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - names)
+    if bad:
+        raise ValueError(f"unknown key(s) {bad} in {where}; valid keys: {sorted(names)}")
+    return d
+
+
+@dataclass
+class Override:
+    """Per-layer override, matched by ``fnmatch`` pattern on the module name (e.g. ``layer3.*``)."""
+
+    pattern: str
+    w_bits: int | None = None
+    a_bits: int | None = None
+    skip: bool = False  #: leave matching layers in float
+
+
+@dataclass
+class TrainSpec:
+    """Training hyper-parameters (used by ``qcnn train`` / ``qcnn qat``)."""
+
+    epochs: int = 1
+    batch_size: int = 128
+    optimizer: str = "sgd"  #: sgd | adam
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  #: constant | step | cosine | onecycle
+    step_size: int = 30
+    gamma: float = 0.1
+    augment: bool = True
+    amp: bool = False
+
+
+@dataclass
+class Recipe:
+    method: str = "uniform"
+    w_bits: int = 8
+    a_bits: int = 8
+    g_bits: int | None = None  #: gradient bits (DoReFa G, WAGE G)
+    e_bits: int | None = None  #: error bits (WAGE E)
+    first_last: str = "8bit"  #: fp32 | 8bit | same
+    per_channel: bool = True
+    calib: str = "minmax"
+    calib_images: int = 1024
+    fold_bn: bool = False
+    quantize_adds: bool = True
+    params: dict[str, Any] = field(default_factory=dict)  #: method options
+    procedure: str | None = None  #: training procedure in qcnn.methods (two_step, progressive, ...)
+    procedure_params: dict[str, Any] = field(default_factory=dict)
+    overrides: list[Override] = field(default_factory=list)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def __post_init__(self):
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        if self.g_bits is not None:
+            check_bits(self.g_bits, "g_bits")
+        if self.e_bits is not None:
+            check_bits(self.e_bits, "e_bits")
+        if self.first_last not in FIRST_LAST:
+            raise ValueError(f"first_last={self.first_last!r} is not one of {FIRST_LAST}")
+        self.overrides = [o if isinstance(o, Override) else Override(**_strict(Override, o, "override"))
+                          for o in self.overrides]
+        for o in self.overrides:
+            if o.w_bits is not None:
+                check_bits(o.w_bits, f"w_bits of override {o.pattern!r}")
+            if o.a_bits is not None:
+                check_bits(o.a_bits, f"a_bits of override {o.pattern!r}")
+        if isinstance(self.train, dict):
+            self.train = TrainSpec(**_strict(TrainSpec, self.train, "train"))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recipe") -> Recipe:
+        return cls(**_strict(cls, d, where))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+        d = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"recipe {str(path)!r} must be a mapping, got {type(d).__name__}")
+        return cls.from_dict(d, where=f"recipe {str(path)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> Recipe:
+        """A copy with the non-None ``changes`` applied (``train`` may be a partial dict)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        train = changes.pop("train", None)
+        r = dataclasses.replace(self, **changes)
+        if train:
+            r.train = dataclasses.replace(r.train, **_strict(TrainSpec, train, "train"))
+        return r
+
+
+__all__ = ["FIRST_LAST", "Override", "Recipe", "TrainSpec"]
