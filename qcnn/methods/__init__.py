@@ -1,0 +1,123 @@
+"""Training procedures: how a recipe turns a float model into a trained quantized model.
+
+A procedure is a function ``(model, bundle, recipe, out_dir, resume) -> (qmodel, metrics)`` registered
+under a name with :func:`register_procedure`; ``recipe.procedure`` selects it (``None`` = plain
+quantization-aware training, :func:`qat`). Procedures that are more than "quantize then train" live in
+their own modules (two-step / progressive / guided, WAGE, Bi-Real two-step, Clip-Q, ELQ, VNQ).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qcnn.calib import calibrating
+from qcnn.quant.registry import get_method
+from qcnn.recipes import Recipe
+from qcnn.transform import quantize
+
+PROCEDURE_MODULES = (
+    "qcnn.methods.zhuang",
+    "qcnn.methods.wage",
+    "qcnn.methods.bireal",
+    "qcnn.methods.elq",
+    "qcnn.methods.clipq",
+    "qcnn.methods.vnq",
+    "qcnn.methods.fqn",
+)
+
+Procedure = Callable[..., tuple[nn.Module, dict]]
+PROCEDURES: dict[str, Procedure] = {}
+
+
+def register_procedure(name: str):
+    def deco(fn: Procedure) -> Procedure:
+        PROCEDURES[name] = fn
+        return fn
+
+    return deco
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in PROCEDURE_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    _loaded = True
+
+
+def get_procedure(name: str | None) -> Procedure:
+    if name is None:
+        return qat
+    _load_all()
+    if name not in PROCEDURES:
+        raise ValueError(f"unknown training procedure {name!r}; choose one of {sorted(PROCEDURES)}")
+    return PROCEDURES[name]
+
+
+@torch.no_grad()
+def calibrate(qmodel: nn.Module, loader, max_images: int | None = None) -> nn.Module:
+    """Run ``loader`` batches through ``qmodel`` in calibration mode (eval mode, no gradients)."""
+    was_training = qmodel.training
+    qmodel.eval()
+    seen = 0
+    with calibrating(qmodel):
+        for x, _ in loader:
+            qmodel(x)
+            seen += x.shape[0]
+            if max_images is not None and seen >= max_images:
+                break
+    if seen == 0:
+        raise ValueError("the calibration set is empty: no batch was seen")
+    return qmodel.train(was_training)
+
+
+def quantize_and_calibrate(model: nn.Module, recipe: Recipe, bundle) -> nn.Module:
+    """``quantize`` then calibrate on the bundle's held-out calibration split."""
+    device = next(model.parameters()).device
+    qmodel = quantize(model, recipe).to(device)
+    return calibrate(qmodel, bundle.calib, recipe.calib_images)
+
+
+def train_quantized(qmodel: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
+                    resume: bool = False, **fit_kwargs) -> dict:
+    """Train an already quantized model with the method's parameter groups and step hook."""
+    from qcnn.train import fit
+
+    method = get_method(recipe.method, recipe.params)
+    groups = (lambda m: method.param_groups(m, recipe.train.weight_decay))
+    if method.param_groups(qmodel, recipe.train.weight_decay) is None:
+        groups = None
+    fit_kwargs.setdefault("param_groups", groups)
+    fit_kwargs.setdefault("step_hook", method.step_hook)
+    return fit(qmodel, bundle, recipe.train, out_dir, resume=resume, **fit_kwargs)
+
+
+def qat(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
+        resume: bool = False) -> tuple[nn.Module, dict]:
+    """Plain quantization-aware training: quantize, calibrate, train ``recipe.train.epochs`` epochs."""
+    qmodel = quantize_and_calibrate(model, recipe, bundle)
+    metrics = train_quantized(qmodel, bundle, recipe, out_dir, resume)
+    return qmodel, metrics
+
+
+def run_recipe(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
+               resume: bool = False) -> tuple[nn.Module, dict]:
+    """Apply ``recipe`` to the float ``model`` with its training procedure; returns (qmodel, metrics)."""
+    return get_procedure(recipe.procedure)(model, bundle, recipe, out_dir, resume)
+
+
+__all__ = ["PROCEDURES", "calibrate", "get_procedure", "qat", "quantize_and_calibrate",
+           "register_procedure", "run_recipe", "train_quantized"]

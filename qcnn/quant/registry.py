@@ -114,6 +114,14 @@ class Method:
         """Architecture changes a method needs before quantizers are placed (default: none)."""
         return model
 
+    # -- training hooks (used by qcnn.methods.run_recipe) --------------------------------------
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict] | None:
+        """Optimizer parameter groups, e.g. PACT's alpha with its own L2; None = one group."""
+        return None
+
+    def step_hook(self, model: nn.Module, step: int) -> None:
+        """Called after every optimizer step (weight clipping, freezing, ...)."""
+
     def calibrated_act(self, bits: int, signed: bool, calib: str) -> Quantizer:
         """Uniform activation quantizer: unsigned symmetric after ReLU, signed asymmetric otherwise."""
         return UniformQuantizer(bits, signed=signed, symmetric=not signed, observer=calib, track_in_training=True)
