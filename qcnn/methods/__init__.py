@@ -107,8 +107,13 @@ def train_quantized(qmodel: nn.Module, bundle, recipe: Recipe, out_dir: str | Pa
 
 def qat(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
         resume: bool = False) -> tuple[nn.Module, dict]:
-    """Plain quantization-aware training: quantize, calibrate, train ``recipe.train.epochs`` epochs."""
+    """Plain quantization-aware training: quantize, calibrate, train ``recipe.train.epochs`` epochs.
+
+    With ``epochs == 0`` this is post-training quantization: quantize and calibrate only.
+    """
     qmodel = quantize_and_calibrate(model, recipe, bundle)
+    if recipe.train.epochs == 0:
+        return qmodel.eval(), {}
     metrics = train_quantized(qmodel, bundle, recipe, out_dir, resume)
     return qmodel, metrics
 

@@ -76,9 +76,25 @@ class Method:
     Options: ClassVar[type] = NoOptions
     #: layer types this method can quantize
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d, nn.Linear)
+    #: weight / activation bit widths the method defines (None = any); the benchmark marks other cells
+    weight_bits: ClassVar[tuple[int, ...] | None] = None
+    act_bits: ClassVar[tuple[int, ...] | None] = None
+    #: False for weight-only methods (activations stay float whatever a_bits says)
+    quantizes_activations: ClassVar[bool] = True
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def defines(cls, w_bits: int, a_bits: int | None) -> str | None:
+        """None if the method defines the W/A setting, else the reason it does not."""
+        if cls.weight_bits is not None and w_bits not in cls.weight_bits:
+            return f"{cls.name} defines weights of {list(cls.weight_bits)} bits only"
+        if a_bits is not None and not cls.quantizes_activations:
+            return f"{cls.name} quantizes weights only"
+        if a_bits is not None and cls.act_bits is not None and a_bits not in cls.act_bits:
+            return f"{cls.name} defines activations of {list(cls.act_bits)} bits only"
+        return None
 
     @classmethod
     def make_options(cls, params: dict | None) -> Any:
