@@ -130,4 +130,34 @@ class Recipe:
         return r
 
 
-__all__ = ["FIRST_LAST", "Override", "Recipe", "TrainSpec"]
+def recipe_dirs() -> list[Path]:
+    """Where named recipes are looked up: ``$QCNN_RECIPES`` then the repository's ``recipes/``."""
+    import os
+
+    dirs = [Path(p) for p in os.environ.get("QCNN_RECIPES", "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parents[2] / "recipes")
+    return dirs
+
+
+def list_recipes() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """Path of a recipe given a file path or a bare name such as ``pact``."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe file {str(p)!r} does not exist")
+        return p
+    for d in recipe_dirs():
+        if (d / f"{name_or_path}.yaml").is_file():
+            return d / f"{name_or_path}.yaml"
+    raise ValueError(f"unknown recipe {str(name_or_path)!r}; known recipes: {list_recipes()}")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    return Recipe.from_yaml(find_recipe(name_or_path))
+
+
+__all__ = ["FIRST_LAST", "Override", "Recipe", "TrainSpec", "find_recipe", "list_recipes", "load_recipe"]

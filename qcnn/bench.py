@@ -1,0 +1,349 @@
+"""Equal-bit-width benchmark: every method x bit-width cell from the same float checkpoint, same budget.
+
+A suite fixes the model, the dataset and the training budget of every quantization-aware cell (epochs and
+number of training images); post-training methods (recipes with ``train.epochs: 0``) only calibrate.
+Each cell starts from the same float checkpoint, is trained with its recipe (``recipes/<name>.yaml``)
+at the cell's bits and evaluated on the full test set. A float model fine-tuned with the same budget is
+the reference every drop is measured against.
+
+Cells a method does not define (e.g. a weight-only method at 4/4, Bi-Real at 4/4) are recorded as
+``undefined`` with the reason, never run or faked. Results are written after every cell
+(``results.json``, atomically) so an interrupted run resumes where it stopped; finished cells are
+skipped. ``results.md`` holds the table; ``accuracy_vs_bits.png`` and ``accuracy_vs_size.png`` the plots.
+
+Bits are written ``W/A``; ``A = fp`` keeps activations in float (weight-only methods).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qcnn.checkpoint import save_atomic, save_model
+from qcnn.quant.registry import get_method
+from qcnn.recipes import load_recipe
+
+
+@dataclass
+class Suite:
+    name: str
+    model: str
+    dataset: str
+    methods: list[str]
+    bits: list[str]
+    epochs: int
+    train_images: int | None = None  #: None = the whole training set
+    float_epochs: int = 3
+    float_recipe: dict = field(default_factory=dict)
+    first_last: str = "8bit"
+    batch_size: int = 128
+
+
+_FAST = ["qcode", "uniform", "uniform_qat", "dorefa", "pact", "lsq", "wrpn", "hwgq"]
+_ALL = _FAST + ["zhuang_progressive", "zhuang_guided", "wage", "bireal", "elq", "nonuniform", "clipq",
+                "vnq", "fqn"]
+
+SUITES: dict[str, Suite] = {
+    "demo": Suite("demo", "lenet5", "fashion-mnist", _FAST, ["8/8", "4/4", "2/2"], epochs=1,
+                  train_images=20000, float_epochs=3),
+    "quick": Suite("quick", "lenet5", "fashion-mnist", _ALL, ["8/8", "4/4", "2/2", "1/2", "1/1", "2/fp", "1/fp"],
+                   epochs=2, float_epochs=3),
+    "cifar10": Suite("cifar10", "resnet20", "cifar10", _ALL, ["8/8", "4/4", "2/2", "1/2", "2/fp"], epochs=12,
+                     float_epochs=12, batch_size=256),
+}
+
+
+def parse_bits(spec: str) -> tuple[int, int | None]:
+    """``"4/4"`` -> (4, 4); ``"2/fp"`` -> (2, None)."""
+    try:
+        w, a = spec.split("/")
+        return int(w), (None if a.strip().lower() in ("fp", "32", "float") else int(a))
+    except ValueError:
+        raise ValueError(f"bad bit-width cell {spec!r}: expected W/A such as 4/4 or 2/fp") from None
+
+
+def cell_key(method: str, bits: str) -> str:
+    return f"{method}@{bits}"
+
+
+def _accuracy(model, loader) -> float:
+    from qcnn.train import evaluate
+
+    return float(evaluate(model, loader)["top1"])
+
+
+def _example(bundle) -> torch.Tensor:
+    x, _ = next(iter(bundle.test))
+    return x[:1]
+
+
+class Bench:
+    """Runs a suite into ``out_dir`` (resumable)."""
+
+    def __init__(self, suite: Suite, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
+                 init: str | None = None, seed: int = 0, log=print):
+        self.suite, self.out, self.data_dir, self.device = suite, Path(out_dir), data_dir, device
+        self.init, self.seed, self.log = init, seed, log
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / "results.json"
+        self.results = self._load_results()
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _load_results(self) -> dict:
+        if self.results_path.is_file():
+            r = json.loads(self.results_path.read_text())
+            if r.get("suite", {}).get("model") != self.suite.model or r.get("suite", {}).get(
+                    "dataset") != self.suite.dataset:
+                raise ValueError(f"{self.results_path} holds another suite ({r.get('suite')}); use another --out")
+            return r
+        return {"suite": asdict(self.suite), "float": {}, "cells": {}}
+
+    def _save(self) -> None:
+        self.results["suite"] = asdict(self.suite)
+        tmp = self.results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.results_path)
+
+    # -- data / models -------------------------------------------------------------------------
+    def data(self):
+        from qcnn.data import get_data
+
+        if not hasattr(self, "_bundle"):
+            b = get_data(self.suite.dataset, data_dir=self.data_dir, batch_size=self.suite.batch_size,
+                         device=self.device, seed=self.seed, train_limit=self.suite.train_images)
+            self._bundle = b
+        return self._bundle
+
+    def arch(self) -> dict:
+        b = self.data()
+        return {"name": self.suite.model, "num_classes": b.num_classes, "in_channels": b.in_channels}
+
+    def build(self):
+        from qcnn.models import build_model
+
+        a = self.arch()
+        return build_model(a["name"], num_classes=a["num_classes"], in_channels=a["in_channels"])
+
+    def float_model(self):
+        """The float checkpoint every cell starts from (trained once by the suite unless ``init`` is given)."""
+        from qcnn.checkpoint import load_model
+        from qcnn.models import load_weights
+
+        path = self.out / "float" / "model.pt"
+        if self.init:
+            model = self.build()
+            load_weights(model, self.init)
+            return model.to(self.device)
+        if not path.is_file():
+            from qcnn.recipes import TrainSpec
+            from qcnn.train import fit
+
+            self.log(f"[bench] training the float {self.suite.model} ({self.suite.float_epochs} epochs)")
+            torch.manual_seed(self.seed)
+            model = self.build().to(self.device)
+            spec = TrainSpec(**({"epochs": self.suite.float_epochs, "optimizer": "adam", "lr": 0.004,
+                                 "schedule": "onecycle", "weight_decay": 0.0} | self.suite.float_recipe))
+            t0 = time.time()
+            fit(model, self.data(), spec, self.out / "float")
+            save_model(path, model, self.arch(), metrics={"seconds": time.time() - t0})
+        model, _ = load_model(path, device=self.device)
+        return model
+
+    # -- cells ---------------------------------------------------------------------------------
+    def run(self, methods: list[str] | None = None, bits: list[str] | None = None) -> dict:
+        methods = methods or self.suite.methods
+        bits = bits or self.suite.bits
+        for b in bits:
+            parse_bits(b)
+        float_model = self.float_model()
+        bundle = self.data()
+        if "top1" not in self.results["float"]:
+            self.results["float"] = {"top1": _accuracy(float_model, bundle.test),
+                                     **self._size(float_model, bundle)}
+            self._save()
+        self._float_finetuned(float_model)
+        for m in methods:
+            for b in bits:
+                key = cell_key(m, b)
+                if self.results["cells"].get(key, {}).get("status") in ("ok", "undefined"):
+                    continue
+                self.results["cells"][key] = self._run_cell(float_model, m, b)
+                self._save()
+                c = self.results["cells"][key]
+                self.log(f"[bench] {key:28s} {c['status']:9s} "
+                         + (f"top1 {c['top1']:.2f}  ({c['seconds']:.0f} s)" if c["status"] == "ok"
+                            else c.get("reason", "")))
+        write_reports(self.results, self.out)
+        return self.results
+
+    def _float_finetuned(self, float_model) -> None:
+        """Float model trained with the same budget as the QAT cells (the fair reference)."""
+        if "finetuned_top1" in self.results["float"] or self.suite.epochs == 0:
+            return
+        import copy
+
+        from qcnn.recipes import load_recipe as _lr
+        from qcnn.train import fit
+
+        spec = _lr("uniform_qat").train
+        spec.epochs = self.suite.epochs
+        model = copy.deepcopy(float_model)
+        t0 = time.time()
+        fit(model, self.data(), spec, None)
+        self.results["float"]["finetuned_top1"] = _accuracy(model, self.data().test)
+        self.results["float"]["finetune_seconds"] = time.time() - t0
+        self._save()
+
+    def _size(self, model, bundle) -> dict:
+        from qcnn.report.size import summarize
+
+        s = summarize(model, _example(bundle))
+        return {"size_bytes": s["size_bytes"], "bops": s["bops"]}
+
+    def _run_cell(self, float_model, name: str, bits: str) -> dict:
+        import copy
+
+        from qcnn.methods import run_recipe
+
+        w, a = parse_bits(bits)
+        try:
+            recipe = load_recipe(name)
+        except (ValueError, FileNotFoundError) as e:
+            return {"method": name, "bits": bits, "status": "undefined", "reason": str(e)}
+        method_cls = type(get_method(recipe.method, recipe.params))
+        reason = method_cls.defines(w, a)
+        if reason is not None:
+            return {"method": name, "bits": bits, "status": "undefined", "reason": reason}
+        recipe = recipe.replace(w_bits=w, a_bits=a if a is not None else recipe.a_bits,
+                                first_last=self.suite.first_last)
+        if recipe.train.epochs > 0:
+            recipe = recipe.replace(train={"epochs": self.suite.epochs})
+        out = self.out / "cells" / cell_key(name, bits).replace("/", "-")
+        torch.manual_seed(self.seed)
+        t0 = time.time()
+        try:
+            qmodel, _ = run_recipe(copy.deepcopy(float_model), self.data(), recipe, out)
+            top1 = _accuracy(qmodel, self.data().test)
+            save_model(out / "model.pt", qmodel, self.arch(), recipe=recipe, metrics={"top1": top1})
+        except Exception as e:  # noqa: BLE001 - one broken cell must not stop the suite; it is reported
+            (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(traceback.format_exc())
+            return {"method": name, "bits": bits, "status": "error", "reason": f"{type(e).__name__}: {e}"}
+        ref = self.results["float"].get("finetuned_top1", self.results["float"]["top1"])
+        return {"method": name, "bits": bits, "status": "ok", "top1": top1, "drop": ref - top1,
+                "seconds": time.time() - t0, "epochs": recipe.train.epochs,
+                **self._size(qmodel, self.data())}
+
+
+def write_reports(results: dict, out: str | Path) -> str:
+    """Write results.md and the two plots; return the Markdown table."""
+    out = Path(out)
+    md = results_table(results)
+    tmp = out / "results.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(out / "results.md")
+    try:
+        plot_results(results, out)
+    except Exception as e:  # noqa: BLE001 - plots are optional output; the table is the result
+        print(f"[bench] plotting failed: {e}")
+    return md
+
+
+def results_table(results: dict) -> str:
+    s = results["suite"]
+    cells = results["cells"]
+    methods = list(dict.fromkeys(c["method"] for c in cells.values()))
+    bits = list(dict.fromkeys(s["bits"] + [c["bits"] for c in cells.values()]))
+    bits = [b for b in bits if any(c["bits"] == b for c in cells.values())]
+    f = results["float"]
+    lines = [
+        f"# Equal-bit-width benchmark: {s['model']} on {s['dataset']} (suite `{s['name']}`)",
+        "",
+        f"Float top-1 {f.get('top1', float('nan')):.2f}%"
+        + (f"; float fine-tuned with the same budget {f['finetuned_top1']:.2f}%" if "finetuned_top1" in f else "")
+        + f". QAT budget per cell: {s['epochs']} epoch(s) on "
+        + (f"{s['train_images']} training images" if s.get("train_images") else "the full training set")
+        + f"; first/last layers: {s['first_last']}. Cells: top-1 % (drop vs the fine-tuned float); "
+        "`n/a` = the method does not define that setting.",
+        "",
+        "| method | " + " | ".join(f"W{b.replace('/', '/A')}" for b in bits) + " |",
+        "|---|" + "---|" * len(bits),
+    ]
+    for m in methods:
+        row = []
+        for b in bits:
+            c = cells.get(cell_key(m, b))
+            if c is None:
+                row.append("")
+            elif c["status"] == "ok":
+                row.append(f"{c['top1']:.2f} ({-c['drop']:+.2f})")
+            elif c["status"] == "undefined":
+                row.append("n/a")
+            else:
+                row.append("error")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    notes = [f"- {k}: {c['reason']}" for k, c in cells.items() if c["status"] == "error"]
+    if notes:
+        lines += ["", "Errors:", *notes]
+    lines += ["", "Model size (KiB) and BOPs (G) per cell:", "",
+              "| cell | top-1 | size KiB | GBOPs | seconds |", "|---|---|---|---|---|"]
+    lines.append(f"| float | {f.get('top1', float('nan')):.2f} | {f.get('size_bytes', 0) / 1024:.1f} | "
+                 f"{f.get('bops', 0) / 1e9:.3f} | |")
+    for k, c in cells.items():
+        if c["status"] == "ok":
+            lines.append(f"| {k} | {c['top1']:.2f} | {c['size_bytes'] / 1024:.1f} | {c['bops'] / 1e9:.3f} | "
+                         f"{c['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in results["cells"].values() if c["status"] == "ok"]
+    bits = [b for b in results["suite"]["bits"] if any(c["bits"] == b for c in cells)]
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        xs = [i for i, b in enumerate(bits) for c in cells if c["method"] == m and c["bits"] == b]
+        ys = [c["top1"] for b in bits for c in cells if c["method"] == m and c["bits"] == b]
+        ax.plot(xs, ys, marker="o", label=m)
+    ref = results["float"].get("finetuned_top1", results["float"].get("top1"))
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1, label="float")
+    ax.set_xticks(range(len(bits)), [f"W{b.replace('/', '/A')}" for b in bits])
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{results['suite']['model']} / {results['suite']['dataset']}: accuracy vs bit width")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        pts = [(c["size_bytes"] / 1024, c["top1"]) for c in cells if c["method"] == m]
+        ax.scatter(*zip(*pts), label=m, s=25)
+    f = results["float"]
+    if "size_bytes" in f:
+        ax.scatter([f["size_bytes"] / 1024], [f["top1"]], marker="*", s=120, color="k", label="float")
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (KiB, log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("accuracy vs model size")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_size.png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["SUITES", "Bench", "Suite", "parse_bits", "plot_results", "results_table", "save_atomic",
+           "write_reports"]

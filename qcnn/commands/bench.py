@@ -1,0 +1,54 @@
+"""``qcnn bench``: the equal-bit-width comparison (see :mod:`qcnn.bench`)."""
+
+from __future__ import annotations
+
+import time
+
+
+def add_parser(sub) -> None:
+    from qcnn.bench import SUITES
+
+    p = sub.add_parser("bench", help="equal-bit-width benchmark of every method (resumable)")
+    p.add_argument("--suite", default="quick", choices=sorted(SUITES),
+                   help="demo/quick: LeNet-5 on Fashion-MNIST (CPU); cifar10: ResNet-20 on CIFAR-10 (GPU)")
+    p.add_argument("--methods", default=None, help="comma-separated recipe names (default: the suite's)")
+    p.add_argument("--bits", default=None, help="comma-separated W/A cells, e.g. 8/8,4/4,2/2,1/2,2/fp")
+    p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"])
+    p.add_argument("--epochs", type=int, default=None, help="QAT epochs per cell (default: the suite's)")
+    p.add_argument("--train-images", type=int, default=None, help="training images per epoch (default: suite)")
+    p.add_argument("--init", default=None, help="float checkpoint to start from (default: train one)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import dataclasses
+    import json
+
+    import torch
+
+    from qcnn.bench import SUITES, Bench, parse_bits, results_table
+
+    suite = SUITES[args.suite]
+    changes = {k: v for k, v in {"first_last": args.first_last, "epochs": args.epochs,
+                                 "train_images": args.train_images}.items() if v is not None}
+    suite = dataclasses.replace(suite, **changes)
+    methods = args.methods.split(",") if args.methods else None
+    bits = args.bits.split(",") if args.bits else None
+    for b in bits or []:
+        parse_bits(b)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    t0 = time.time()
+    bench = Bench(suite, args.out, data_dir=args.data_dir, device=device, init=args.init, seed=args.seed)
+    results = bench.run(methods, bits)
+    print(results_table(results))
+    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_bits.png, accuracy_vs_size.png")
+    if args.json:
+        ok = {k: round(c["top1"], 2) for k, c in results["cells"].items() if c["status"] == "ok"}
+        print(json.dumps({"float_top1": round(results["float"]["top1"], 2), "cells": ok,
+                          "seconds": round(time.time() - t0, 1)}))
+    return 0
