@@ -1,0 +1,66 @@
+"""Batched augmentation and normalisation as tensor ops on the device (no per-sample Python loop).
+
+Random crop with zero padding ``p`` (torchvision's ``RandomCrop(H, padding=p)``) equals a translation of
+the image by ``(dy, dx)`` drawn uniformly from ``[-p, p]^2``, filling uncovered pixels with 0:
+
+    out[c, i, j] = x[c, i + dy, j + dx]   if 0 <= i + dy < H and 0 <= j + dx < W, else 0
+
+which :func:`translate` computes for a whole batch with one gather from the padded batch. Flips mirror the
+width axis of the selected images. Normalisation maps uint8 pixels to ``(x / 255 - mean) / std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def translate(x: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
+    """Shift every image of ``x`` ``[B, C, H, W]`` by its row ``(dy, dx)`` of ``shifts`` ``[B, 2]``
+    (integers in ``[-pad, pad]``), zero fill. Works for any dtype, including uint8."""
+    if pad == 0:
+        return x
+    b, c, h, w = x.shape
+    dev = x.device
+    xp = F.pad(x, (pad, pad, pad, pad))
+    shifts = shifts.to(dev)
+    rows = torch.arange(h, device=dev)[None, :] + (pad + shifts[:, 0:1])  # [B, H]
+    cols = torch.arange(w, device=dev)[None, :] + (pad + shifts[:, 1:2])  # [B, W]
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror (width axis) the images of ``x`` whose entry in the bool ``mask`` ``[B]`` is true."""
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+class Normalize:
+    """uint8 ``[B, C, H, W]`` -> float32 ``(x / 255 - mean) / std`` as one multiply-subtract."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        if len(mean) != len(std):
+            raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} differ in length")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std {tuple(std)} must be positive")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _consts(self, device: torch.device):
+        if device not in self._cache:
+            std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            self._cache[device] = (1.0 / (255.0 * std), mean / std)
+        return self._cache[device]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._consts(x.device)
+        return x.float().mul_(scale).sub_(shift)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float -> pixel values in [0, 255] (float)."""
+        scale, shift = self._consts(x.device)
+        return (x + shift) / scale
