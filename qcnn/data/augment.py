@@ -5,7 +5,7 @@ the image by ``(dy, dx)`` drawn uniformly from ``[-p, p]^2``, filling uncovered 
 
     out[c, i, j] = x[c, i + dy, j + dx]   if 0 <= i + dy < H and 0 <= j + dx < W, else 0
 
-which :func:`translate` computes for a whole batch with one gather from the padded batch. Flips mirror the
+which :func:`crop_flip` computes for a whole batch with two gathers from the padded batch. Flips mirror the
 width axis of the selected images. Normalisation maps uint8 pixels to ``(x / 255 - mean) / std``.
 """
 
@@ -17,25 +17,38 @@ import torch
 import torch.nn.functional as F
 
 
-def translate(x: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
-    """Shift every image of ``x`` ``[B, C, H, W]`` by its row ``(dy, dx)`` of ``shifts`` ``[B, 2]``
-    (integers in ``[-pad, pad]``), zero fill. Works for any dtype, including uint8."""
-    if pad == 0:
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor | None, flips: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """Translate each image of ``x`` ``[B, C, H, W]`` by its row ``(dy, dx)`` of ``shifts`` ``[B, 2]``
+    (integers in ``[-pad, pad]``, zero fill), then mirror the width axis where the bool ``flips`` ``[B]`` is
+    true. Either may be None. Two ``torch.gather`` calls (rows, then columns, the flip folded into the column
+    index); any dtype, including uint8; no host synchronisation."""
+    if shifts is None and flips is None:
         return x
     b, c, h, w = x.shape
     dev = x.device
-    xp = F.pad(x, (pad, pad, pad, pad))
+    if shifts is None:
+        pad = 0
+    xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    col = torch.arange(w, device=dev)[None, :].expand(b, w)
+    if flips is not None:
+        col = torch.where(flips.to(dev)[:, None], (w - 1) - col, col)
+    if shifts is None:
+        return torch.gather(xp, 3, col[:, None, None, :].expand(b, c, h, w))
     shifts = shifts.to(dev)
     rows = torch.arange(h, device=dev)[None, :] + (pad + shifts[:, 0:1])  # [B, H]
-    cols = torch.arange(w, device=dev)[None, :] + (pad + shifts[:, 1:2])  # [B, W]
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    cols = col + (pad + shifts[:, 1:2])  # [B, W]
+    xr = torch.gather(xp, 2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))
+    return torch.gather(xr, 3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def translate(x: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
+    """Shift every image of ``x`` by its row ``(dy, dx)`` of ``shifts`` (in ``[-pad, pad]``), zero fill."""
+    return crop_flip(x, shifts, None, pad)
 
 
 def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mirror (width axis) the images of ``x`` whose entry in the bool ``mask`` ``[B]`` is true."""
-    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
+    return crop_flip(x, None, mask, 0)
 
 
 class Normalize:

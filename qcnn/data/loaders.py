@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from qcnn.data.augment import Normalize, hflip, translate
+from qcnn.data.augment import Normalize, crop_flip
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -139,10 +139,9 @@ class TensorLoader:
             else:
                 idx = order_dev[start:end]
                 x, y = self.images[idx], self.labels[idx]
-            if shifts is not None:
-                x = translate(x, shifts[start:end], self.pad)
-            if flips is not None:
-                x = hflip(x, flips[start:end])
+            if shifts is not None or flips is not None:
+                x = crop_flip(x, None if shifts is None else shifts[start:end],
+                              None if flips is None else flips[start:end], self.pad)
             yield self.normalize(x), y
 
     def __repr__(self) -> str:
