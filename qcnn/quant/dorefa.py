@@ -1,0 +1,235 @@
+"""DoReFa-Net: low bit-width weights, activations and gradients (Zhou et al., arXiv 1606.06160).
+
+``quantize_k(r) = round((2^k - 1) r) / (2^k - 1)`` for ``r`` in [0, 1]; backward: straight through
+(``d quantize_k(r) / dr = 1``).
+
+Weights, k > 1 (:class:`DoReFaWeight`)
+    Forward   ``t = tanh(w);  w_q = 2 quantize_k(t / (2 max|t|) + 1/2) - 1``  (max over the whole layer)
+    Backward  straight through ``quantize_k`` only; the gradient flows through ``tanh`` and the max as
+              ordinary functions (the reference implementation does the same). Grid: the ``2^k`` values
+              ``(2i - n) / n``, ``n = 2^k - 1``, i.e. odd integers ``-n..n`` times ``1/n``.
+Weights, k = 1
+    Forward   ``E = mean|w|`` (a constant for autograd);  ``w_q = sign(w) E`` with ``sign(0) = +1``
+    Backward  ``dL/dw = dL/dw_q`` (identity: ``d sign(w/E) E / dw`` with the sign passed straight through)
+Activations (:class:`DoReFaActivation`)
+    Forward   ``a_q = quantize_k(clip(a, 0, 1))``
+    Backward  ``da_q/da = 1`` for ``0 <= a <= 1``, else 0
+    Signed inputs (no ReLU in front, not covered by the paper): ``clip(a, -1, 1)`` on the symmetric grid
+    ``round((2^(k-1) - 1) a) / (2^(k-1) - 1)`` (1 bit: ``sign``), same masked backward on ``[-1, 1]``.
+Gradients, k_G bits (:class:`DoReFaGradQuantizer`, identity forward, applied to the gradient arriving at
+each conv/linear output)
+    ``m = max|g|`` per sample (over all but the batch dimension), ``n = 2^k_G - 1``,
+    ``g' = g / (2m) + 1/2 + N``, ``N ~ U(-1/(2n), 1/(2n))`` (half a step of dither, so the rounding is
+    unbiased), ``g_q = 2m (quantize_k(clip(g', 0, 1)) - 1/2)``. A sample with ``m = 0`` gets ``g_q = 0``.
+
+First / last layers at 8 bits (``first_last: 8bit``): the paper keeps them in float; here they take the
+uniform int8 grid of the base :class:`~qcnn.quant.registry.Method` (symmetric per-channel weights,
+calibrated activations), the grid integer deployments use (:class:`EdgeUniformMethod`). With
+``first_last: same`` they get the DoReFa quantizers like every other layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, check_bits, round_ste
+from qcnn.quant.registry import LayerContext, Method, register_method
+
+EPS = 1e-8
+
+
+def quantize_k(x: Tensor, bits: int) -> Tensor:
+    """``round((2^k - 1) x) / (2^k - 1)`` with a straight-through gradient (DoReFa eq. 5)."""
+    n = 2**bits - 1
+    return round_ste(x * n) / n
+
+
+def binary_sign(x: Tensor) -> Tensor:
+    """sign with sign(0) = +1 (two levels, never 0)."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class _ClipQuantFn(torch.autograd.Function):
+    """``round(n clip(x, lo, 1)) / n`` forward, gradient masked to ``lo <= x <= 1``."""
+
+    @staticmethod
+    def forward(ctx, x, n: int, lo: float):
+        ctx.save_for_backward(x)
+        ctx.lo = lo
+        return torch.round(x.clamp(lo, 1.0) * n) / n
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ((x >= ctx.lo) & (x <= 1.0)).to(g.dtype), None, None
+
+
+class _SignClipFn(torch.autograd.Function):
+    """``sign(x)`` forward (sign(0) = +1), gradient masked to ``|x| <= 1``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return binary_sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1.0).to(g.dtype)
+
+
+def clip_quantize(x: Tensor, bits: int, signed: bool) -> Tensor:
+    """``quantize_k(clip(x, 0, 1))`` (unsigned) or its symmetric signed counterpart on ``[-1, 1]``."""
+    if not signed:
+        return _ClipQuantFn.apply(x, 2**bits - 1, 0.0)
+    if bits == 1:
+        return _SignClipFn.apply(x)
+    return _ClipQuantFn.apply(x, 2 ** (bits - 1) - 1, -1.0)
+
+
+def clip_grid(bits: int, signed: bool) -> Grid:
+    """Grid of :func:`clip_quantize`: step ``1/n`` on ``[0, 1]`` or ``[-1, 1]``."""
+    if signed and bits == 1:
+        return Grid(bits=1, signed=True, levels=torch.tensor([-1.0, 1.0]), int_levels=torch.tensor([-1, 1]),
+                    scale=torch.tensor(1.0))
+    n = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    qmin = -n if signed else 0
+    return Grid(bits=bits, signed=signed, scale=torch.tensor(1.0 / n), zero_point=torch.tensor(0, dtype=torch.int32),
+                qmin=qmin, qmax=n)
+
+
+class ScaleBufferMixin:
+    """Weight quantizers whose ``scale`` buffer (recomputed from the weight at every forward) may be per
+    tensor or per channel: loading a state_dict takes the saved shape."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "scale" in state_dict:
+            self.scale = torch.empty_like(state_dict[prefix + "scale"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class DoReFaActivation(Quantizer):
+    """``quantize_k(clip(a, 0, 1))`` (see module docstring); ``signed=True`` for inputs without ReLU."""
+
+    def __init__(self, bits: int, signed: bool = False):
+        super().__init__(bits, signed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            return x
+        return clip_quantize(x, self.bits, self.signed)
+
+    def grid(self) -> Grid:
+        return clip_grid(self.bits, self.signed)
+
+
+class DoReFaWeight(ScaleBufferMixin, Quantizer):
+    """DoReFa weight quantizer: tanh form for k > 1, ``sign(w) mean|w|`` for k = 1.
+
+    The 1-bit scale ``E`` of the last forward is kept in the buffer ``scale`` for :meth:`grid`.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__(bits, signed=True)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.bits == 1:
+            e = w.detach().abs().mean()
+            self.scale = e
+            return w + (binary_sign(w) * e - w).detach()
+        t = torch.tanh(w)
+        r = t / (2 * t.abs().max().clamp_min(EPS)) + 0.5
+        return 2 * quantize_k(r, self.bits) - 1
+
+    def grid(self) -> Grid:
+        if self.bits == 1:
+            return Grid(bits=1, signed=True, levels=torch.stack([-self.scale, self.scale]).detach().clone(),
+                        int_levels=torch.tensor([-1, 1]), scale=self.scale.detach().clone())
+        n = 2**self.bits - 1
+        ints = torch.arange(-n, n + 1, 2)
+        return Grid(bits=self.bits, signed=True, levels=ints.float() / n, int_levels=ints, scale=torch.tensor(1.0 / n))
+
+
+class DoReFaGradQuantizer(GradientQuantizer):
+    """Identity forward; backward quantizes the incoming gradient to ``bits`` bits with DoReFa's
+    per-sample scaling and uniform dither (module docstring). ``generator`` makes the noise reproducible."""
+
+    def __init__(self, bits: int, generator: torch.Generator | None = None):
+        super().__init__(bits)
+        self.generator = generator
+
+    def noise(self, g: Tensor) -> Tensor:
+        """``U(-1/(2n), 1/(2n))`` of ``g``'s shape."""
+        n = 2**self.bits - 1
+        if self.generator is None:
+            u = torch.rand(g.shape, device=g.device, dtype=g.dtype)
+        else:
+            u = torch.rand(g.shape, generator=self.generator, device=self.generator.device).to(g.device, g.dtype)
+        return (u - 0.5) / n
+
+    def quantize_grad(self, g: Tensor) -> Tensor:
+        n = 2**self.bits - 1
+        dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        m = g.abs().amax(dim=dims, keepdim=True) if dims else g.abs().amax()
+        gp = g / (2 * m.clamp_min(torch.finfo(g.dtype).tiny)) + 0.5 + self.noise(g)
+        q = torch.round(gp.clamp(0.0, 1.0) * n) / n
+        return 2 * m * (q - 0.5)
+
+
+class EdgeUniformMethod(Method):
+    """Base for the low-bit methods: first/last layers (role ``first``/``last``) at 8 or more bits use the
+    base class's uniform int8 quantizers; everything else is left to the subclass's ``low_*`` factories."""
+
+    @staticmethod
+    def edge(ctx: LayerContext, bits: int) -> bool:
+        return ctx.role != "hidden" and bits >= 8
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self.edge(ctx, ctx.w_bits):
+            return super().weight_quantizer(ctx)
+        return self.low_weight(ctx)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self.edge(ctx, ctx.a_bits):
+            return super().act_quantizer(ctx)
+        return self.low_act(ctx)
+
+    def low_weight(self, ctx: LayerContext) -> Quantizer | None:
+        raise NotImplementedError
+
+    def low_act(self, ctx: LayerContext) -> Quantizer | None:
+        raise NotImplementedError
+
+
+@dataclass
+class DoReFaOptions:
+    #: also quantize the gradients at the first and last layers' outputs (the paper leaves them float)
+    grad_first_last: bool = False
+
+
+@register_method
+class DoReFaMethod(EdgeUniformMethod):
+    """DoReFa-Net: tanh/sign weights, ``quantize_k(clip(a,0,1))`` activations, optional k_G-bit gradients
+    (``recipe.g_bits``) on every hidden conv/linear output."""
+
+    name = "dorefa"
+    Options = DoReFaOptions
+
+    def low_weight(self, ctx: LayerContext) -> Quantizer:
+        return DoReFaWeight(ctx.w_bits)
+
+    def low_act(self, ctx: LayerContext) -> Quantizer:
+        return DoReFaActivation(ctx.a_bits, signed=ctx.input_signed)
+
+    def grad_quantizer(self, ctx: LayerContext) -> GradientQuantizer | None:
+        if ctx.g_bits is None or (ctx.role != "hidden" and not self.options.grad_first_last):
+            return None
+        return DoReFaGradQuantizer(check_bits(ctx.g_bits, "g_bits"))
+
+
+__all__ = ["DoReFaActivation", "DoReFaGradQuantizer", "DoReFaMethod", "DoReFaWeight", "EdgeUniformMethod",
+           "ScaleBufferMixin", "binary_sign", "clip_grid", "clip_quantize", "quantize_k"]

@@ -1,0 +1,204 @@
+"""LSQ: learned step size quantization (Esser et al., ICLR 2020, arXiv 1902.08153).
+
+Codes ``[-Q_N, Q_P]``: unsigned data ``Q_N = 0, Q_P = 2^b - 1``; signed ``Q_N = 2^(b-1), Q_P = 2^(b-1) - 1``.
+Step size ``s > 0`` is a parameter (one per layer, or per output channel with ``per_channel``).
+
+Forward   ``v = x / s;  x_q = round(clip(v, -Q_N, Q_P)) s``
+Backward  ``dx_q/dx = 1`` for ``-Q_N <= v <= Q_P``, else 0 (straight through the rounding);
+          ``dx_q/ds = round(v) - v`` for ``-Q_N <= v <= Q_P``, ``-Q_N`` below, ``Q_P`` above (LSQ eq. 3);
+          the step's gradient is multiplied by ``g = 1 / sqrt(N Q_P)`` (LSQ sec. 2.2), ``N`` = number of
+          weights of the layer (per output channel when per-channel) or features of one sample of the
+          activation (``x.numel() / batch``).
+Init      ``s = 2 mean|x| / sqrt(Q_P)``: from the weights when the quantizer is built, from the
+          calibration batches (the mean of the per-batch ``mean|x|``) for activations.
+
+``s`` is used as ``max(s, 1e-8)``, so a step pushed to 0 or below cannot produce NaN.
+As in the paper, the first and last layers (and the network input) at 8 bits are quantized with LSQ too.
+1-bit signed data has no LSQ grid (``Q_P = 0``) and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qcnn.quant.base import Grid, Quantizer
+from qcnn.quant.registry import LayerContext, Method, register_method
+
+EPS = 1e-8
+
+
+def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(Q_N, Q_P)`` of a ``bits``-bit LSQ grid."""
+    if signed:
+        if bits < 2:
+            raise ValueError(f"LSQ needs bits >= 2 for signed data, got bits={bits!r}")
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class _LsqFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, qn: int, qp: int, gscale: float, axis: int | None):
+        shape = [1] * x.dim()
+        if axis is not None:
+            shape[axis] = -1
+        sb = s.clamp_min(EPS).reshape(shape) if axis is not None else s.clamp_min(EPS)
+        v = x / sb
+        q = torch.round(v.clamp(-qn, qp))
+        ctx.save_for_backward(v, q)
+        ctx.meta = (qn, qp, gscale, axis, s.shape)
+        return q * sb
+
+    @staticmethod
+    def backward(ctx, g):
+        v, q = ctx.saved_tensors
+        qn, qp, gscale, axis, s_shape = ctx.meta
+        inside = (v >= -qn) & (v <= qp)
+        gx = g * inside.to(g.dtype)
+        ds = g * torch.where(inside, q - v, q)
+        if axis is None:
+            gs = ds.sum()
+        else:
+            dims = [d for d in range(g.dim()) if d != axis]
+            gs = ds.sum(dim=dims)
+        return gx, (gs * gscale).reshape(s_shape), None, None, None, None
+
+
+def lsq(x: Tensor, s: Tensor, bits: int, signed: bool, grad_scale: float | None = None,
+        axis: int | None = None) -> Tensor:
+    """Functional LSQ; ``grad_scale=None`` uses ``1/sqrt(N Q_P)`` with ``N`` = elements per step value."""
+    qn, qp = lsq_range(bits, signed)
+    if grad_scale is None:
+        n = x.numel() // (x.shape[axis] if axis is not None else 1)
+        grad_scale = 1.0 / math.sqrt(max(n, 1) * qp)
+    return _LsqFn.apply(x, s, qn, qp, grad_scale, axis)
+
+
+class LSQQuantizer(Quantizer):
+    """LSQ quantizer. ``init`` (a weight tensor) sets the step at once; otherwise calibration does.
+
+    Args:
+        bits, signed: grid.
+        per_channel: one step per slice along axis 0 (weights).
+        activation: ``N`` of the gradient scale counts the features of one sample (batch dim excluded).
+        init: tensor to initialise the step from (weights).
+        grad_scale: apply ``g = 1/sqrt(N Q_P)`` (paper); False uses ``g = 1``.
+    """
+
+    def __init__(self, bits: int, signed: bool, per_channel: bool = False, activation: bool = True,
+                 init: Tensor | None = None, grad_scale: bool = True):
+        super().__init__(bits, signed)
+        self.qn, self.qp = lsq_range(bits, signed)
+        self.axis = 0 if per_channel else None
+        self.activation = activation
+        self.use_grad_scale = grad_scale
+        n_steps = init.shape[0] if (per_channel and init is not None) else 1
+        self.step = nn.Parameter(torch.ones(n_steps) if per_channel else torch.ones(()))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("calib_sum", torch.zeros(()))
+        self.register_buffer("calib_count", torch.zeros((), dtype=torch.long))
+        self._ready = False
+        if init is not None:
+            self.init_from(init)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "step"
+        if key in state_dict and state_dict[key].shape != self.step.shape:
+            self.step = nn.Parameter(torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """``s = 2 mean|x| / sqrt(Q_P)`` (per channel along axis 0 when per-channel)."""
+        a = x.detach().abs().float()
+        m = a.reshape(a.shape[0], -1).mean(dim=1) if self.axis is not None else a.mean()
+        s = (2 * m / math.sqrt(self.qp)).clamp_min(EPS)
+        if s.shape != self.step.shape:
+            self.step = nn.Parameter(s.to(self.step.device))
+        else:
+            self.step.copy_(s)
+        self.initialized.fill_(True)
+
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            if not self.is_initialized() or self.activation:
+                with torch.no_grad():
+                    self.calib_sum += x.detach().abs().float().mean()
+                    self.calib_count += 1
+            return x if self.activation else self._quant(x)
+        if not self._ready:
+            self._require_initialized()  # checked once: no host sync per call afterwards
+            self._ready = True
+        return self._quant(x)
+
+    def _quant(self, x: Tensor) -> Tensor:
+        if self.use_grad_scale:
+            n = x.numel() // (x.shape[0])  # per sample (activations) or per output channel (weights)
+            if self.axis is None and not self.activation:
+                n = x.numel()
+            gscale = 1.0 / math.sqrt(max(n, 1) * self.qp)
+        else:
+            gscale = 1.0
+        return _LsqFn.apply(x, self.step, self.qn, self.qp, gscale, self.axis)
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        if self.activation and int(self.calib_count) > 0:
+            m = self.calib_sum / self.calib_count
+            self.step.copy_((2 * m / math.sqrt(self.qp)).clamp_min(EPS).expand_as(self.step))
+            self.initialized.fill_(True)
+            self._ready = True
+
+    def grid(self) -> Grid:
+        s = self.step.detach().clamp_min(EPS).clone()
+        return Grid(bits=self.bits, signed=self.signed, scale=s, zero_point=torch.zeros_like(s, dtype=torch.int32),
+                    axis=self.axis, qmin=-self.qn, qmax=self.qp)
+
+    def extra_repr(self) -> str:
+        ch = "per-channel" if self.axis is not None else "per-tensor"
+        return f"bits={self.bits}, signed={self.signed}, {ch}, grad_scale={self.use_grad_scale}"
+
+
+@dataclass
+class LSQOptions:
+    #: multiply the step gradient by 1/sqrt(N Q_P) (paper); False: plain gradient
+    grad_scale: bool = True
+    #: quantize first/last layers (at their recipe bits) with LSQ as the paper does; False: uniform int8 grid
+    lsq_first_last: bool = True
+
+
+@register_method
+class LSQMethod(Method):
+    """LSQ on weights (signed, per layer or per output channel), activations and the network input."""
+
+    name = "lsq"
+    Options = LSQOptions
+
+    def _edge_uniform(self, ctx: LayerContext) -> bool:
+        return ctx.role != "hidden" and not self.options.lsq_first_last
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer:
+        if self._edge_uniform(ctx):
+            return super().weight_quantizer(ctx)
+        return LSQQuantizer(ctx.w_bits, signed=True, per_channel=ctx.per_channel, activation=False,
+                            init=ctx.module.weight, grad_scale=self.options.grad_scale)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer:
+        if self._edge_uniform(ctx):
+            return super().act_quantizer(ctx)
+        return LSQQuantizer(ctx.a_bits, signed=ctx.input_signed, grad_scale=self.options.grad_scale)
+
+    def input_quantizer(self, ctx: LayerContext) -> Quantizer:
+        if self._edge_uniform(ctx):
+            return super().input_quantizer(ctx)
+        return LSQQuantizer(ctx.a_bits, signed=True, grad_scale=self.options.grad_scale)
+
+
+__all__ = ["LSQMethod", "LSQQuantizer", "lsq", "lsq_range"]

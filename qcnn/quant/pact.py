@@ -1,0 +1,178 @@
+"""PACT: parameterized clipping activation (Choi et al., arXiv 1805.06085).
+
+Unsigned (after ReLU), ``k`` bits, ``n = 2^k - 1``, learned clip level ``alpha > 0`` per layer:
+
+Forward   ``y = clip(x, 0, alpha);  y_q = round(y n / alpha) alpha / n``
+Backward  ``dy_q/dx = 1`` for ``0 <= x < alpha``, else 0 (straight through the rounding);
+          ``dy_q/dalpha = 1`` for ``x >= alpha``, else 0 (PACT eq. 3: the rounding is passed straight
+          through, so the in-range outputs do not depend on alpha).
+
+Signed variant (feature maps without a ReLU in front, which PACT ignores; used automatically where the
+consumed activation can be negative), ``n = 2^(k-1) - 1`` (1 bit: ``y_q = alpha sign(x)``):
+
+Forward   ``y = clip(x, -alpha, alpha);  y_q = round(y n / alpha) alpha / n``
+Backward  ``dy_q/dx = 1`` for ``-alpha < x < alpha``, else 0;
+          ``dy_q/dalpha = +1`` for ``x >= alpha``, ``-1`` for ``x <= -alpha``, else 0.
+
+``alpha`` is a parameter (init 10 as in the paper's CIFAR experiments, or, with ``init_percentile``, the
+given percentile of ``|x|`` over the calibration data: a fine-tuning aid, not in the paper). It is used as
+``max(alpha, 1e-4)`` so a collapsing alpha cannot divide by zero. The paper regularises alpha with L2
+(``alpha_decay``, default 2e-4); :meth:`PACTMethod.param_groups` puts every alpha in its own optimiser
+group with that decay and keeps it out of the ordinary weight decay.
+
+Weights are DoReFa's (tanh form, sign for 1 bit; :mod:`qcnn.quant.dorefa`), as in the paper. First/last
+layers at 8 bits use the uniform int8 grid (:class:`~qcnn.quant.dorefa.EdgeUniformMethod`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qcnn.quant.base import Grid, Quantizer
+from qcnn.quant.dorefa import DoReFaWeight, EdgeUniformMethod
+from qcnn.quant.registry import LayerContext, register_method
+
+ALPHA_MIN = 1e-4
+#: at most this many elements per batch enter the calibration percentile
+_SAMPLE = 1 << 18
+
+
+class _PactFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, n: int, signed: bool):
+        a = alpha.clamp_min(ALPHA_MIN)
+        lo = -a if signed else torch.zeros_like(a)
+        ctx.save_for_backward(x, a)
+        ctx.signed = signed
+        y = torch.minimum(torch.maximum(x, lo), a)
+        return torch.round(y * (n / a)) * (a / n)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        above = x >= a
+        if ctx.signed:
+            below = x <= -a
+            gx = g * (~(above | below)).to(g.dtype)
+            ga = (g * (above.to(g.dtype) - below.to(g.dtype))).sum()
+        else:
+            gx = g * ((x >= 0) & ~above).to(g.dtype)
+            ga = (g * above.to(g.dtype)).sum()
+        return gx, ga.reshape(a.shape), None, None
+
+
+class _PactSignFn(torch.autograd.Function):
+    """1-bit signed PACT: ``alpha sign(x)``; d/dx = 1 on ``|x| < alpha``, d/dalpha = ``sign(x)`` on ``|x| >= alpha``."""
+
+    @staticmethod
+    def forward(ctx, x, alpha):
+        a = alpha.clamp_min(ALPHA_MIN)
+        ctx.save_for_backward(x, a)
+        return torch.where(x >= 0, a, -a)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        outside = x.abs() >= a
+        gx = g * (~outside).to(g.dtype)
+        ga = (g * outside.to(g.dtype) * torch.where(x >= 0, 1.0, -1.0)).sum()
+        return gx, ga.reshape(a.shape)
+
+
+def pact(x: Tensor, alpha: Tensor, bits: int, signed: bool = False) -> Tensor:
+    """Functional PACT (see module docstring)."""
+    if signed and bits == 1:
+        return _PactSignFn.apply(x, alpha)
+    n = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    return _PactFn.apply(x, alpha, n, signed)
+
+
+class PACTQuantizer(Quantizer):
+    """PACT activation quantizer with a learned clip level ``alpha`` (a 0-d parameter)."""
+
+    def __init__(self, bits: int, signed: bool = False, alpha_init: float = 10.0,
+                 init_percentile: float | None = None):
+        super().__init__(bits, signed)
+        if not alpha_init > 0:
+            raise ValueError(f"alpha_init={alpha_init!r} must be positive")
+        if init_percentile is not None and not 0 < init_percentile <= 100:
+            raise ValueError(f"init_percentile={init_percentile!r} must lie in (0, 100]")
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.init_percentile = init_percentile
+        self.register_buffer("calib_sum", torch.zeros(()))
+        self.register_buffer("calib_count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            if self.init_percentile is not None:
+                self._observe(x)
+            return x
+        return pact(x, self.alpha, self.bits, self.signed)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        v = x.detach().flatten()
+        v = v.abs() if self.signed else v.clamp_min(0)
+        if v.numel() > _SAMPLE:
+            v = v[torch.randperm(v.numel(), device=v.device)[:_SAMPLE]]
+        self.calib_sum += torch.quantile(v.float(), self.init_percentile / 100.0)
+        self.calib_count += 1
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        if self.init_percentile is not None and int(self.calib_count) > 0:
+            self.alpha.copy_((self.calib_sum / self.calib_count).clamp_min(ALPHA_MIN))
+
+    def grid(self) -> Grid:
+        a = self.alpha.detach().clamp_min(ALPHA_MIN)
+        if self.signed and self.bits == 1:
+            return Grid(bits=1, signed=True, levels=torch.stack([-a, a]), int_levels=torch.tensor([-1, 1]), scale=a)
+        n = 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return Grid(bits=self.bits, signed=self.signed, scale=a / n, zero_point=torch.tensor(0, dtype=torch.int32),
+                    qmin=-n if self.signed else 0, qmax=n)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, alpha={float(self.alpha.detach()):.4g}"
+
+
+@dataclass
+class PACTOptions:
+    #: initial clip level (paper: 10 on CIFAR-10)
+    alpha_init: float = 10.0
+    #: L2 regularisation of alpha (paper: 2e-4), in its own optimiser group
+    alpha_decay: float = 2e-4
+    #: if set, initialise alpha from this percentile of |x| over the calibration data instead of alpha_init
+    init_percentile: float | None = None
+    #: clip(x, -alpha, alpha) on activations that can be negative; False uses clip(x, 0, alpha) everywhere
+    signed_variant: bool = True
+
+
+@register_method
+class PACTMethod(EdgeUniformMethod):
+    """PACT activations (signed variant where the input can be negative) with DoReFa weights."""
+
+    name = "pact"
+    Options = PACTOptions
+
+    def low_weight(self, ctx: LayerContext) -> Quantizer:
+        return DoReFaWeight(ctx.w_bits)
+
+    def low_act(self, ctx: LayerContext) -> Quantizer:
+        o = self.options
+        return PACTQuantizer(ctx.a_bits, signed=ctx.input_signed and o.signed_variant, alpha_init=o.alpha_init,
+                             init_percentile=o.init_percentile)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer)]
+        ids = {id(p) for p in alphas}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest, "weight_decay": weight_decay}]
+        if alphas:
+            groups.append({"params": alphas, "weight_decay": self.options.alpha_decay})
+        return groups
+
+
+__all__ = ["PACTMethod", "PACTQuantizer", "pact"]

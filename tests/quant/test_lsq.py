@@ -1,0 +1,84 @@
+"""LSQ: forward on the grid, the step gradient of eq. 3 with g = 1/sqrt(N Q_P), initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qcnn.methods import calibrate
+from qcnn.quant.lsq import LSQQuantizer, lsq, lsq_range
+from qcnn.recipes import Recipe
+from qcnn.transform import quantize
+
+
+def test_ranges():
+    assert lsq_range(3, True) == (4, 3) and lsq_range(3, False) == (0, 7)
+    with pytest.raises(ValueError, match="bits=1"):
+        lsq_range(1, True)
+
+
+def test_forward_and_gradients_hand_computed():
+    x = torch.tensor([-3.0, -0.6, 0.2, 0.74, 2.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    y = lsq(x, s, 3, signed=True)  # Q_N = 4, Q_P = 3; v = [-6, -1.2, 0.4, 1.48, 4]
+    assert torch.allclose(y, torch.tensor([-4.0, -1.0, 0.0, 1.0, 3.0]) * 0.5)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    y.backward(g)
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0]))
+    # ds: -Q_N below, round(v) - v inside, Q_P above; times g = 1/sqrt(N Q_P) with N = 5
+    ds = 1 * -4 + 2 * (-1 + 1.2) + 3 * (0 - 0.4) + 4 * (1 - 1.48) + 5 * 3
+    assert math.isclose(float(s.grad), ds / math.sqrt(5 * 3), rel_tol=1e-5)
+
+
+def test_activation_grad_scale_counts_features_per_sample():
+    q = LSQQuantizer(2, signed=False)  # Q_P = 3
+    with torch.no_grad():
+        q.step.fill_(0.25)
+    q.initialized.fill_(True)
+    x = torch.rand(4, 2, 3, 3) * 2
+    q(x).sum().backward()
+    v = x / 0.25
+    ref = torch.where(v > 3, torch.tensor(3.0), torch.round(v) - v).sum() / math.sqrt(18 * 3)
+    assert math.isclose(float(q.step.grad), float(ref), rel_tol=1e-5)
+
+
+def test_per_channel_weights_init_and_gradient_shape():
+    w = torch.tensor([[0.1, -0.3], [1.0, 2.0]], requires_grad=True)
+    q = LSQQuantizer(4, signed=True, per_channel=True, activation=False, init=w)
+    assert torch.allclose(q.step.detach(), torch.tensor([0.4, 3.0]) / math.sqrt(7))  # 2 mean|w| / sqrt(Q_P)
+    q(w).sum().backward()
+    assert q.step.grad.shape == (2,)
+    g = q.grid()
+    assert g.axis == 0 and (g.qmin, g.qmax) == (-8, 7)
+
+
+def test_activation_init_from_calibration_and_use_before_init():
+    q = LSQQuantizer(4, signed=False)
+    with pytest.raises(RuntimeError, match="calibration"):
+        q(torch.ones(2, 3))
+    q.observing = True
+    q(torch.full((2, 3), 2.0))
+    q(torch.full((2, 3), 4.0))
+    q.observing = False
+    q.finish_calibration()
+    assert math.isclose(float(q.step.detach()), 2 * 3.0 / math.sqrt(15), rel_tol=1e-6)
+    y = q(torch.tensor([[0.0, 1.0, 100.0]]))
+    assert float(y[0, 2].detach()) == pytest.approx(15 * float(q.step.detach()))
+
+
+def test_method_state_dict_round_trip():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    recipe = Recipe(method="lsq", w_bits=3, a_bits=3, per_channel=False)
+    q = quantize(net, recipe)
+    x = torch.randn(3, 1, 6, 6)
+    calibrate(q, [(x, None)])
+    assert isinstance(q.get_submodule("0").input_quant, LSQQuantizer) and q.get_submodule("0").input_quant.bits == 8
+    assert q.get_submodule("2").input_quant.qn == 0  # after ReLU: unsigned
+    q.eval()
+    q2 = quantize(net, recipe)
+    q2.load_state_dict(q.state_dict())
+    assert torch.equal(q2.eval()(x), q(x))

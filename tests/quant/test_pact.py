@@ -1,0 +1,117 @@
+"""PACT: forward on the exact grid, both gradients against the paper's rule, alpha's optimiser group."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcnn.methods import calibrate
+from qcnn.quant.dorefa import DoReFaWeight
+from qcnn.quant.pact import PACTMethod, PACTQuantizer, pact
+from qcnn.recipes import Recipe
+from qcnn.transform import quantize
+
+
+def test_unsigned_forward_and_gradients():
+    x = torch.tensor([-1.0, 0.3, 1.0, 1.9, 2.0, 2.5], requires_grad=True)
+    alpha = torch.tensor(2.0, requires_grad=True)
+    y = pact(x, alpha, 2)  # n = 3, step 2/3
+    # clip -> [0, .3, 1, 1.9, 2, 2]; * 3/2 -> [0, .45, 1.5, 2.85, 3, 3]; round -> [0, 0, 2, 3, 3, 3]
+    assert torch.allclose(y, torch.tensor([0, 0, 2, 3, 3, 3]) * 2 / 3)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    y.backward(g)
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0, 0.0]))  # 1 on [0, alpha)
+    assert float(alpha.grad) == 11.0  # x >= alpha: 5 + 6
+
+
+def test_signed_forward_and_gradients():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.2, 0.9, 1.2], requires_grad=True)
+    alpha = torch.tensor(1.0, requires_grad=True)
+    y = pact(x, alpha, 3, signed=True)  # n = 3 on [-1, 1]
+    assert torch.allclose(y, torch.tensor([-3.0, -3.0, -2.0, 1.0, 3.0, 3.0]) / 3)  # round(-1.5) = -2
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    y.backward(g)
+    assert torch.equal(x.grad, torch.tensor([0.0, 0.0, 3.0, 4.0, 5.0, 0.0]))
+    assert float(alpha.grad) == -1.0 - 2.0 + 6.0  # -1 where x <= -alpha, +1 where x >= alpha
+
+
+def test_signed_one_bit():
+    x = torch.tensor([-2.0, -0.1, 0.0, 0.4, 3.0], requires_grad=True)
+    alpha = torch.tensor(0.5, requires_grad=True)
+    y = pact(x, alpha, 1, signed=True)
+    assert torch.equal(y, torch.tensor([-0.5, -0.5, 0.5, 0.5, 0.5]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
+    assert float(alpha.grad) == 0.0  # -1 + 1
+
+
+def test_levels_grid_and_alpha_floor():
+    q = PACTQuantizer(3, alpha_init=4.0)
+    y = q(torch.linspace(-2, 6, 1001))
+    assert y.unique().numel() == 8
+    g = q.grid()
+    assert (g.qmin, g.qmax) == (0, 7) and math.isclose(float(g.scale), 4 / 7, rel_tol=1e-6)
+    assert torch.allclose(g.from_codes(g.to_codes(y)), y, atol=1e-5)
+    with torch.no_grad():
+        q.alpha.fill_(-1.0)
+    assert torch.isfinite(q(torch.randn(100))).all()
+
+
+def test_init_percentile_from_calibration():
+    q = PACTQuantizer(4, init_percentile=50.0)
+    x = torch.arange(0.0, 101.0)
+    q.observing = True
+    assert torch.equal(q(x), x)
+    q.observing = False
+    q.finish_calibration()
+    assert math.isclose(float(q.alpha.detach()), 50.0, rel_tol=1e-6)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv1(x)))
+        x = self.conv2(x)  # no ReLU: conv3 consumes a signed feature map
+        x = F.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_method_signed_variant_dorefa_weights_and_param_groups():
+    torch.manual_seed(0)
+    q = quantize(_Net(), Recipe(method="pact", w_bits=4, a_bits=4, params={"alpha_decay": 1e-3}))
+    calibrate(q, [(torch.randn(4, 1, 6, 6), None)])
+    assert isinstance(q.conv2.input_quant, PACTQuantizer) and not q.conv2.input_quant.signed
+    assert q.conv3.input_quant.signed
+    assert isinstance(q.conv2.weight_quant, DoReFaWeight)
+    assert float(q.conv2.input_quant.alpha.detach()) == 10.0
+    groups = PACTMethod(PACTMethod.make_options({"alpha_decay": 1e-3})).param_groups(q, 5e-4)
+    alpha_ids = {id(q.conv2.input_quant.alpha), id(q.conv3.input_quant.alpha)}
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_decay[1e-3] == alpha_ids
+    assert not any(alpha_ids & ids for d, ids in by_decay.items() if d != 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(q.parameters()))
+
+
+def test_state_dict_round_trip_with_learned_alpha():
+    torch.manual_seed(0)
+    recipe = Recipe(method="pact", w_bits=2, a_bits=2)
+    q = quantize(_Net(), recipe)
+    x = torch.randn(4, 1, 6, 6)
+    calibrate(q, [(x, None)])
+    with torch.no_grad():
+        q.conv2.input_quant.alpha.fill_(1.7)
+    q.eval()
+    q2 = quantize(_Net(), recipe)
+    q2.load_state_dict(q.state_dict())
+    assert math.isclose(float(q2.conv2.input_quant.alpha.detach()), 1.7, rel_tol=1e-6)
+    assert torch.equal(q2.eval()(x), q(x))
