@@ -1,0 +1,142 @@
+"""Checkpoints: atomic writes, safe loads, and self-describing model files.
+
+* :func:`save_atomic` writes to a temporary file in the destination directory, flushes and ``fsync``\\ s it,
+  then ``os.replace``\\ s it over the destination: a reader never sees a half-written file, even if the
+  writer is killed.
+* :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``: only tensors and plain containers
+  (dict, list, tuple, str, numbers) are accepted. A pickled object of any other type, or a truncated /
+  corrupted file, is refused with a ``ValueError``; nothing in the file is executed.
+* :func:`save_model` / :func:`load_model` handle the ``qcnn-model/1`` format::
+
+      {"format": "qcnn-model/1",
+       "arch": {"name": "resnet20", "num_classes": 10, "in_channels": 3, "width": 1.0, "kwargs": {...}},
+       "recipe": Recipe.to_dict() or None,
+       "state_dict": {...},
+       "metrics": {...} or None}
+
+  :func:`load_model` rebuilds the architecture from ``arch``; if the file holds a recipe it applies
+  ``qcnn.transform.quantize(model, Recipe.from_dict(recipe))`` first, so a quantized checkpoint is evaluated
+  with exactly the quantized forward it was trained with. Plain float checkpoints (e.g. the shared CIFAR
+  ResNet weights) load too when the architecture is given.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_FORMAT = "qcnn-model/1"
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file in the same directory + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable; not possible on every platform / file system
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; refuses anything but tensors and containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} was refused: it is corrupted or holds objects other than tensors and "
+            f"plain containers (only weights_only loading is allowed) [{type(e).__name__}: {msg}]"
+        ) from None
+
+
+def _arch_dict(arch: dict) -> dict:
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise ValueError(f"arch must be a dict with at least 'name', got {arch!r}")
+    out = {"name": arch["name"], "num_classes": int(arch.get("num_classes", 10)),
+           "in_channels": int(arch.get("in_channels", 3)), "width": float(arch.get("width", 1.0)),
+           "kwargs": dict(arch.get("kwargs") or {})}
+    extra = sorted(set(arch) - set(out))
+    if extra:
+        raise ValueError(f"unknown arch key(s) {extra}; valid keys: {sorted(out)}")
+    return out
+
+
+def save_model(path: str | Path, model: nn.Module, arch: dict, recipe=None, metrics: dict | None = None) -> Path:
+    """Save ``model`` in the ``qcnn-model/1`` format (see module docstring), atomically."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if recipe is not None and not isinstance(recipe, dict):
+        recipe = recipe.to_dict()
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_atomic({"format": MODEL_FORMAT, "arch": _arch_dict(arch), "recipe": recipe,
+                        "state_dict": sd, "metrics": dict(metrics) if metrics else None}, path)
+
+
+def build_from_arch(arch: dict, recipe: dict | None = None) -> nn.Module:
+    """The (float, or quantized if ``recipe``) model described by ``arch``, with untrained weights."""
+    from qcnn.models import build_model
+
+    arch = _arch_dict(arch)
+    model = build_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                        width=arch["width"], **arch["kwargs"])
+    if recipe is not None:
+        from qcnn.recipes import Recipe
+        from qcnn.transform import quantize
+
+        model = quantize(model, Recipe.from_dict(recipe, where="checkpoint recipe"))
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", arch: dict | None = None
+               ) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored at ``path``; returns ``(model in eval mode on device, info)``.
+
+    ``info`` holds ``format``, ``arch``, ``recipe`` and ``metrics``. For a plain float checkpoint (anything
+    :func:`qcnn.models.load_weights` accepts) pass ``arch``; it is also used to check a qcnn checkpoint's.
+    """
+    from qcnn.models.weights import extract_state_dict, load_state_dict_checked
+
+    obj = load_checkpoint(path)
+    source = f"checkpoint {str(path)!r}"
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        stored = _arch_dict(obj["arch"])
+        if arch is not None and _arch_dict(arch)["name"] != stored["name"]:
+            raise ValueError(f"{source} holds a {stored['name']!r} model, not {arch['name']!r}")
+        arch, recipe, metrics, fmt = stored, obj.get("recipe"), obj.get("metrics"), MODEL_FORMAT
+    elif isinstance(obj, dict) and isinstance(obj.get("format"), str):
+        raise ValueError(f"{source} has format {obj['format']!r}; this version reads {MODEL_FORMAT!r}")
+    else:
+        if arch is None:
+            raise ValueError(f"{source} is a plain state_dict without architecture; give the model (arch)")
+        arch, recipe, metrics, fmt = _arch_dict(arch), None, None, "state_dict"
+    model = build_from_arch(arch, recipe)
+    load_state_dict_checked(model, extract_state_dict(obj, source), source)
+    info = {"format": fmt, "arch": arch, "recipe": recipe, "metrics": metrics}
+    return model.to(device).eval(), info
+
+
+__all__ = ["MODEL_FORMAT", "build_from_arch", "load_checkpoint", "load_model", "save_atomic", "save_model"]

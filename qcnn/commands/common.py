@@ -1,0 +1,180 @@
+"""Arguments and steps shared by the ``qcnn`` subcommands.
+
+A subcommand builds its parser with :func:`add_data_args`, :func:`add_model_args` and
+:func:`add_output_args`, loads what it needs with :func:`load_data_from_args` and
+:func:`load_model_from_args`, and ends with ``return finish(args, figures)``, which prints a summary and,
+with ``--json``, one JSON object as the last line of stdout (e.g. ``{"top1": 90.12, "seconds": 41.2}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=dataset_required,
+                   help="mnist, fashion-mnist, cifar10, imagenet or imagefolder (see `qcnn datasets`)")
+    g.add_argument("--data-dir", default=None, help="dataset folder or archive (default: standard locations)")
+    g.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 128)")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda if available, else cpu")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+
+
+def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=model_required,
+                   help="zoo model (see `qcnn models`) or tv:<torchvision name>; optional with a qcnn checkpoint")
+    g.add_argument("--checkpoint", "--init", dest="checkpoint", default=None,
+                   help="weights to load: a qcnn model.pt (architecture and recipe included) or a state_dict file")
+    g.add_argument("--width", type=float, default=1.0, help="width multiplier of the zoo model (default 1)")
+    g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the dataset's)")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output directory")
+    g.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name not in DEVICES and not str(name).startswith("cuda:"):
+        raise ValueError(f"--device {name!r} is not one of {DEVICES}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but CUDA is not available")
+    from qcnn.train import distributed_device
+
+    return distributed_device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data_from_args(args, augment: bool = True, **kw):
+    """``qcnn.data.get_data`` from the parsed data arguments; joins torchrun's process group and shards."""
+    from qcnn.data import get_data
+    from qcnn.train import init_distributed
+
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    device = resolve_device(getattr(args, "device", "auto"))
+    rank, world = init_distributed(device)
+    kw.setdefault("batch_size", args.batch_size or 128)
+    if world > 1:
+        kw.setdefault("rank", rank)
+        kw.setdefault("world_size", world)
+    return get_data(args.dataset, data_dir=args.data_dir, device=device, augment=augment,
+                    seed=getattr(args, "seed", 0), **kw)
+
+
+def _image_side(bundle) -> int | None:
+    size = getattr(bundle, "image_size", None)
+    if size is None:
+        return None
+    return int(size) if isinstance(size, int) else int(tuple(size)[-1])
+
+
+def load_model_from_args(args, bundle):
+    """The model of ``--model`` / ``--checkpoint`` on the bundle's device; returns ``(model, arch)``.
+
+    A qcnn checkpoint (``model.pt``) brings its own architecture and recipe (a quantized checkpoint comes
+    back quantized); ``args.checkpoint_info`` then holds its ``info`` dict. Any other weights file is loaded
+    into ``--model`` built for the dataset (classes, input channels, image size).
+    """
+    from qcnn.checkpoint import MODEL_FORMAT, load_checkpoint, load_model
+    from qcnn.models import build_model, load_weights, model_accepts
+
+    device = bundle.device if hasattr(bundle, "device") else resolve_device(getattr(args, "device", "auto"))
+    args.checkpoint_info = None
+    ckpt = getattr(args, "checkpoint", None)
+    if ckpt:
+        obj = load_checkpoint(ckpt)
+        if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+            if args.model and args.model != obj["arch"]["name"]:
+                raise ValueError(f"checkpoint {ckpt!r} holds a {obj['arch']['name']!r} model, not --model "
+                                 f"{args.model!r}")
+            model, info = load_model(ckpt, device=device)
+            arch = info["arch"]
+            _check_fits(arch, bundle, ckpt)
+            args.checkpoint_info = info
+            return model, arch
+    if not args.model:
+        raise ValueError("--model is required (unless --checkpoint is a qcnn model checkpoint)")
+    arch = {"name": args.model, "num_classes": args.num_classes or bundle.num_classes,
+            "in_channels": bundle.in_channels, "width": args.width, "kwargs": {}}
+    side = _image_side(bundle)
+    if side is not None and model_accepts(args.model, "image_size"):
+        arch["kwargs"]["image_size"] = side
+    if args.model.startswith("tv:"):
+        model = build_model(args.model, num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                            width=arch["width"], weights=ckpt)
+    else:
+        model = build_model(args.model, num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                            width=arch["width"], **arch["kwargs"])
+        if ckpt:
+            load_weights(model, obj, source=f"checkpoint {ckpt!r}")
+    return model.to(device), arch
+
+
+def _check_fits(arch: dict, bundle, ckpt: str) -> None:
+    if arch["in_channels"] != bundle.in_channels:
+        raise ValueError(f"checkpoint {ckpt!r} expects {arch['in_channels']}-channel input, dataset "
+                         f"{bundle.name!r} has {bundle.in_channels}")
+    if arch["num_classes"] != bundle.num_classes:
+        print(f"note: checkpoint has {arch['num_classes']} classes, dataset {bundle.name!r} has "
+              f"{bundle.num_classes}", file=sys.stderr)
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 4) if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def finish(args, figures: dict) -> int:
+    """Print ``figures`` (one ``key: value`` line each); with ``--json`` the last line is them as JSON.
+
+    Only rank 0 prints under torchrun. With ``--out`` the figures are also written to ``OUT/result.json``.
+    """
+    from qcnn.train import is_main_process
+
+    figures = _rounded(dict(figures))
+    if not is_main_process():
+        return 0
+    out = getattr(args, "out", None)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "result.json").write_text(json.dumps(figures, indent=2) + "\n")
+    for k, v in figures.items():
+        print(f"{k}: {v}")
+    if getattr(args, "json", False):
+        print(json.dumps(figures), flush=True)
+    return 0
+
+
+__all__ = ["DEVICES", "add_data_args", "add_model_args", "add_output_args", "finish", "load_data_from_args",
+           "load_model_from_args", "resolve_device", "seed_everything"]

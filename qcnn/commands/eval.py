@@ -1,0 +1,71 @@
+"""``qcnn eval``: test accuracy of a model on a dataset with one of several inference engines.
+
+``--engine float`` and ``fakequant`` run the PyTorch model (a quantized checkpoint is rebuilt with its
+quantizers, so both evaluate its fake-quantized forward; ``float`` on a quantized checkpoint is refused).
+Other engines (integer-only kernels, ONNX Runtime) are provided by :func:`qcnn.integer.run_engine`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from qcnn.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    finish,
+    load_data_from_args,
+    load_model_from_args,
+)
+
+TORCH_ENGINES = ("float", "fakequant")
+OTHER_ENGINES = ("integer", "onnx")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model or checkpoint on a test set")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--engine", default=None, choices=TORCH_ENGINES + OTHER_ENGINES,
+                   help="float (default for float models), fakequant (default for quantized checkpoints), "
+                        "integer or onnx (integer-only inference)")
+    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images only")
+    add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def run_engine(kind: str, model, loader) -> dict:
+    """Evaluate ``model`` on ``loader`` with engine ``kind``; returns at least ``{"top1": ...}``."""
+    if kind in TORCH_ENGINES:
+        from qcnn.train import evaluate
+
+        return evaluate(model, loader)
+    try:
+        from qcnn.integer import run_engine as integer_engine
+    except ImportError:
+        raise ValueError(f"engine {kind!r} is not available in this installation (qcnn.integer.run_engine "
+                         "is missing)") from None
+    return integer_engine(kind, model, loader)
+
+
+def run(args) -> int:
+    from qcnn.data import subset
+
+    t0 = time.time()
+    bundle = load_data_from_args(args, augment=False)
+    model, arch = load_model_from_args(args, bundle)
+    info = args.checkpoint_info or {}
+    quantized = bool(info.get("recipe"))
+    engine = args.engine or ("fakequant" if quantized else "float")
+    if engine == "float" and quantized:
+        raise ValueError(f"checkpoint {args.checkpoint!r} is quantized ({info['recipe'].get('method')}); use "
+                         "--engine fakequant, integer or onnx")
+    if engine == "fakequant" and not quantized:
+        raise ValueError("--engine fakequant needs a quantized checkpoint (made by qcnn ptq / qat)")
+    loader = subset(bundle.test, args.test_images) if args.test_images else bundle.test
+    res = run_engine(engine, model.eval(), loader)
+    figures = {"top1": res["top1"]}
+    figures.update({k: v for k, v in res.items() if k != "top1"})
+    figures.update({"engine": engine, "model": arch["name"], "images": getattr(loader, "num_samples", None),
+                    "seconds": round(time.time() - t0, 1)})
+    return finish(args, figures)

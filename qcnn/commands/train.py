@@ -1,0 +1,109 @@
+"""``qcnn train``: train (or fine-tune) a float model; writes OUT/metrics.jsonl, config.json, model.pt."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from qcnn.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    finish,
+    load_data_from_args,
+    load_model_from_args,
+    seed_everything,
+)
+
+#: defaults per (model, dataset) when the flag is not given; anything else falls back to TrainSpec's
+DEFAULTS = {
+    ("lenet5", "fashion-mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4,
+                                      batch_size=128, epochs=3),
+    ("lenet5", "mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4,
+                              batch_size=128, epochs=3),
+    ("resnet*", "cifar10"): dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, schedule="onecycle",
+                                 weight_decay=5e-4, batch_size=256),
+}
+
+
+def defaults_for(model: str | None, dataset: str) -> dict:
+    import fnmatch
+
+    for (m, d), v in DEFAULTS.items():
+        if model and fnmatch.fnmatchcase(model, m) and d == dataset:
+            return dict(v)
+    return {}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a float model",
+                       description="Train a float model; with --out writes metrics.jsonl, config.json, last.pt "
+                                   "(resumable with --resume) and model.pt.")
+    add_model_args(p)
+    add_data_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)
+    g.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"], default=None)
+    g.add_argument("--step-size", type=int, default=None, help="epochs between decays of the step schedule")
+    g.add_argument("--gamma", type=float, default=None, help="decay factor of the step schedule")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
+    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def spec_from_args(args):
+    from qcnn.recipes import TrainSpec
+
+    values = defaults_for(args.model, args.dataset)
+    for k in ("epochs", "lr", "optimizer", "momentum", "nesterov", "schedule", "step_size", "gamma",
+              "weight_decay", "augment", "amp", "batch_size"):
+        v = getattr(args, k, None)
+        if v is not None:
+            values[k] = v
+    return TrainSpec(**values)
+
+
+def run(args) -> int:
+    from qcnn.checkpoint import save_model
+    from qcnn.train import fit, is_main_process
+
+    t0 = time.time()
+    seed_everything(args.seed)
+    spec = spec_from_args(args)
+    args.batch_size = spec.batch_size
+    bundle = load_data_from_args(args, augment=spec.augment)
+    if args.train_images:
+        from qcnn.data import subset
+
+        bundle.train = subset(bundle.train, args.train_images)
+    model, arch = load_model_from_args(args, bundle)
+    info = getattr(args, "checkpoint_info", None)
+    if info and info.get("recipe"):
+        raise ValueError(f"--init {args.checkpoint!r} is a quantized checkpoint; `qcnn train` trains float "
+                         "models (use `qcnn qat` to continue training a quantized one)")
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out (the run directory holding last.pt)")
+    out = Path(args.out) if args.out else None
+    if out is not None and is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
+                  "seed": args.seed, "device": str(bundle.device), "train_images": args.train_images,
+                  "train": spec.__dict__}
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    result = fit(model, bundle, spec, out, resume=args.resume)
+    figures = {"top1": result["top1"], "loss": result["loss"], "epochs": result["epochs"],
+               "seconds": round(time.time() - t0, 1)}
+    if out is not None and is_main_process():
+        save_model(out / "model.pt", model, arch,
+                   metrics={**figures, "dataset": args.dataset, "history": result["history"]})
+        figures["model"] = str(out / "model.pt")
+    return finish(args, figures)

@@ -1,0 +1,412 @@
+"""One training and evaluation loop for every model and method (float training, QAT, procedures).
+
+:func:`fit` trains ``spec.epochs`` epochs of a :class:`~qcnn.recipes.TrainSpec` on a
+:class:`~qcnn.data.DataBundle`:
+
+* optimizer: ``sgd`` (momentum, Nesterov) or ``adam`` / ``adamw``; a ``make_optimizer(groups, spec)``
+  callback supplies custom ones (WAGE's). Weight decay applies to weights with two or more dimensions
+  (conv / linear kernels) only; BatchNorm parameters, biases and scalar quantizer parameters (PACT alpha,
+  LSQ steps) are not decayed unless a ``param_groups(model)`` callback says otherwise.
+* schedule, stepped after every optimizer step (torch's schedulers): ``constant``; ``step`` (multiply by
+  ``gamma`` every ``step_size`` epochs); ``cosine`` (to 0 over the run); ``onecycle`` (warm-up over the
+  first 30% to ``lr`` then cosine annealing, with momentum cycled inversely).
+* mixed precision (``spec.amp``) on CUDA: float16 autocast and a gradient scaler; ignored on CPU.
+* progress bar (tqdm) on an interactive terminal, off when stderr is not a tty or ``QCNN_PROGRESS=0``.
+* with ``out_dir``: one JSON line per epoch in ``out_dir/metrics.jsonl`` and an atomic checkpoint
+  ``out_dir/last.pt`` after every epoch holding model, optimizer, scheduler, scaler, RNG states, epoch and
+  history. ``resume=True`` restores it and continues the run exactly: since the data order and augmentation
+  of epoch ``e`` depend only on ``(seed, e)``, two epochs straight and one epoch + resume + one epoch give
+  identical weights.
+* distributed: launched with ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), :func:`init_distributed`
+  joins the process group (nccl on CUDA, gloo on CPU), the model is wrapped in
+  ``DistributedDataParallel``, the training data must be sharded (``get_data(..., rank=, world_size=)``)
+  and only rank 0 writes files. Evaluation loaders are not sharded: every rank evaluates the whole test set
+  with the same weights.
+
+Callbacks: ``loss_fn(model, x, y) -> (loss, logits)`` (default cross-entropy), ``param_groups(model) ->
+list[dict]``, ``make_optimizer(groups, spec)``, ``step_hook(model, step)`` after every optimizer step,
+``epoch_hook(model, epoch, metrics)`` after every epoch (``model`` is the unwrapped module; ``epoch``
+counts from 0; ``metrics`` may be extended by the hook before it is written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from qcnn.checkpoint import load_checkpoint, save_atomic
+from qcnn.recipes import TrainSpec
+
+TRAIN_FORMAT = "qcnn-train/1"
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+
+# -- distributed -----------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); returns (rank, world_size).
+
+    The backend is nccl for CUDA devices and gloo otherwise. On CUDA each process uses GPU ``LOCAL_RANK``.
+    Idempotent; without ``WORLD_SIZE`` > 1 it does nothing and returns (0, 1).
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed_device(device: str | torch.device) -> torch.device:
+    """``device`` with the local GPU index under torchrun (``cuda`` -> ``cuda:LOCAL_RANK``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def is_main_process() -> bool:
+    return dist_info()[0] == 0
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        p = next(model.buffers(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> dict:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``, in eval mode.
+
+    The model's train/eval mode is restored afterwards. A loader sharded over ranks (``world_size`` > 1)
+    is summed over the process group.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum().double()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if getattr(loader, "world_size", 1) > 1 and dist.is_initialized():
+        stats = torch.stack([correct, loss_sum, count])
+        dist.all_reduce(stats)
+        correct, loss_sum, count = stats
+    n = count.item()
+    if n == 0:
+        raise ValueError("evaluate: the loader is empty (0 images)")
+    return {"top1": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+
+
+# -- optimizer and schedule ------------------------------------------------------------------------------
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay kernels (ndim >= 2); BN parameters, biases and scalar quantizer parameters are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_default_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
+    opt = spec.optimizer.lower()
+    if opt == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum,
+                               nesterov=bool(spec.nesterov and spec.momentum > 0), weight_decay=spec.weight_decay)
+    if opt == "adam":
+        return torch.optim.Adam(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    if opt == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, spec: TrainSpec, steps_per_epoch: int):
+    """Per-step scheduler for ``spec.schedule`` (None for ``constant``)."""
+    total = max(1, spec.epochs * steps_per_epoch)
+    sched = spec.schedule.lower()
+    if sched == "constant":
+        return None
+    if sched == "step":
+        if spec.step_size < 1:
+            raise ValueError(f"step_size={spec.step_size} must be >= 1 epoch")
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=spec.step_size * steps_per_epoch, gamma=spec.gamma)
+    if sched == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if sched == "onecycle":
+        cycle = any(k in opt.defaults for k in ("momentum", "betas")) and (
+            opt.defaults.get("momentum", 1.0) > 0)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, cycle_momentum=cycle)
+    raise ValueError(f"unknown schedule {spec.schedule!r}; choose one of {SCHEDULES}")
+
+
+def check_spec(spec: TrainSpec) -> None:
+    if spec.epochs < 0:
+        raise ValueError(f"epochs={spec.epochs} must be >= 0")
+    if not (spec.lr > 0 and math.isfinite(spec.lr)):
+        raise ValueError(f"lr={spec.lr} must be a positive number")
+    if spec.weight_decay < 0:
+        raise ValueError(f"weight_decay={spec.weight_decay} must be >= 0")
+    if spec.optimizer.lower() not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose one of {OPTIMIZERS}")
+    if spec.schedule.lower() not in SCHEDULES:
+        raise ValueError(f"unknown schedule {spec.schedule!r}; choose one of {SCHEDULES}")
+
+
+# -- RNG state -------------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    """Torch / CUDA / Python / NumPy generator states as tensors and numbers (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64),
+                   "gauss": py[2] if py[2] is not None else float("nan")},
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    gauss = None if math.isnan(py["gauss"]) else py["gauss"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Average floating-point buffers (BN running statistics, observer ranges) over the process group.
+
+    DDP keeps parameters identical on every rank but each rank updates its buffers from its own shard;
+    averaging them at the end of an epoch leaves all ranks with the same model.
+    """
+    world = dist.get_world_size()
+    for b in model.buffers():
+        if b.is_floating_point() and b.numel() > 0:
+            dist.all_reduce(b)
+            b.div_(world)
+
+
+def _plain(obj):
+    """``obj`` without callables (some torch schedulers keep bound methods in their state_dict)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if not callable(v) or isinstance(v, torch.Tensor)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y), logits
+
+
+def progress_enabled() -> bool:
+    if os.environ.get("QCNN_PROGRESS", "").strip() in ("0", "false", "no", "off"):
+        return False
+    return sys.stderr.isatty() and is_main_process()
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, path)
+
+
+def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = None, *,
+        loss_fn: Callable | None = None, param_groups: Callable | None = None,
+        make_optimizer: Callable | None = None, step_hook: Callable | None = None,
+        epoch_hook: Callable | None = None, resume: bool = False) -> dict:
+    """Train ``model`` on ``bundle.train`` for ``spec.epochs`` epochs, evaluating on ``bundle.test``.
+
+    Returns ``{"top1", "loss", "epochs", "seconds", "history"}`` (final test accuracy in percent, test loss,
+    epochs done, training wall time of this call, per-epoch metrics). See the module docstring.
+    """
+    if isinstance(spec, dict):
+        spec = TrainSpec(**spec)
+    check_spec(spec)
+    device = _device_of(model)
+    rank, world = init_distributed(device)
+    main = rank == 0
+    train_loader, test_loader = bundle.train, bundle.test
+    if world > 1 and getattr(train_loader, "world_size", 1) != world:
+        raise ValueError(f"distributed training with world_size={world} needs training data sharded over the "
+                         f"ranks: get_data(..., rank={rank}, world_size={world})")
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0 and spec.epochs > 0:
+        raise ValueError("the training set is empty: 0 batches per epoch")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    loss_fn = loss_fn or cross_entropy_loss
+    groups = param_groups(model) if param_groups is not None else default_param_groups(model, spec.weight_decay)
+    optimizer = (make_optimizer or make_default_optimizer)(groups, spec)
+    scheduler = make_scheduler(optimizer, spec, steps_per_epoch)
+    use_amp = bool(spec.amp and device.type == "cuda")
+    if spec.amp and not use_amp:
+        warnings.warn("amp=True is ignored on a non-CUDA device", stacklevel=2)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, step, history = 0, 0, []
+    ckpt_path = out / "last.pt" if out is not None else None
+    if resume:
+        if ckpt_path is None:
+            raise ValueError("resume=True needs out_dir (where last.pt is)")
+        if ckpt_path.is_file():
+            state = load_checkpoint(ckpt_path, map_location=device)
+            if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+                raise ValueError(f"{ckpt_path} is not a qcnn training checkpoint ({TRAIN_FORMAT})")
+            if state["spec"] != asdict(spec):
+                diff = sorted(k for k in asdict(spec) if state["spec"].get(k) != asdict(spec)[k])
+                warnings.warn(f"resuming {ckpt_path} with a different training spec (changed: {diff})", stacklevel=2)
+            from qcnn.models.weights import load_state_dict_checked
+
+            load_state_dict_checked(model, state["model"], f"checkpoint {str(ckpt_path)!r}")
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        else:
+            warnings.warn(f"resume: {ckpt_path} does not exist, starting from scratch", stacklevel=2)
+
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    show = progress_enabled()
+    t_start = time.time()
+    metrics_path = out / "metrics.jsonl" if out is not None else None
+    if main and metrics_path is not None:
+        _write_metrics(metrics_path, history)  # a resumed run keeps the lines of the epochs it restored
+
+    for epoch in range(start_epoch, spec.epochs):
+        t0 = time.time()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = torch.zeros((), dtype=torch.float64, device=device)
+        bar = None
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}", leave=False,
+                       dynamic_ncols=True, file=sys.stderr)
+        for i, (x, y) in enumerate(train_loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss, logits = loss_fn(net, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            if step_hook is not None:
+                step_hook(model, step)
+            with torch.no_grad():
+                loss_sum += loss.detach().double() * y.numel()
+                correct += (logits.detach().argmax(1) == y).sum().double()
+                seen += y.numel()
+            if bar is not None:
+                bar.update(1)
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / max(1.0, seen.item()):.3f}")
+        if bar is not None:
+            bar.close()
+        if world > 1:
+            stats = torch.stack([loss_sum, correct, seen])
+            dist.all_reduce(stats)
+            loss_sum, correct, seen = stats
+            average_buffers(model)
+        train_seconds = time.time() - t0
+        test = evaluate(model, test_loader)
+        n = max(1.0, seen.item())
+        m = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_top1": 100.0 * correct.item() / n,
+             "test_loss": test["loss"], "test_top1": test["top1"], "lr": optimizer.param_groups[0]["lr"],
+             "train_seconds": round(train_seconds, 3), "seconds": round(time.time() - t0, 3)}
+        if epoch_hook is not None:
+            epoch_hook(model, epoch, m)
+        history.append(m)
+        if main:
+            if show:
+                print(f"epoch {epoch + 1}/{spec.epochs}: train loss {m['train_loss']:.4f} top1 "
+                      f"{m['train_top1']:.2f} | test loss {m['test_loss']:.4f} top1 {m['test_top1']:.2f} "
+                      f"({m['seconds']:.1f} s)", file=sys.stderr)
+            if out is not None:
+                save_atomic({"format": TRAIN_FORMAT, "epoch": epoch + 1, "step": step, "spec": asdict(spec),
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None,
+                             "scaler": scaler.state_dict() if use_amp else None, "rng": _rng_state(),
+                             "history": history}, ckpt_path)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+    model.train()
+    if history:
+        top1, loss = history[-1]["test_top1"], history[-1]["test_loss"]
+    else:
+        res = evaluate(model, test_loader)
+        top1, loss = res["top1"], res["loss"]
+    return {"top1": top1, "loss": loss, "epochs": len(history), "seconds": round(time.time() - t_start, 3),
+            "history": history}
+
+
+__all__ = ["SCHEDULES", "OPTIMIZERS", "check_spec", "cross_entropy_loss", "default_param_groups", "dist_info",
+           "distributed_device", "evaluate", "fit", "init_distributed", "is_main_process",
+           "make_default_optimizer", "make_scheduler"]
