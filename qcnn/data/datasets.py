@@ -234,7 +234,7 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, *, download: bo
     if spec.download is None:
         look.tried.append("download: not available for this dataset")
     elif not download:
-        look.tried.append("download: disabled")
+        look.tried.append("download: not attempted")
     else:
         try:
             spec.download(target)
@@ -295,7 +295,8 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
              device: str | torch.device = "cpu", augment: bool = True, seed: int = 0, calib_size: int = 1000, *,
              exclude_calib: bool = False, rank: int = 0, world_size: int = 1, eval_batch_size: int | None = None,
              pad: int | None = None, flip: bool | None = None, image_size: int | None = None,
-             num_workers: int | None = None, drop_last: bool = False, download: bool = True,
+             num_workers: int | None = None, drop_last: bool = False, train_limit: int | None = None,
+             test_limit: int | None = None, download: bool = True,
              cache_dir: str | os.PathLike | None = None) -> DataBundle:
     """Load dataset ``name`` and return a :class:`DataBundle` of train / test / calibration loaders.
 
@@ -312,6 +313,8 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
         rank, world_size: DDP sharding of the training loader (disjoint, equal-size shards per epoch).
         image_size: crop size of streamed sets (default 224; eval resizes to ``image_size * 8 / 7`` first).
         num_workers: DataLoader workers of streamed sets (default ``min(8, cpu_count)``).
+        train_limit, test_limit: keep only the first ``n`` images of the training loader (after removing the
+            calibration tail if ``exclude_calib``) / of the test loader; the same as ``loader.take(n)``.
         download: allow the download step of the lookup.
         cache_dir: cache root for downloads and decoded images (default ``$QCNN_CACHE`` or ``~/.cache/qcnn``).
     """
@@ -324,8 +327,10 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
     eval_bs = eval_batch_size or batch_size
     norm = Normalize(spec.mean, spec.std)
     if spec.streaming:
-        return _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, calib_size, exclude_calib,
-                                 rank, world_size, image_size or spec.image_size, num_workers, drop_last, norm)
+        bundle = _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, calib_size,
+                                   exclude_calib, rank, world_size, image_size or spec.image_size, num_workers,
+                                   drop_last, norm)
+        return _limit(bundle, train_limit, test_limit)
 
     tx, ty, vx, vy, classes, note = load_arrays(spec, src, cache_dir)
     if len(tx) == 0:
@@ -347,10 +352,19 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
     if calib_size:
         calib = TensorLoader(tx[len(tx) - calib_size:], ty[len(tx) - calib_size:], batch_size=eval_bs,
                              name=f"{spec.name}/calib", **common)
-    return DataBundle(
+    bundle = DataBundle(
         name=spec.name, train=train, test=test, calib=calib, num_classes=spec.num_classes or len(classes),
         in_channels=spec.in_channels, image_size=int(tx.shape[-1]), mean=spec.mean, std=spec.std,
         classes=classes, source=f"{src}" + (f"; {note}" if note else ""), device=device)
+    return _limit(bundle, train_limit, test_limit)
+
+
+def _limit(bundle: DataBundle, train_limit: int | None, test_limit: int | None) -> DataBundle:
+    if train_limit is not None:
+        bundle.train = bundle.train.take(train_limit)
+    if test_limit is not None:
+        bundle.test = bundle.test.take(test_limit)
+    return bundle
 
 
 def _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, calib_size, exclude_calib, rank,
@@ -381,3 +395,39 @@ def _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, cal
         name=spec.name, train=train, test=test, calib=calib, num_classes=len(index.classes), in_channels=3,
         image_size=image_size, mean=spec.mean, std=spec.std, classes=list(index.classes), source=str(src),
         device=device)
+
+
+def describe(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False,
+             cache: str | os.PathLike | None = None) -> dict:
+    """What ``qcnn datasets`` prints for one dataset: where it was found (or where it was looked for and how
+    to get it), image counts read from file headers or archive listings, size on disk, decoded-cache state."""
+    spec = get_spec(name)
+    look = locate(name, data_dir, download=download, cache=cache)
+    info: dict = {"name": spec.name, "classes": spec.num_classes, "channels": spec.in_channels,
+                  "image_size": spec.image_size, "storage": "streamed" if spec.streaming else "in memory",
+                  "found": look.source is not None}
+    if look.source is None:
+        info["looked_in"] = look.tried
+        info["how_to_get"] = spec.how_to_get
+        return info
+    src = look.source
+    info.update(path=str(src.path), format=src.kind, origin=src.origin)
+    files = [src.path] if src.path.is_file() else [p for p in src.path.rglob("*") if p.is_file()]
+    info["bytes"] = sum(p.stat().st_size for p in files)
+    train = test = None
+    if src.kind == "idx":
+        train = readers.idx_count(readers.find_idx_file(src.path, readers.IDX_FILES["train"][0]))
+        test = readers.idx_count(readers.find_idx_file(src.path, readers.IDX_FILES["test"][0]))
+    elif src.kind == "cifar-bin":
+        train = sum((src.path / f).stat().st_size for f in readers.CIFAR_BIN_FILES["train"]) // readers.CIFAR_RECORD
+        test = sum((src.path / f).stat().st_size for f in readers.CIFAR_BIN_FILES["test"]) // readers.CIFAR_RECORD
+    elif src.kind in ("zip", "folder"):
+        index = readers.index_image_folder(src.path, class_order=spec.classes or None)
+        train, test = len(index.splits.get("train", ())), len(index.splits.get("test", ()))
+        info["classes"] = len(index.classes)
+        if not spec.streaming:
+            mode = "L" if spec.in_channels == 1 else "RGB"
+            cpath = cache_path(spec.name, src.path, tag=f"{mode}{(spec.image_size, spec.image_size)}", root=cache)
+            info["decoded_cache"] = str(cpath) if cpath.is_file() else None
+    info.update(train=train, test=test)
+    return info

@@ -239,3 +239,10 @@ def test_streamed_imagefolder(isolated):
     shards = [sorted(get_data("imagefolder", data_dir=isolated / "imgs", batch_size=4, image_size=16, calib_size=0,
                               rank=r, world_size=2, num_workers=0).train.plan().tolist()) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 9 and not set(shards[0]) & set(shards[1])
+
+
+def test_train_and_test_limits(fashion_dir):
+    b = get_data("fashion-mnist", train_limit=1000, test_limit=300, calib_size=100, exclude_calib=True)
+    assert b.train.num_samples == 1000 and b.test.num_samples == 300 and b.calib.num_samples == 100
+    full = get_data("fashion-mnist", calib_size=100)
+    assert torch.equal(b.calib.images, full.calib.images) and torch.equal(b.train.images, full.train.images[:1000])

@@ -1,0 +1,51 @@
+"""``qcnn datasets``: the known datasets, where each was found (or how to get it), counts and sizes."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("datasets", help="list the datasets, where they were found and how to get missing ones",
+                       description="List the known datasets. For each: where its files were found (--data-dir, "
+                                   "$QCNN_DATA, /usr/share/datasets/<name>, the cache), image counts and size on "
+                                   "disk; for a missing one, every place looked in and how to get it.")
+    p.add_argument("--dataset", default=None, help="only this dataset")
+    p.add_argument("--data-dir", default=None, help="look here first (a dataset folder or archive, or a root)")
+    p.add_argument("--download", action="store_true",
+                   help="download the missing datasets that can be downloaded (MNIST, Fashion-MNIST, CIFAR-10)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: a list of one object per dataset")
+    p.set_defaults(func=run)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run(args) -> int:
+    import json
+
+    from qcnn.data import describe, get_spec, list_datasets
+
+    names = [get_spec(args.dataset).name] if args.dataset else list_datasets()
+    infos = [describe(n, args.data_dir, download=args.download) for n in names]
+    for info in infos:
+        shape = f"{info['channels']}x{info['image_size']}x{info['image_size']}"
+        classes = info["classes"] if info["classes"] is not None else "?"
+        head = f"{info['name']:14s} {classes} classes, {shape}, {info['storage']}"
+        if not info["found"]:
+            print(f"{head}\n  NOT FOUND; looked in:")
+            for t in info["looked_in"]:
+                print(f"    {t}")
+            print("  get it with one of:\n" + "\n".join("  " + line for line in info["how_to_get"].splitlines()))
+            continue
+        counts = f"{info['train'] if info['train'] is not None else '?'} train / " \
+                 f"{info['test'] if info['test'] is not None else '?'} test"
+        print(f"{head}\n  {info['path']} ({info['format']}, from {info['origin']}): {counts}, {_size(info['bytes'])}")
+        if "decoded_cache" in info:
+            print(f"  decoded cache: {info['decoded_cache'] or 'none yet (built on first load)'}")
+    if args.json:
+        print(json.dumps(infos))
+    return 0
