@@ -1,0 +1,254 @@
+"""CLIP-Q procedure (Tung & Mori, CVPR 2018): Bayesian optimisation of per-layer (p, b), then fine-tuning.
+
+The quantizer itself (clip, partition, quantize to interval means; straight-through to the full-precision
+weights) is :class:`qcnn.quant.codebook.ClipQQuantizer`. This module chooses each layer's clipping fraction
+``p`` and bits ``b``, then trains the network with them.
+
+Search (per layer, as in the paper; one ``optuna`` study per layer, GP sampler ``optuna.samplers.GPSampler``
+or TPE, seeded). For layer ``l`` only that layer is quantized (every other conv/linear layer is float) and a
+trial ``(p, b)`` is scored directly, without fine-tuning, on the first ``eval_images`` images of the held-out
+calibration split ``bundle.calib`` (never the test set)::
+
+    objective_l(p, b) = err_l(p, b) - lambda * c_l(p, b)
+    c_l = n_l * (32 - bpw(p, b)) / (32 * N)          # share of all fp32 conv/linear weight bits saved
+    bpw(p, b) = min(b, 1 + (1 - p) b)                 # dense b-bit codes, or bitmask + b bits per non-zero
+
+with ``n_l`` the layer's weights and ``N`` those of all quantized layers. ``err`` is the top-1 error (a
+fraction). Every trial's ``(err, bpw)`` is kept; the final choice per layer minimises the objective over its
+trials. With ``target_ratio`` set, ``lambda`` is raised (doubling, then bisection) over the recorded trials
+until the estimated weight compression ``32 N / sum_l n_l bpw_l`` reaches the target: a Lagrangian choice
+among the measured configurations, no extra evaluation.
+
+Fine-tuning: ``recipe.train`` on ``bundle.train`` (first ``train_images`` images if set), with the chosen
+``(p, b)``; the quantized copy is recomputed every step while the full-precision weights learn.
+
+``procedure_params`` (all optional): ``search`` (bool, default true; false uses ``params`` as given),
+``trials`` (per layer, 12), ``startup_trials`` (random trials before the GP, 4), ``lam`` (0.5),
+``target_ratio`` (None), ``p_range`` ([0.0, 0.9]), ``bits_range`` ([2, 4]), ``eval_images`` (1000),
+``sampler`` (``gp`` or ``tpe``), ``seed`` (0), ``train_images`` (None = all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
+from qcnn.quant.codebook import ClipQQuantizer
+from qcnn.recipes import Recipe
+
+
+@dataclass
+class SearchOptions:
+    search: bool = True
+    trials: int = 12
+    startup_trials: int = 4
+    lam: float = 0.5
+    target_ratio: float | None = None
+    p_range: list = field(default_factory=lambda: [0.0, 0.9])
+    bits_range: list = field(default_factory=lambda: [2, 4])
+    eval_images: int = 1000
+    sampler: str = "gp"
+    seed: int = 0
+    train_images: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"trials={self.trials!r} must be a positive integer")
+        if self.sampler not in ("gp", "tpe"):
+            raise ValueError(f"sampler={self.sampler!r} is not one of ['gp', 'tpe']")
+        lo, hi = self.p_range
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"p_range={self.p_range!r} must satisfy 0 <= lo <= hi < 1")
+        blo, bhi = self.bits_range
+        if not 1 <= blo <= bhi <= 8:
+            raise ValueError(f"bits_range={self.bits_range!r} must satisfy 1 <= lo <= hi <= 8")
+        if self.eval_images < 1:
+            raise ValueError(f"eval_images={self.eval_images!r} must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> SearchOptions:
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown procedure_params {bad} for clipq; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+def bits_per_weight(p: float, bits: int) -> float:
+    """Estimated stored bits per weight: dense ``b``-bit codes or a bitmask plus ``b`` bits per non-zero."""
+    return min(float(bits), 1.0 + (1.0 - p) * bits)
+
+
+def clipq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the layers whose weight quantizer is a :class:`ClipQQuantizer`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight_quant", None), ClipQQuantizer)]
+
+
+@torch.no_grad()
+def _error(model: nn.Module, batches: list) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += y.numel()
+    return 1.0 - correct / total
+
+
+def _make_sampler(opts: SearchOptions):
+    import optuna
+
+    if opts.sampler == "gp":
+        try:
+            return optuna.samplers.GPSampler(seed=opts.seed, n_startup_trials=opts.startup_trials)
+        except (ImportError, AttributeError):  # older optuna or no scipy: fall back to TPE
+            pass
+    return optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=opts.startup_trials)
+
+
+def _choose(records: dict, sizes: dict, lam: float) -> dict:
+    total = sum(sizes.values())
+    out = {}
+    for name, trials in records.items():
+        def score(t, name=name):
+            return t["err"] - lam * sizes[name] * (32.0 - t["bpw"]) / (32.0 * total)
+
+        out[name] = min(trials, key=score)
+    return out
+
+
+def _ratio(choice: dict, sizes: dict) -> float:
+    return 32.0 * sum(sizes.values()) / sum(sizes[n] * choice[n]["bpw"] for n in choice)
+
+
+def select(records: dict, sizes: dict, lam: float, target_ratio: float | None = None) -> tuple[dict, float]:
+    """Per-layer choice among recorded trials for ``lam`` (raised until ``target_ratio`` is met, if given)."""
+    choice = _choose(records, sizes, lam)
+    if target_ratio is None or _ratio(choice, sizes) >= target_ratio:
+        return choice, lam
+    lo, hi = lam, max(lam, 1e-3)
+    for _ in range(40):
+        hi *= 2
+        if _ratio(_choose(records, sizes, hi), sizes) >= target_ratio:
+            break
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        if _ratio(_choose(records, sizes, mid), sizes) >= target_ratio:
+            hi = mid
+        else:
+            lo = mid
+    return _choose(records, sizes, hi), hi
+
+
+def search(qmodel: nn.Module, loader, opts: SearchOptions, log=print) -> dict:
+    """Per-layer Bayesian optimisation of (p, b) (see module docstring).
+
+    Returns ``{"layers": {name: {"p", "bits", "err", "bpw"}}, "lam": lam, "studies": {name: optuna.Study},
+    "float_err": e, "records": {name: [trial dicts]}}``.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    layers = clipq_layers(qmodel)
+    if not layers:
+        raise ValueError("the model has no CLIP-Q layer: quantize it with method 'clipq' first")
+    batches, seen = [], 0
+    for x, y in loader:
+        batches.append((x, y))
+        seen += y.numel()
+        if seen >= opts.eval_images:
+            break
+    if seen == 0:
+        raise ValueError("the search set (bundle.calib) is empty")
+    was_training = qmodel.training
+    qmodel.eval()
+    quants = {n: m.weight_quant for n, m in layers}
+    sizes = {n: m.weight.numel() for n, m in layers}
+    for _, m in layers:
+        m.weight_quant = None
+    float_err = _error(qmodel, batches)
+    log(f"clipq search: float error {100 * float_err:.2f}% on {seen} calibration images")
+    records, studies = {}, {}
+    try:
+        for name, m in layers:
+            q = quants[name]
+            m.weight_quant = q
+            recs = []
+
+            def objective(trial, q=q, name=name, recs=recs):
+                p = trial.suggest_float("p", *opts.p_range)
+                b = trial.suggest_int("bits", *opts.bits_range)
+                q.set_params(p, b)
+                err = _error(qmodel, batches)
+                bpw = bits_per_weight(p, b)
+                recs.append({"p": p, "bits": b, "err": err, "bpw": bpw})
+                return err - opts.lam * sizes[name] * (32.0 - bpw) / (32.0 * sum(sizes.values()))
+
+            study = optuna.create_study(direction="minimize", sampler=_make_sampler(opts))
+            study.optimize(objective, n_trials=opts.trials)
+            records[name], studies[name] = recs, study
+            best = min(recs, key=lambda t: t["err"])
+            log(f"  {name:<24} {len(study.trials)} trials, best err {100 * best['err']:.2f}% at "
+                f"p={best['p']:.2f} b={best['bits']}")
+            m.weight_quant = None
+    finally:
+        for name, m in layers:
+            m.weight_quant = quants[name]
+    choice, lam = select(records, sizes, opts.lam, opts.target_ratio)
+    for name, m in layers:
+        m.weight_quant.set_params(choice[name]["p"], choice[name]["bits"])
+    qmodel.train(was_training)
+    return {"layers": choice, "lam": lam, "studies": studies, "float_err": float_err, "records": records,
+            "estimated_ratio": _ratio(choice, sizes)}
+
+
+def layer_table(qmodel: nn.Module) -> list[dict]:
+    """Per-layer (p, b), weight count and measured zero fraction of a CLIP-Q model."""
+    rows = []
+    with torch.no_grad():
+        for name, m in clipq_layers(qmodel):
+            wq = m.weight_quant(m.weight)
+            rows.append({"name": name, "p": round(float(m.weight_quant.p), 4), "bits": m.weight_quant.bits,
+                         "numel": m.weight.numel(), "zero_fraction": round(float((wq == 0).float().mean()), 4),
+                         "levels": int(torch.unique(wq).numel())})
+    return rows
+
+
+@register_procedure("clipq")
+def clipq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
+          resume: bool = False) -> tuple[nn.Module, dict]:
+    """Quantize with CLIP-Q, search per-layer (p, b) on ``bundle.calib``, then fine-tune."""
+    opts = SearchOptions.from_dict(recipe.procedure_params)
+    qmodel = quantize_and_calibrate(model, recipe, bundle)
+    metrics: dict = {}
+    if opts.search and not resume:
+        if bundle.calib is None:
+            raise ValueError("clipq search needs a calibration split (bundle.calib is None: calib_size=0)")
+        res = search(qmodel, bundle.calib, opts)
+        metrics["search"] = {"lam": res["lam"], "float_err": res["float_err"], "trials_per_layer": opts.trials,
+                             "estimated_ratio": res["estimated_ratio"], "sampler": opts.sampler}
+    if recipe.train.epochs > 0:
+        ft = bundle
+        if opts.train_images is not None:
+            ft = dataclasses.replace(bundle, train=bundle.train.take(opts.train_images))
+        metrics.update(train_quantized(qmodel, ft, recipe, out_dir, resume) or {})
+    table = layer_table(qmodel)
+    metrics["clipq_layers"] = table
+    if out_dir is not None:
+        path = Path(out_dir) / "clipq_layers.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"layers": table, "search": metrics.get("search")}, indent=1))
+    n = sum(r["numel"] for r in table)
+    metrics["clipq_bits_per_weight"] = sum(r["numel"] * bits_per_weight(r["p"], r["bits"]) for r in table) / max(n, 1)
+    if not math.isfinite(metrics["clipq_bits_per_weight"]):
+        raise ValueError("clipq: no layer was quantized")
+    return qmodel, metrics
+
+
+__all__ = ["SearchOptions", "bits_per_weight", "clipq", "clipq_layers", "layer_table", "search", "select"]

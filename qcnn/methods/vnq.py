@@ -1,0 +1,134 @@
+"""VNQ procedure (Achterhold et al., ICLR 2018): ELBO training of variational layers, then prune + snap.
+
+1. ``quantize(model, recipe)`` with method ``vnq`` gives every conv/linear layer a
+   :class:`~qcnn.quant.vnq.VNQQuantizer` (``log sigma^2`` per weight, learned ternary ``r``); the layers are
+   swapped for their local-reparameterisation versions (:func:`~qcnn.quant.vnq.to_variational`).
+2. Training minimises the negative ELBO per image::
+
+       loss = CE(model(x), y) + beta(t) * sum_layers KL / N
+
+   with ``N`` the number of training images and ``beta`` rising linearly from 0 to ``kl_weight`` over the
+   first ``warmup`` fraction of the optimizer steps (KL warm-up). ``log sigma^2`` and ``r`` get no weight
+   decay (:meth:`~qcnn.quant.vnq.VNQMethod.param_groups`).
+3. After training, without fine-tuning, :func:`~qcnn.quant.vnq.prune_and_snap` sets weights with
+   ``log sigma^2 - log theta^2 > threshold`` to 0 and snaps the rest to the nearest of ``{-r, 0, r}``.
+
+``procedure_params`` (all optional): ``warmup`` (0.5), ``kl_weight`` (1.0), ``threshold`` (2.0),
+``train_images`` (None = all). Metrics add ``top1`` (test, after snapping), ``pruned_fraction`` (zero weights
+over all VNQ layers) and ``vnq_layers`` (per layer ``r`` and zero fraction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import nn
+
+from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
+from qcnn.quant.vnq import kl_total, prune_and_snap, to_variational
+from qcnn.recipes import Recipe
+
+
+@dataclass
+class VNQProcedureOptions:
+    warmup: float = 0.5
+    kl_weight: float = 1.0
+    threshold: float = 2.0
+    train_images: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"warmup={self.warmup!r} must be a fraction in [0, 1]")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight={self.kl_weight!r} must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> VNQProcedureOptions:
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown procedure_params {bad} for vnq; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+class ELBOLoss:
+    """``loss_fn(model, x, y) -> (loss, logits)`` for :func:`qcnn.train.fit`: CE + beta(step) KL / N.
+
+    ``beta`` is the warm-up factor of the current call: ``kl_weight * min(1, calls / warmup_steps)``.
+    """
+
+    def __init__(self, n_train: int, warmup_steps: int, kl_weight: float = 1.0):
+        if n_train < 1:
+            raise ValueError(f"n_train={n_train!r} must be positive")
+        self.n_train = n_train
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.kl_weight = kl_weight
+        self.calls = 0
+        self.last = {}
+
+    def beta(self) -> float:
+        if self.warmup_steps == 0:
+            return self.kl_weight
+        return self.kl_weight * min(1.0, self.calls / self.warmup_steps)
+
+    def __call__(self, model: nn.Module, x, y):
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        if not model.training:
+            return ce, logits
+        beta = self.beta()
+        self.calls += 1
+        kl = kl_total(model) / self.n_train
+        self.last = {"ce": ce.detach(), "kl": kl.detach(), "beta": beta}
+        return ce + beta * kl, logits
+
+
+def n_images(loader) -> int:
+    for attr in ("num_images", "num_samples", "n"):
+        v = getattr(loader, attr, None)
+        if isinstance(v, int):
+            return v
+    for attr in ("x", "images", "indices"):
+        v = getattr(loader, attr, None)
+        if v is not None and hasattr(v, "__len__"):
+            return len(v)
+    return len(loader) * getattr(loader, "batch_size", 1)
+
+
+@register_procedure("vnq")
+def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
+        resume: bool = False) -> tuple[nn.Module, dict]:
+    """VNQ: ELBO training with the ternary multi-spike prior, then pruning and snapping (no fine-tuning)."""
+    from qcnn.train import evaluate
+
+    opts = VNQProcedureOptions.from_dict(recipe.procedure_params)
+    qmodel = to_variational(quantize_and_calibrate(model, recipe, bundle))
+    metrics: dict = {}
+    if recipe.train.epochs > 0:
+        ft = bundle
+        if opts.train_images is not None:
+            ft = dataclasses.replace(bundle, train=bundle.train.take(opts.train_images))
+        steps = len(ft.train) * recipe.train.epochs
+        loss = ELBOLoss(n_images(ft.train), int(opts.warmup * steps), opts.kl_weight)
+        metrics.update(train_quantized(qmodel, ft, recipe, out_dir, resume, loss_fn=loss) or {})
+        metrics["top1_before_snap"] = metrics.get("top1")
+    stats = prune_and_snap(qmodel, opts.threshold)
+    qmodel.eval()
+    res = evaluate(qmodel, bundle.test)
+    n = sum(s["numel"] for s in stats.values())
+    metrics.update(top1=res["top1"], loss=res["loss"], vnq_layers=stats,
+                   pruned_fraction=sum(s["zero_fraction"] * s["numel"] for s in stats.values()) / max(n, 1))
+    if out_dir is not None:
+        path = Path(out_dir) / "vnq_layers.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"layers": stats, "pruned_fraction": metrics["pruned_fraction"],
+                                    "top1": metrics["top1"]}, indent=1))
+    return qmodel, metrics
+
+
+__all__ = ["ELBOLoss", "VNQProcedureOptions", "vnq"]
