@@ -12,6 +12,11 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="look here first (a dataset folder or archive, or a root)")
     p.add_argument("--download", action="store_true",
                    help="download the missing datasets that can be downloaded (MNIST, Fashion-MNIST, CIFAR-10)")
+    p.add_argument("--bench", action="store_true",
+                   help="also load each found dataset twice (load times; set QCNN_CACHE to an empty folder to time "
+                        "a cold decode) and time one epoch of the augmented training loader (images/s)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size of --bench (default 128)")
+    p.add_argument("--device", default="cpu", help="device of --bench (default cpu)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: a list of one object per dataset")
     p.set_defaults(func=run)
 
@@ -22,6 +27,30 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def bench(name: str, data_dir, batch_size: int, device: str) -> dict:
+    """Load ``name`` twice (the second load reads the decoded cache) and time one augmented training epoch."""
+    import time
+
+    import torch
+
+    from qcnn.data import get_data
+
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        bundle = get_data(name, data_dir, batch_size=batch_size, device=device, download=False)
+        times.append(time.perf_counter() - t0)
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    for x, _ in bundle.train:
+        n += len(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"first_load_s": round(times[0], 3), "second_load_s": round(times[1], 3),
+            "train_images_per_s": round(n / wall), "train_images_per_cpu_s": round(n / max(cpu, 1e-9)),
+            "device": str(bundle.device), "threads": torch.get_num_threads()}
 
 
 def run(args) -> int:
@@ -46,6 +75,13 @@ def run(args) -> int:
         print(f"{head}\n  {info['path']} ({info['format']}, from {info['origin']}): {counts}, {_size(info['bytes'])}")
         if "decoded_cache" in info:
             print(f"  decoded cache: {info['decoded_cache'] or 'none yet (built on first load)'}")
+        if args.bench:
+            info["bench"] = bench(info["name"], args.data_dir, args.batch_size, args.device)
+            b = info["bench"]
+            print(f"  bench: first load {b['first_load_s']:.2f} s, second load {b['second_load_s']:.2f} s, "
+                  f"augmented train loader {b['train_images_per_s']:.0f} images/s "
+                  f"({b['train_images_per_cpu_s']:.0f} per CPU-second; {b['device']}, "
+                  f"batch {args.batch_size}, {b['threads']} threads)")
     if args.json:
         print(json.dumps(infos))
     return 0

@@ -128,17 +128,20 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, shifts, flips = self.plan()
         dev = self.device
-        contiguous = not self.shuffle
         bs = self.batch_size
         stop = (len(order) // bs) * bs if self.drop_last else len(order)
-        order_dev = None if contiguous else order.to(dev)
+        if not self.shuffle:
+            for start in range(0, stop, bs):
+                yield self.normalize(self.images[start:start + bs]), self.labels[start:start + bs]
+            return
+        # the epoch's plan goes to the device once, so producing a batch never waits for the device
+        order = order.to(dev)
+        shifts = shifts.to(dev) if shifts is not None else None
+        flips = flips.to(dev) if flips is not None else None
         for start in range(0, stop, bs):
             end = min(start + bs, stop)
-            if contiguous:
-                x, y = self.images[start:end], self.labels[start:end]
-            else:
-                idx = order_dev[start:end]
-                x, y = self.images[idx], self.labels[idx]
+            idx = order[start:end]
+            x, y = self.images[idx], self.labels[idx]
             if shifts is not None or flips is not None:
                 x = crop_flip(x, None if shifts is None else shifts[start:end],
                               None if flips is None else flips[start:end], self.pad)
