@@ -101,15 +101,17 @@ def _error(model: nn.Module, batches: list) -> float:
     return 1.0 - correct / total
 
 
-def _make_sampler(opts: SearchOptions):
+def _make_sampler(opts: SearchOptions, layer_index: int = 0):
+    """The study's sampler, seeded with ``seed + layer_index`` (a different random start per layer)."""
     import optuna
 
+    seed = opts.seed + layer_index
     if opts.sampler == "gp":
         try:
-            return optuna.samplers.GPSampler(seed=opts.seed, n_startup_trials=opts.startup_trials)
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=opts.startup_trials)
         except (ImportError, AttributeError):  # older optuna or no scipy: fall back to TPE
             pass
-    return optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=opts.startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=opts.startup_trials)
 
 
 def _choose(records: dict, sizes: dict, lam: float) -> dict:
@@ -176,7 +178,7 @@ def search(qmodel: nn.Module, loader, opts: SearchOptions, log=print) -> dict:
     log(f"clipq search: float error {100 * float_err:.2f}% on {seen} calibration images")
     records, studies = {}, {}
     try:
-        for name, m in layers:
+        for i, (name, m) in enumerate(layers):
             q = quants[name]
             m.weight_quant = q
             recs = []
@@ -190,7 +192,7 @@ def search(qmodel: nn.Module, loader, opts: SearchOptions, log=print) -> dict:
                 recs.append({"p": p, "bits": b, "err": err, "bpw": bpw})
                 return err - opts.lam * sizes[name] * (32.0 - bpw) / (32.0 * sum(sizes.values()))
 
-            study = optuna.create_study(direction="minimize", sampler=_make_sampler(opts))
+            study = optuna.create_study(direction="minimize", sampler=_make_sampler(opts, i))
             study.optimize(objective, n_trials=opts.trials)
             records[name], studies[name] = recs, study
             best = min(recs, key=lambda t: t["err"])

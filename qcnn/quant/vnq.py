@@ -190,6 +190,8 @@ class VNQOptions:
     log_sigma2_init: float = -8.0
     #: learn the codebook value r (else fixed at its ternary initialisation)
     learn_r: bool = True
+    #: learning rate of log sigma^2 and r (None = the recipe's)
+    sigma_lr: float | None = None
 
 
 class VNQMethod(Method):
@@ -213,12 +215,17 @@ class VNQMethod(Method):
         return None
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict] | None:
-        """``log sigma^2`` and ``r`` without weight decay (the KL is their only regulariser)."""
+        """``log sigma^2`` and ``r`` without weight decay (the KL is their only regulariser), at ``sigma_lr``."""
         var = [p for n, p in model.named_parameters() if n.endswith("weight_quant.log_sigma2")
                or n.endswith("weight_quant.r")]
         ids = {id(p) for p in var}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        return [{"params": rest, "weight_decay": weight_decay}, {"params": var, "weight_decay": 0.0}]
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
+        group = {"params": var, "weight_decay": 0.0}
+        if self.options.sigma_lr is not None:
+            group["lr"] = self.options.sigma_lr
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}, group]
 
 
 register_method(VNQMethod)
