@@ -15,10 +15,21 @@ See ``docs/data.md``.
 
 from qcnn.data.augment import Normalize, crop_flip, hflip, translate
 from qcnn.data.cache import cache_dir
-from qcnn.data.datasets import DATASETS, DatasetSpec, Source, describe, get_data, get_spec, list_datasets, locate
+from qcnn.data.datasets import (
+    DATASETS,
+    DatasetSpec,
+    Source,
+    clear_memory_cache,
+    describe,
+    get_data,
+    get_spec,
+    list_datasets,
+    locate,
+)
 from qcnn.data.loaders import DataBundle, StreamLoader, TensorLoader, subset
 
 __all__ = [
     "DATASETS", "DataBundle", "DatasetSpec", "Normalize", "Source", "StreamLoader", "TensorLoader", "cache_dir",
-    "crop_flip", "describe", "get_data", "get_spec", "hflip", "list_datasets", "locate", "subset", "translate",
+    "clear_memory_cache", "crop_flip", "describe", "get_data", "get_spec", "hflip", "list_datasets", "locate",
+    "subset", "translate",
 ]

@@ -59,6 +59,9 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the entry the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

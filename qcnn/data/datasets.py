@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from qcnn.data import readers
 from qcnn.data.augment import Normalize
-from qcnn.data.cache import cache_dir, cache_path, load_cached, save_atomic
+from qcnn.data.cache import cache_dir, cache_path, load_cached, save_atomic, source_fingerprint
 from qcnn.data.loaders import DataBundle, StreamLoader, TensorLoader
 
 #: system-wide dataset roots searched after $QCNN_DATA (Debian's dataset-* packages install here)
@@ -285,6 +286,31 @@ def load_arrays(spec: DatasetSpec, src: Source, cache: str | os.PathLike | None 
     return tx, ty, vx, vy, list(index.classes), note
 
 
+#: in-process copies of the last few in-memory datasets loaded (tests and sweeps call get_data many times)
+_MEMO: OrderedDict[str, tuple] = OrderedDict()
+MEMO_ENTRIES = 2
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process copies kept by :func:`get_data` (the next load reads the files again)."""
+    _MEMO.clear()
+
+
+def _load_memo(spec: DatasetSpec, src: Source, cache) -> tuple:
+    key = f"{spec.name}|{src.kind}|{source_fingerprint(src.path)}"
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        tx, ty, vx, vy, classes, note = _MEMO[key]
+        # copies: callers may edit their tensors in place without touching the kept ones
+        return tx.clone(), ty.clone(), vx.clone(), vy.clone(), list(classes), (note + "; " if note else "") + "reused"
+    out = load_arrays(spec, src, cache)
+    _MEMO[key] = out
+    while len(_MEMO) > MEMO_ENTRIES:
+        _MEMO.popitem(last=False)
+    tx, ty, vx, vy, classes, note = out
+    return tx.clone(), ty.clone(), vx.clone(), vy.clone(), list(classes), note
+
+
 def _check_calib(name: str, n_train: int, calib_size: int) -> None:
     if calib_size < 0 or calib_size >= n_train:
         raise ValueError(f"calib_size={calib_size} must be in [0, {n_train}) for dataset {name} "
@@ -332,7 +358,7 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
                                    drop_last, norm)
         return _limit(bundle, train_limit, test_limit)
 
-    tx, ty, vx, vy, classes, note = load_arrays(spec, src, cache_dir)
+    tx, ty, vx, vy, classes, note = _load_memo(spec, src, cache_dir)
     if len(tx) == 0:
         raise ValueError(f"dataset {spec.name}: the training split at {src.path} is empty")
     if len(vx) == 0:

@@ -17,6 +17,7 @@ large for memory. Both have the same interface:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _check_shard(rank: int, world_size: int) -> None:
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
@@ -43,14 +54,18 @@ def _check_shard(rank: int, world_size: int) -> None:
 class TensorLoader:
     """Batches from in-memory uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``.
 
-    ``pad`` > 0 enables the random crop (translation with zero fill, see :func:`translate`), ``flip``
+    ``pad`` > 0 enables the random crop (translation with zero fill, see :func:`crop_flip`), ``flip``
     the random horizontal flip; both draw from the epoch's generator. Without ``shuffle`` the order is the
     stored one and nothing random happens.
+
+    On the CPU a batch is produced on ``cpu_threads`` intra-op threads (default 1): its ops are small and
+    memory-bound, and spreading them over OpenMP threads costs more CPU time than it saves, many times more
+    on a busy machine. ``cpu_threads=None`` keeps the caller's setting.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, normalize: Normalize,
                  shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, name: str = "data"):
+                 world_size: int = 1, drop_last: bool = False, name: str = "data", cpu_threads: int | None = 1):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"{name}: images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -68,7 +83,7 @@ class TensorLoader:
         self.batch_size, self.normalize = batch_size, normalize
         self.shuffle, self.pad, self.flip = shuffle, pad, flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.drop_last, self.name = drop_last, name
+        self.drop_last, self.name, self.cpu_threads = drop_last, name, cpu_threads
         self.epoch = 0
 
     # -- interface -------------------------------------------------------------------------------
@@ -125,6 +140,13 @@ class TensorLoader:
             flips = flips[sl] if flips is not None else None
         return order, shifts, flips
 
+    def _batch_threads(self):
+        """Produce CPU batches on ``cpu_threads`` intra-op threads, restoring the caller's setting after
+        each batch (the consumer's own ops are unaffected)."""
+        if self.device.type != "cpu" or not self.cpu_threads or torch.get_num_threads() == self.cpu_threads:
+            return contextlib.nullcontext()
+        return _threads(self.cpu_threads)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, shifts, flips = self.plan()
         dev = self.device
@@ -132,7 +154,9 @@ class TensorLoader:
         stop = (len(order) // bs) * bs if self.drop_last else len(order)
         if not self.shuffle:
             for start in range(0, stop, bs):
-                yield self.normalize(self.images[start:start + bs]), self.labels[start:start + bs]
+                with self._batch_threads():
+                    x = self.normalize(self.images[start:start + bs])
+                yield x, self.labels[start:start + bs]
             return
         # the epoch's plan goes to the device once, so producing a batch never waits for the device
         order = order.to(dev)
@@ -140,12 +164,14 @@ class TensorLoader:
         flips = flips.to(dev) if flips is not None else None
         for start in range(0, stop, bs):
             end = min(start + bs, stop)
-            idx = order[start:end]
-            x, y = self.images[idx], self.labels[idx]
-            if shifts is not None or flips is not None:
-                x = crop_flip(x, None if shifts is None else shifts[start:end],
-                              None if flips is None else flips[start:end], self.pad)
-            yield self.normalize(x), y
+            with self._batch_threads():
+                idx = order[start:end]
+                x, y = self.images[idx], self.labels[idx]
+                if shifts is not None or flips is not None:
+                    x = crop_flip(x, None if shifts is None else shifts[start:end],
+                                  None if flips is None else flips[start:end], self.pad)
+                x = self.normalize(x)
+            yield x, y
 
     def __repr__(self) -> str:
         aug = f", pad={self.pad}, flip={self.flip}" if self.shuffle else ""

@@ -104,6 +104,7 @@ def _no_decode(*a, **k):
 
 
 def test_cifar_cache_hit_identical(cifar_bundle, cifar_zip, monkeypatch):
+    datasets.clear_memory_cache()
     monkeypatch.setattr(readers, "decode_images", _no_decode)
     t0 = time.perf_counter()
     again = get_data("cifar10", data_dir=cifar_zip)
@@ -137,6 +138,7 @@ def test_decode_then_cache_hit_identical(isolated, monkeypatch):
         ref = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(cold.train.images[4 * 10 + 2], ref)  # round robin: image 4 of class 2
     monkeypatch.setattr(readers, "decode_images", _no_decode)
+    datasets.clear_memory_cache()
     hot = get_data("cifar10", data_dir=path, cache_dir=cache, calib_size=10)
     assert f"cache {entries[0]}" in hot.source
     for a, b in ((cold.train, hot.train), (cold.test, hot.test)):
@@ -246,3 +248,28 @@ def test_train_and_test_limits(fashion_dir):
     assert b.train.num_samples == 1000 and b.test.num_samples == 300 and b.calib.num_samples == 100
     full = get_data("fashion-mnist", calib_size=100)
     assert torch.equal(b.calib.images, full.calib.images) and torch.equal(b.train.images, full.train.images[:1000])
+
+
+def test_download_lands_in_cache_and_is_reused(isolated, monkeypatch):
+    calls = []
+
+    def fake_download(root):  # writes what torchvision's CIFAR10(download=True) leaves: cifar-10-batches-py
+        calls.append(root)
+        import pickle
+
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        for i, f in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+            with open(d / f, "wb") as fh:
+                pickle.dump({b"data": np.full((2, 3072), i, np.uint8), b"labels": [i % 10, 1]}, fh)
+
+    monkeypatch.setattr(DATASETS["cifar10"], "download", fake_download)
+    cache = isolated / "cache"
+    b = get_data("cifar10", cache_dir=cache, calib_size=1)
+    assert calls == [cache / "cifar10"] and "cifar-py, downloaded" in b.source
+    b.train.images.zero_()  # in-place edits of one bundle do not leak into the next
+    assert b.train.num_samples == 10 and b.test.images.unique().tolist() == [5]
+    assert b.train.labels[::2].tolist() == [0, 1, 2, 3, 4]
+    again = get_data("cifar10", cache_dir=cache, calib_size=1)
+    assert len(calls) == 1  # found in the cache the second time
+    assert again.train.images[::2, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] and "reused" in again.source

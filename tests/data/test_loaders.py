@@ -92,3 +92,16 @@ def test_take_and_errors():
         _loader(rank=2, world_size=2)
     with pytest.raises(ValueError, match="take"):
         _loader().take(0)
+
+
+def test_cpu_batches_leave_the_callers_thread_setting_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = [torch.get_num_threads() for _ in _loader(64, shuffle=True, pad=1, flip=True)]
+        assert seen == [2] * 4 and torch.get_num_threads() == 2
+        x1 = _epoch(_loader(64, shuffle=True, pad=1, flip=True))[0]
+        x2 = _epoch(_loader(64, shuffle=True, pad=1, flip=True, cpu_threads=None))[0]
+        assert torch.equal(x1, x2)
+    finally:
+        torch.set_num_threads(before)
