@@ -330,7 +330,7 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
         name: ``mnist``, ``fashion-mnist``, ``cifar10``, ``imagenet`` or ``imagefolder`` (or an alias).
         data_dir: the dataset's folder or archive, or a root holding ``<name>/`` (see module docstring).
         batch_size: training batch size; ``eval_batch_size`` (default: the same) for test and calib.
-        device: where batches are produced; in-memory sets are moved there once.
+        device: where batches are produced (``"auto"``: CUDA if available); in-memory sets are moved there once.
         augment: random crop (zero padding ``pad``) and flip for the training loader; ``pad``/``flip``
             override the dataset's defaults (CIFAR-10: 4 and True; MNIST/Fashion-MNIST: 2 and False).
         seed: seeds the shuffle and augmentation; ``train.set_epoch(e)`` selects epoch ``e``'s draw.
@@ -349,6 +349,8 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
     if look.source is None:
         raise look.error()
     src = look.source
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     eval_bs = eval_batch_size or batch_size
     norm = Normalize(spec.mean, spec.std)

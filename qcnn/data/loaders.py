@@ -204,6 +204,8 @@ class StreamLoader:
                  num_workers: int = 4, drop_last: bool = False, indices: Sequence[int] | None = None,
                  name: str = "data"):
         _check_shard(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.dataset, self.batch_size, self.normalize = dataset, batch_size, normalize
         self.device = torch.device(device)
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size

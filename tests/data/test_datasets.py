@@ -273,3 +273,15 @@ def test_download_lands_in_cache_and_is_reused(isolated, monkeypatch):
     again = get_data("cifar10", cache_dir=cache, calib_size=1)
     assert len(calls) == 1  # found in the cache the second time
     assert again.train.images[::2, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] and "reused" in again.source
+
+
+def test_streamed_epochs_reproducible_with_workers(isolated):
+    _folder(isolated / "imgs", n_per_class=2)
+    make = lambda: get_data("imagefolder", data_dir=isolated / "imgs", batch_size=6, image_size=8, calib_size=0,
+                            num_workers=1, seed=4).train
+    a, b = make(), make()
+    xa, ya = next(iter(a))
+    xb, yb = next(iter(b))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    b.set_epoch(1)
+    assert not torch.equal(next(iter(b))[0], xa)
