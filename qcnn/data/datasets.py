@@ -296,19 +296,22 @@ def clear_memory_cache() -> None:
     _MEMO.clear()
 
 
-def _load_memo(spec: DatasetSpec, src: Source, cache) -> tuple:
+def _load_memo(spec: DatasetSpec, src: Source, cache, copy: bool) -> tuple:
+    """:func:`load_arrays` through the in-process copies. With ``copy`` the tensors returned are private
+    (callers may edit them in place); without it the caller must copy them itself (e.g. to the GPU)."""
     key = f"{spec.name}|{src.kind}|{source_fingerprint(src.path)}"
     if key in _MEMO:
         _MEMO.move_to_end(key)
         tx, ty, vx, vy, classes, note = _MEMO[key]
-        # copies: callers may edit their tensors in place without touching the kept ones
-        return tx.clone(), ty.clone(), vx.clone(), vy.clone(), list(classes), (note + "; " if note else "") + "reused"
-    out = load_arrays(spec, src, cache)
-    _MEMO[key] = out
-    while len(_MEMO) > MEMO_ENTRIES:
-        _MEMO.popitem(last=False)
-    tx, ty, vx, vy, classes, note = out
-    return tx.clone(), ty.clone(), vx.clone(), vy.clone(), list(classes), note
+        note = (note + "; " if note else "") + "reused"
+    else:
+        tx, ty, vx, vy, classes, note = _MEMO[key] = load_arrays(spec, src, cache)
+        while len(_MEMO) > MEMO_ENTRIES:
+            _MEMO.popitem(last=False)
+    tensors = (tx, ty, vx, vy)
+    if copy:
+        tensors = tuple(t.clone() for t in tensors)
+    return (*tensors, list(classes), note)
 
 
 def _check_calib(name: str, n_train: int, calib_size: int) -> None:
@@ -360,7 +363,7 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
                                    drop_last, norm)
         return _limit(bundle, train_limit, test_limit)
 
-    tx, ty, vx, vy, classes, note = _load_memo(spec, src, cache_dir)
+    tx, ty, vx, vy, classes, note = _load_memo(spec, src, cache_dir, copy=device.type == "cpu")
     if len(tx) == 0:
         raise ValueError(f"dataset {spec.name}: the training split at {src.path} is empty")
     if len(vx) == 0:

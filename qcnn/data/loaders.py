@@ -12,7 +12,7 @@ large for memory. Both have the same interface:
 * sharding for DDP: a training loader built with ``rank``/``world_size`` shuffles the whole split with the
   common seed, drops the last ``N mod world_size`` images of that permutation and gives rank ``r`` the
   ``r``-th contiguous block, so shards are disjoint and of equal length (equal numbers of steps per rank).
-  Evaluation loaders are not sharded.
+  Only shuffled (training) loaders are sharded; evaluation loaders give every rank the whole split.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         n = len(self.images)
-        return n // self.world_size if self.world_size > 1 else n
+        return n // self.world_size if (self.world_size > 1 and self.shuffle) else n
 
     def __len__(self) -> int:
         n = self.num_samples

@@ -285,3 +285,11 @@ def test_streamed_epochs_reproducible_with_workers(isolated):
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     b.set_epoch(1)
     assert not torch.equal(next(iter(b))[0], xa)
+
+
+def test_qcnn_data_root_finds_the_jpeg_zip(isolated, monkeypatch, cifar_zip):
+    monkeypatch.setenv("QCNN_DATA", str(cifar_zip.parent))
+    src = locate("cifar10", download=False).source
+    assert (src.kind, src.path, src.origin) == ("zip", cifar_zip, "$QCNN_DATA")
+    # --data-dir may also be a root holding <name>-jpeg.zip
+    assert locate("cifar-10", data_dir=cifar_zip.parent).source.path == cifar_zip
