@@ -38,12 +38,13 @@ def bench(name: str, data_dir, batch_size: int, device: str) -> dict:
 
     from qcnn.data import clear_memory_cache, get_data
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(2):
         clear_memory_cache()  # time the files / the decoded cache, not the in-process copy
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bundle = get_data(name, data_dir, batch_size=batch_size, device=device, download=False)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
     for x, _ in bundle.train:
         n += len(x)
@@ -51,6 +52,7 @@ def bench(name: str, data_dir, batch_size: int, device: str) -> dict:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"first_load_s": round(times[0], 3), "second_load_s": round(times[1], 3),
+            "first_load_cpu_s": round(cpu_times[0], 3), "second_load_cpu_s": round(cpu_times[1], 3),
             "train_images_per_s": round(n / wall), "train_images_per_cpu_s": round(n / max(cpu, 1e-9)),
             "device": str(bundle.device), "threads": torch.get_num_threads()}
 
@@ -80,7 +82,8 @@ def run(args) -> int:
         if args.bench:
             info["bench"] = bench(info["name"], args.data_dir, args.batch_size, args.device)
             b = info["bench"]
-            print(f"  bench: first load {b['first_load_s']:.2f} s, second load {b['second_load_s']:.2f} s, "
+            print(f"  bench: first load {b['first_load_s']:.2f} s ({b['first_load_cpu_s']:.2f} CPU-s), second load "
+                  f"{b['second_load_s']:.2f} s ({b['second_load_cpu_s']:.2f} CPU-s), "
                   f"augmented train loader {b['train_images_per_s']:.0f} images/s "
                   f"({b['train_images_per_cpu_s']:.0f} per CPU-second; {b['device']}, "
                   f"batch {args.batch_size}, {b['threads']} threads)")
