@@ -53,7 +53,8 @@ def bench(name: str, data_dir, batch_size: int, device: str) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"first_load_s": round(times[0], 3), "second_load_s": round(times[1], 3),
             "first_load_cpu_s": round(cpu_times[0], 3), "second_load_cpu_s": round(cpu_times[1], 3),
-            "train_images_per_s": round(n / wall), "train_images_per_cpu_s": round(n / max(cpu, 1e-9)),
+            "train_images": n, "train_images_per_s": round(n / wall),
+            "train_images_per_cpu_s": round(n / max(cpu, 1e-9)),
             "device": str(bundle.device), "threads": torch.get_num_threads()}
 
 

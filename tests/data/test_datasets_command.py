@@ -36,3 +36,14 @@ def test_cifar_zip_counts(cifar_zip, tmp_path, monkeypatch, capsys):
 def test_unknown_dataset_is_an_error(capsys):
     assert main(["datasets", "--dataset", "svhn"]) == 2
     assert "unknown dataset 'svhn'" in capsys.readouterr().err
+
+
+def test_bench_iterates_one_full_epoch(fashion_dir, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "SYSTEM_ROOTS", [fashion_dir.parent])
+    monkeypatch.delenv("QCNN_DATA", raising=False)
+    assert main(["datasets", "--dataset", "fashion-mnist", "--bench", "--batch-size", "1000", "--json"]) == 0
+    out = capsys.readouterr().out
+    (info,) = json.loads(out.strip().splitlines()[-1])
+    b = info["bench"]
+    assert b["train_images"] == 60000 and b["device"] == "cpu" and b["train_images_per_s"] > 0
+    assert "bench: first load" in out
