@@ -1,0 +1,158 @@
+"""Bi-Real Net binarization (Liu et al., "Bi-Real Net", ECCV 2018, arXiv 1808.00278).
+
+Activations (:class:`ApproxSignQuantizer`)
+    Forward ``a_b = sign(a)`` with ``sign(0) = +1`` (values {-1, +1}).
+    Backward ApproxSign, the derivative of the piecewise-quadratic approximation of sign::
+
+        d a_b / d a = 2 + 2a   for -1 <= a < 0
+                      2 - 2a   for  0 <= a < 1
+                      0        otherwise
+
+Weights (:class:`MagnitudeAwareBinaryWeight`)
+    Forward ``W_b = mean|W_r| * sign(W_r)`` with the mean over each output channel (``sign(0) = +1``).
+    Backward, the magnitude-aware gradient of the paper (eq. 7, with ``mean|W_r|`` treated as a constant)::
+
+        dL/dW_r = dL/dW_b * mean|W_r| * 1{|W_r| < 1}
+
+Architecture and training (real-valued shortcut around every binary conv, two-step training) live in
+:mod:`qcnn.models.bireal` and :mod:`qcnn.methods.bireal`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qcnn.quant.base import Grid, Quantizer
+from qcnn.quant.registry import LayerContext, Method, register_method
+
+
+def _sign(x: Tensor) -> Tensor:
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def approx_sign_grad(x: Tensor) -> Tensor:
+    """``d ApproxSign / dx``: ``2 + 2x`` on [-1, 0), ``2 - 2x`` on [0, 1), 0 elsewhere."""
+    return torch.where((x >= -1) & (x < 0), 2 + 2 * x, torch.where((x >= 0) & (x < 1), 2 - 2 * x, torch.zeros_like(x)))
+
+
+class _ApproxSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * approx_sign_grad(x)
+
+
+def approx_sign(x: Tensor) -> Tensor:
+    """sign(x) forward, ApproxSign backward."""
+    return _ApproxSignFn.apply(x)
+
+
+def _channel_mean_abs(w: Tensor) -> Tensor:
+    dims = tuple(range(1, w.dim()))
+    return w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
+
+
+class _MagBinaryFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        s = _channel_mean_abs(w)
+        ctx.save_for_backward(w, s)
+        return s * _sign(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, s = ctx.saved_tensors
+        return g * s * (w.abs() < 1).to(g.dtype)
+
+
+def magnitude_aware_binary(w: Tensor) -> Tensor:
+    """``mean|W| (per output channel) * sign(W)`` with the magnitude-aware gradient."""
+    return _MagBinaryFn.apply(w)
+
+
+def _binary_levels_grid(scale: Tensor, axis: int | None) -> Grid:
+    return Grid(bits=1, signed=True, scale=scale, zero_point=torch.zeros_like(scale, dtype=torch.int32), axis=axis,
+                qmin=-1, qmax=1, int_levels=torch.tensor([-1, 1]))
+
+
+class ApproxSignQuantizer(Quantizer):
+    """Binary activation: sign forward, ApproxSign backward (module docstring). Levels {-1, +1}."""
+
+    def __init__(self):
+        super().__init__(1, signed=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return approx_sign(x)
+
+    def grid(self) -> Grid:
+        return _binary_levels_grid(torch.tensor(1.0), None)
+
+
+class MagnitudeAwareBinaryWeight(Quantizer):
+    """Binary weight ``mean|W_r| sign(W_r)`` per output channel with the magnitude-aware gradient.
+
+    ``grid()`` reads the scale off the last weight seen (``scale * {-1, +1}`` per output channel, codes +-1).
+    """
+
+    def __init__(self):
+        super().__init__(1, signed=True)
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+
+    def forward(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.scale = _channel_mean_abs(w).flatten().detach()
+        return magnitude_aware_binary(w)
+
+    def grid(self) -> Grid:
+        return _binary_levels_grid(self.scale.detach().clone(), 0 if self.scale.dim() else None)
+
+
+@dataclass
+class BiRealOptions:
+    #: also binarize the 1x1 downsample convolutions (Bi-Real keeps them real-valued)
+    binarize_1x1: bool = False
+
+
+@register_method
+class BiRealMethod(Method):
+    """Bi-Real Net: ApproxSign binary activations and magnitude-aware binary weights on every hidden conv /
+    linear layer; 1x1 downsample convs stay real (option ``binarize_1x1``), residual adds stay real. First
+    and last layers follow the recipe's ``first_last`` policy (Bi-Real keeps them real: ``fp32``)."""
+
+    name = "bireal"
+    Options = BiRealOptions
+    weight_bits = (1,)
+    act_bits = (1,)
+
+    def _real_1x1(self, ctx: LayerContext) -> bool:
+        m = ctx.module
+        return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and not self.options.binarize_1x1
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self._real_1x1(ctx):
+            return None
+        if ctx.w_bits == 1:
+            return MagnitudeAwareBinaryWeight()
+        return super().weight_quantizer(ctx)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self._real_1x1(ctx):
+            return None
+        if ctx.a_bits == 1:
+            return ApproxSignQuantizer()
+        return super().act_quantizer(ctx)
+
+    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
+        return None
+
+
+__all__ = ["ApproxSignQuantizer", "BiRealMethod", "MagnitudeAwareBinaryWeight", "approx_sign", "approx_sign_grad",
+           "magnitude_aware_binary"]

@@ -1,0 +1,285 @@
+"""Non-uniform k-quantile quantizer with a single-scale integer representation.
+
+Method of Liss, Baskin, Mendelson, Bronstein, Zheltonozhskii, Yehudai et al., "Efficient non-uniform
+quantizer for quantized neural network targeting reconfigurable hardware" (arXiv 1811.10869), with the
+k-quantile levels of UNIQ (Baskin et al., arXiv 1804.10969).
+
+Levels. For ``k = 2^b`` bins of a distribution with CDF ``F``, the bins hold equal probability mass:
+edges ``e_i = F^-1(i / k)`` (i = 1..k-1) and each bin is represented by the quantile of its centre,
+``l_i = F^-1((i + 1/2) / k)`` (i = 0..k-1). Forward ``y = l_j`` for ``e_j <= x < e_(j+1)``.
+
+* Weights (:class:`QuantileWeightQuantizer`): a Gaussian ``N(mu, s^2)`` is fitted to the layer's weights at
+  every call (``mu``, ``s`` = mean and standard deviation), so ``l_i = mu + s Phi^-1((i + 1/2)/k)``.
+  Backward: straight-through, ``dy/dx = 1``.
+* Activations (:class:`QuantileActQuantizer`): the *empirical* distribution of the calibration data (a
+  random sample of at most ``max_samples`` values). After a ReLU (unsigned) the spike at 0 would swallow
+  several quantiles, so 0 is one level and the other ``k - 1`` levels are the k-quantile levels of the
+  positive values (edges: half the first positive level, then the positive quantile edges). Signed inputs
+  use the quantiles of all values. Levels are fixed after calibration. Backward: clipped straight-through,
+  ``dy/dx = 1`` for ``l_0 <= x <= l_(k-1)``, else 0.
+
+Integer representation (the hardware side of Liss et al.). The levels are written as one scale times small
+integers: ``l_i ~= scale * n_i`` with ``n_i`` integers of ``int_bits`` bits (signed for weights and signed
+inputs, unsigned after ReLU) and ``scale = max|l| / n_max``. With ``snap=True`` (default) the forward pass
+uses the snapped levels ``scale * n_i``, so training sees exactly what integer hardware computes
+(``sum_j n_w,j n_a,j`` then one multiply by ``scale_w scale_a``). :meth:`grid` reports ``levels``,
+``int_levels`` and ``scale``; :func:`level_report` writes them as a Markdown table and a PNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qcnn.quant.base import Grid, Quantizer, check_bits, qrange
+from qcnn.quant.registry import LayerContext, Method, register_method
+
+EPS = 1e-12
+
+
+def gaussian_quantile_levels(bits: int, mu: Tensor | float = 0.0, std: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """(levels, edges) of the k-quantile quantizer of ``N(mu, std^2)``, ``k = 2^bits``."""
+    k = 2**bits
+    mu = torch.as_tensor(mu, dtype=torch.float32)
+    std = torch.as_tensor(std, dtype=torch.float32)
+    p_lv = (torch.arange(k, dtype=torch.float64, device=mu.device) + 0.5) / k
+    p_ed = torch.arange(1, k, dtype=torch.float64, device=mu.device) / k
+    z_lv = torch.special.ndtri(p_lv).to(mu.dtype)
+    z_ed = torch.special.ndtri(p_ed).to(mu.dtype)
+    return mu + std * z_lv, mu + std * z_ed
+
+
+def empirical_quantile_levels(x: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """(levels, edges) of the k-quantile quantizer of the samples ``x`` (see module docstring)."""
+    x = x.detach().flatten().float()
+    k = 2**bits
+    if x.numel() == 0:
+        raise ValueError("the quantile quantizer saw no calibration data")
+    if signed:
+        n = k
+        vals = x
+    else:
+        n = k - 1
+        vals = x[x > 0]
+    if vals.numel() == 0:
+        vals = torch.zeros(1, device=x.device)
+    q_lv = (torch.arange(n, dtype=torch.float32, device=x.device) + 0.5) / n
+    q_ed = torch.arange(1, n, dtype=torch.float32, device=x.device) / n
+    lv = torch.quantile(vals, q_lv)
+    ed = torch.quantile(vals, q_ed) if n > 1 else torch.zeros(0, device=x.device)
+    if signed:
+        return lv, ed
+    if k == 2:
+        return torch.cat([torch.zeros(1, device=x.device), lv]), lv[:1] / 2
+    return torch.cat([torch.zeros(1, device=x.device), lv]), torch.cat([lv[:1] / 2, ed])
+
+
+def integer_representation(levels: Tensor, int_bits: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """(scale, int_levels): ``levels ~= scale * int_levels``, integers in the ``int_bits`` code range."""
+    qmin, qmax = qrange(int_bits, signed, narrow=signed)
+    amax = levels.abs().max() if levels.numel() else torch.zeros(())
+    scale = torch.clamp(amax / qmax, min=EPS)
+    ints = torch.clamp(torch.round(levels / scale), qmin, qmax)
+    return scale, ints.to(torch.int32)
+
+
+class _LevelFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, levels, edges, clip):
+        idx = torch.bucketize(x, edges, right=True)
+        y = levels[idx]
+        if clip:
+            ctx.save_for_backward((x >= levels[0]) & (x <= levels[-1]))
+        else:
+            ctx.save_for_backward(torch.ones((), dtype=torch.bool, device=x.device))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask.to(g.dtype), None, None, None
+
+
+class _QuantileBase(Quantizer):
+    def __init__(self, bits: int, signed: bool, int_bits: int = 8, snap: bool = True):
+        super().__init__(check_bits(bits, "bits", 1, 8), signed)
+        self.int_bits = check_bits(int_bits, "int_bits", 2, 16)
+        if self.int_bits < bits:
+            raise ValueError(f"int_bits={int_bits} must be >= bits={bits}")
+        self.snap = bool(snap)
+        k = 2**bits
+        self.register_buffer("levels", torch.zeros(k))
+        self.register_buffer("edges", torch.zeros(k - 1))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("int_levels", torch.zeros(k, dtype=torch.int32))
+
+    @torch.no_grad()
+    def _set_levels(self, levels: Tensor, edges: Tensor) -> None:
+        scale, ints = integer_representation(levels, self.int_bits, self.signed)
+        self.scale = scale.detach().reshape(())
+        self.int_levels = ints
+        self.levels = (scale * ints.to(scale.dtype)) if self.snap else levels.detach().clone()
+        self.edges = edges.detach().clone().to(self.levels.dtype)
+
+    def grid(self) -> Grid:
+        return Grid(bits=self.bits, signed=self.signed, levels=self.levels.detach().clone(),
+                    int_levels=self.int_levels.detach().clone(), scale=self.scale.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, int_bits={self.int_bits}, snap={self.snap}"
+
+
+class QuantileWeightQuantizer(_QuantileBase):
+    """Weights: Gaussian-fit k-quantile levels, recomputed from the weight at every call; plain STE."""
+
+    def __init__(self, bits: int = 4, int_bits: int = 8, snap: bool = True):
+        super().__init__(bits, True, int_bits, snap)
+
+    def forward(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            lv, ed = gaussian_quantile_levels(self.bits, w.mean(), w.std(unbiased=False) if w.numel() > 1 else 0.0)
+            self._set_levels(lv, ed)
+        return _LevelFn.apply(w, self.levels, self.edges, False)
+
+
+class QuantileActQuantizer(_QuantileBase):
+    """Activations: empirical k-quantile levels from calibration data; clipped STE."""
+
+    def __init__(self, bits: int = 4, signed: bool = False, int_bits: int = 8, snap: bool = True,
+                 max_samples: int = 1 << 18, samples_per_batch: int = 1 << 14):
+        super().__init__(bits, signed, int_bits, snap)
+        self.max_samples = int(max_samples)
+        self.samples_per_batch = int(samples_per_batch)
+        self.register_buffer("initialized", torch.tensor(False))
+        self._samples: list[Tensor] = []
+        self._seen = 0
+        self._ready = False
+
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        from qcnn.calib.observers import check_finite
+
+        check_finite(x)
+        if self._seen >= self.max_samples:
+            return
+        flat = x.detach().flatten()
+        m = min(flat.numel(), self.samples_per_batch, self.max_samples - self._seen)
+        idx = torch.randint(flat.numel(), (m,), device=flat.device)
+        self._samples.append(flat[idx].float())
+        self._seen += m
+
+    def finish_calibration(self) -> None:
+        if not self._samples:
+            return
+        lv, ed = empirical_quantile_levels(torch.cat(self._samples), self.bits, self.signed)
+        self._set_levels(lv, ed)
+        self.initialized.fill_(True)
+        self._samples, self._seen = [], 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self._ready:
+            self._require_initialized()
+            self._ready = True
+        return _LevelFn.apply(x, self.levels.to(x.dtype), self.edges.to(x.dtype), True)
+
+
+@dataclass
+class NonUniformOptions:
+    #: bits of the integers that represent the levels (single scale per tensor)
+    int_bits: int = 8
+    #: use the integer-representable levels ``scale * n_i`` in the forward pass
+    snap: bool = True
+    #: calibration samples kept per activation quantizer
+    max_samples: int = 1 << 18
+
+
+@register_method
+class NonUniformMethod(Method):
+    """k-quantile weights (Gaussian fit) and activations (empirical), single-scale integer levels."""
+
+    name = "nonuniform"
+    Options = NonUniformOptions
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        o = self.options
+        return QuantileWeightQuantizer(ctx.w_bits, max(o.int_bits, ctx.w_bits), o.snap)
+
+    def _act(self, bits: int, signed: bool) -> Quantizer:
+        o = self.options
+        return QuantileActQuantizer(bits, signed, max(o.int_bits, bits), o.snap, o.max_samples)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return self._act(ctx.a_bits, ctx.input_signed)
+
+    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return self._act(ctx.a_bits, True)
+
+
+def level_sets(model: nn.Module) -> list[dict]:
+    """Level set of every quantile quantizer of ``model``: name, kind, bits, levels, int_levels, scale, and
+    the largest error of the integer representation relative to the largest level (0 when ``snap``)."""
+    rows = []
+    for name, q in model.named_modules():
+        if not isinstance(q, _QuantileBase):
+            continue
+        g = q.grid()
+        exact = g.levels.float()
+        rows.append({
+            "name": name,
+            "kind": "weight" if isinstance(q, QuantileWeightQuantizer) else "activation",
+            "bits": q.bits,
+            "signed": q.signed,
+            "levels": [round(float(v), 5) for v in exact],
+            "int_levels": [int(v) for v in g.int_levels],
+            "scale": float(g.scale),
+        })
+    return rows
+
+
+def level_report(model: nn.Module, out_dir: str | Path, title: str = "k-quantile level sets") -> tuple[Path, Path]:
+    """Write ``levels.md`` (Markdown table) and ``levels.png`` (one row of level markers per quantizer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = level_sets(model)
+    if not rows:
+        raise ValueError("the model has no non-uniform (quantile) quantizer")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", "| quantizer | kind | bits | scale | integer levels | levels |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ints = ", ".join(str(v) for v in r["int_levels"])
+        lv = ", ".join(f"{v:.4g}" for v in r["levels"])
+        lines.append(f"| {r['name']} | {r['kind']} | {r['bits']} | {r['scale']:.4g} | {ints} | {lv} |")
+    md = out / "levels.md"
+    md.write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 1.2), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        lv = r["levels"]
+        ax.vlines(lv, 0, 1, color="C0" if r["kind"] == "weight" else "C1")
+        ax.set_yticks([])
+        ax.set_ylabel(r["name"].replace("weight_quant", "W").replace("input_quant", "A"), rotation=0,
+                      ha="right", va="center", fontsize=7)
+        ax.tick_params(axis="x", labelsize=6)
+    axes[0, 0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    png = out / "levels.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return md, png
+
+
+__all__ = ["NonUniformMethod", "QuantileActQuantizer", "QuantileWeightQuantizer", "empirical_quantile_levels",
+           "gaussian_quantile_levels", "integer_representation", "level_report", "level_sets"]

@@ -1,0 +1,290 @@
+"""WAGE: training and inference with integers (Wu, Li, Chen, Shi, ICLR 2018, arXiv 1802.04680).
+
+Weights, activations, gradients and errors all live on fixed-point grids. Notation (paper section 3,
+official TensorFlow code ``source/Quantize.py``)::
+
+    sigma(k) = 2^(1-k)                               smallest step of a k-bit grid
+    Q(x, k)  = round(x * 2^(k-1)) / 2^(k-1)          (k = 1: sign(x))
+    C(x, k)  = clip(x, -1 + sigma(k), 1 - sigma(k))  (k = 1: clip to [-1, 1])
+    Shift(x) = 2^round(log2 x)                       nearest power of two
+
+W (weights, :class:`WageWeightQuantizer`)
+    Forward ``W_q = Q(C(W, kW), kW) / alpha`` with the per-layer constant ``alpha = max(Shift(Lmin / L), 1)``,
+    ``L = sqrt(3 / fan_in)`` (the code's variance-scaling init; the paper writes 6), ``Lmin = 1.5 sigma(kW)``.
+    The official code divides only when ``alpha > 1.8``, i.e. ``alpha >= 2``; for ``alpha = 1`` it is a no-op, so
+    both agree. Backward: identity, ``dW_q/dW = 1`` (neither the clip, the rounding nor 1/alpha is
+    differentiated; the code's ``x + stop_gradient(y - x)``). Initialisation ``U(-max(L, Lmin), max(L, Lmin))``
+    followed by ``W <- C(Q(W, kW), kW)``, and ``W <- C(W, kW)`` after every step (:func:`wage_init`,
+    :func:`wage_clip_`).
+
+A (activations, :class:`WageActQuantizer`)
+    Forward ``a_q = Q(C(a, kA), kA)``. Backward: STE that keeps the clip mask,
+    ``da_q/da = 1`` if ``|a| <= 1 - sigma(kA)`` else 0.
+
+E (errors, :class:`WageErrorQuantizer`, a :class:`~qcnn.quant.base.GradientQuantizer`)
+    Identity forward; backward replaces the error ``e = dL/da`` by ``Q(C(e / Shift(max|e|), kE), kE)``
+    (max over the whole tensor, batch included). The magnitude ``Shift(max|e|)`` is *not* restored, as in
+    the official code: every layer sees an error of order one, and G below is scale free anyway.
+    The official network applies E after every ReLU (before A) and on the network output; here E is
+    applied inside every hidden layer's activation quantizer in that order (A's clip mask first, then E,
+    going backward) and as the output quantizer of the last layer.
+
+G (weight updates, :class:`WageSGD`)
+    ``g_n = g / Shift(max|g|)``; ``u = Q(lr * g_n, kR)`` with ``kR = 16`` (the code's ``bitsR``); stochastic
+    rounding to an integer, ``u' = sign(u) (floor|u| + Bernoulli(frac|u|))``; update
+    ``dW = u' / 2^(kG-1)`` and ``W <- C(W - dW, kW)``. Plain SGD (no momentum, no weight decay): the learning
+    rate sits inside the quantized update (the official run uses lr 8, 1, 1/8 at epochs 0, 200, 250).
+    Consequently the stored weights live on the kG-bit fixed-point grid (multiples of ``2^(1-kG)``) inside
+    ``C(., kW)``, a kG-bit accumulator as in the paper, and the weights every forward pass uses,
+    ``Q(C(W, kW), kW)``, lie on the kW-bit grid (for kW = 2 the ternary ``{-0.5, 0, 0.5}``).
+
+Loss: sum of squared errors ``0.5 * sum_c (onehot - out)^2`` (:func:`sse_loss`); no BatchNorm, no bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, check_bits
+from qcnn.quant.registry import LayerContext, Method, register_method
+
+#: bits of the fine quantization applied to ``lr * g_n`` before stochastic rounding (the code's ``bitsR``)
+BITS_R = 16
+_TINY = 2.0**-100
+
+
+def sigma(k: int) -> float:
+    """Smallest step of a k-bit WAGE grid, ``2^(1-k)``."""
+    return 2.0 ** (1 - k)
+
+
+def wage_q(x: Tensor, k: int) -> Tensor:
+    """``Q(x, k) = round(x 2^(k-1)) / 2^(k-1)`` (sign for k = 1; identity for k > 15, as the code)."""
+    if k == 1:
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    if k > 15:
+        return x
+    s = 2.0 ** (k - 1)
+    return torch.round(x * s) / s
+
+
+def wage_c(x: Tensor, k: int) -> Tensor:
+    """``C(x, k) = clip(x, -1 + sigma(k), 1 - sigma(k))`` (no margin for k = 1 or k > 15)."""
+    d = 0.0 if (k == 1 or k > 15) else sigma(k)
+    return torch.clamp(x, -1.0 + d, 1.0 - d)
+
+
+def shift(x: Tensor) -> Tensor:
+    """``Shift(x) = 2^round(log2 x)``; ``x = 0`` maps to a tiny power of two (never NaN)."""
+    return torch.exp2(torch.round(torch.log2(torch.clamp(x, min=_TINY))))
+
+
+def layer_limits(fan_in: int, w_bits: int) -> tuple[float, float]:
+    """``(L, Lmin)`` of a layer: ``L = sqrt(3 / fan_in)``, ``Lmin = 1.5 sigma(kW)``."""
+    if fan_in < 1:
+        raise ValueError(f"fan_in={fan_in!r} must be positive")
+    return math.sqrt(3.0 / fan_in), 1.5 * sigma(w_bits)
+
+
+def layer_alpha(fan_in: int, w_bits: int) -> float:
+    """WAGE layer scale ``alpha = max(Shift(Lmin / L), 1)`` (a power of two)."""
+    lim, lmin = layer_limits(fan_in, w_bits)
+    return max(2.0 ** round(math.log2(lmin / lim)), 1.0)
+
+
+def fan_in_of(module: nn.Module) -> int:
+    w = module.weight
+    return int(w[0].numel())
+
+
+class _WageWeightFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, bits, inv_alpha):
+        return wage_q(wage_c(w, bits), bits) * inv_alpha
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class WageWeightQuantizer(Quantizer):
+    """``W_q = Q(C(W, kW), kW) / alpha``, identity backward (see module docstring)."""
+
+    def __init__(self, bits: int = 2, fan_in: int = 1, alpha: float | None = None):
+        super().__init__(check_bits(bits, "w_bits", 1, 15), signed=True)
+        self.fan_in = int(fan_in)
+        a = layer_alpha(self.fan_in, bits) if alpha is None else float(alpha)
+        if a <= 0:
+            raise ValueError(f"alpha={a!r} must be positive")
+        self.register_buffer("alpha", torch.tensor(a))
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _WageWeightFn.apply(w, self.bits, 1.0 / self.alpha)
+
+    def grid(self) -> Grid:
+        if self.bits == 1:
+            scale = 1.0 / self.alpha
+            return Grid(bits=1, signed=True, scale=scale.detach().clone(),
+                        zero_point=torch.zeros((), dtype=torch.int32), qmin=-1, qmax=1,
+                        int_levels=torch.tensor([-1, 1]))
+        n = 2 ** (self.bits - 1)
+        return Grid(bits=self.bits, signed=True, scale=(1.0 / (n * self.alpha)).detach().clone(),
+                    zero_point=torch.zeros((), dtype=torch.int32), qmin=-(n - 1), qmax=n - 1)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha={float(self.alpha):g}"
+
+
+class WageErrorQuantizer(GradientQuantizer):
+    """E: identity forward; backward ``Q(C(e / Shift(max|e|), kE), kE)``."""
+
+    def quantize_grad(self, g: Tensor) -> Tensor:
+        return wage_q(wage_c(g / shift(g.abs().amax()), self.bits), self.bits)
+
+    def grid(self) -> Grid:
+        n = 2 ** (self.bits - 1)
+        return Grid(bits=self.bits, signed=True, scale=torch.tensor(1.0 / n),
+                    zero_point=torch.zeros((), dtype=torch.int32), qmin=-(n - 1), qmax=n - 1)
+
+
+class WageActQuantizer(Quantizer):
+    """A: ``Q(C(a, kA), kA)`` with the clip-masked STE; with ``e_bits`` the error quantizer E sits in front
+    (forward order ``E -> A`` as the official ``relu -> E -> A``), so going backward the clip mask comes first,
+    then E."""
+
+    def __init__(self, bits: int = 8, e_bits: int | None = 8):
+        super().__init__(check_bits(bits, "a_bits", 1, 15), signed=True)
+        self.error = WageErrorQuantizer(e_bits) if e_bits is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.error is not None:
+            x = self.error(x)
+        c = wage_c(x, self.bits)
+        return c + (wage_q(c, self.bits) - c).detach()
+
+    def grid(self) -> Grid:
+        if self.bits == 1:
+            return Grid(bits=1, signed=True, levels=torch.tensor([-1.0, 1.0]), scale=torch.tensor(1.0),
+                        int_levels=torch.tensor([-1, 1]))
+        n = 2 ** (self.bits - 1)
+        return Grid(bits=self.bits, signed=True, scale=torch.tensor(1.0 / n),
+                    zero_point=torch.zeros((), dtype=torch.int32), qmin=-(n - 1), qmax=n - 1)
+
+
+def wage_update(g: Tensor, lr: float, g_bits: int, generator: torch.Generator | None = None) -> Tensor:
+    """The quantized weight update ``dW`` of gradient ``g`` (G of the module docstring):
+    ``sign(u) (floor|u| + Bernoulli(frac|u|)) / 2^(kG-1)`` with ``u = Q(lr g / Shift(max|g|), 16)``."""
+    gn = g / shift(g.abs().amax())
+    u = wage_q(lr * gn, BITS_R)
+    a = u.abs()
+    lo = torch.floor(a)
+    r = torch.rand(a.shape, device=a.device, dtype=a.dtype, generator=generator)
+    return torch.sign(u) * (lo + (r < (a - lo)).to(a.dtype)) / 2.0 ** (g_bits - 1)
+
+
+class WageSGD(torch.optim.Optimizer):
+    """Plain SGD with WAGE's quantized update: ``W <- C(W - dW, kW)``, ``dW = wage_update(g, lr, kG)``.
+
+    Parameter groups may set ``w_bits`` (clip range; ``None`` = no clip, e.g. float BN in a non-WAGE net)
+    and ``g_bits``.
+    """
+
+    def __init__(self, params, lr: float = 8.0, g_bits: int = 8, w_bits: int | None = 2):
+        check_bits(g_bits, "g_bits", 1, 16)
+        if lr <= 0:
+            raise ValueError(f"lr={lr!r} must be positive")
+        super().__init__(params, dict(lr=lr, g_bits=g_bits, w_bits=w_bits))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.sub_(wage_update(p.grad, group["lr"], group["g_bits"]))
+                if group["w_bits"] is not None:
+                    p.copy_(wage_c(p, group["w_bits"]))
+        return loss
+
+
+def sse_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """``0.5 * sum_c (onehot(y) - out)^2``, averaged over the batch."""
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return 0.5 * (onehot - logits).pow(2).sum(1).mean()
+
+
+def wage_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers carrying a :class:`WageWeightQuantizer`."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight_quant", None), WageWeightQuantizer)]
+
+
+@torch.no_grad()
+def wage_init(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Initialise every WAGE layer: ``U(-max(L, Lmin), max(L, Lmin))`` then ``W <- C(Q(W, kW), kW)``
+    (the official code quantizes W once at the start)."""
+    for _, m in wage_layers(model):
+        k = m.weight_quant.bits
+        lim = max(layer_limits(m.weight_quant.fan_in, k))
+        w = torch.empty(m.weight.shape, dtype=m.weight.dtype).uniform_(-lim, lim, generator=generator)
+        m.weight.copy_(wage_c(wage_q(w, k), k).to(m.weight.device))
+        if m.bias is not None:
+            m.bias.zero_()
+    return model
+
+
+@torch.no_grad()
+def wage_clip_(model: nn.Module) -> None:
+    """``W <- C(W, kW)`` for every WAGE layer."""
+    for _, m in wage_layers(model):
+        m.weight.copy_(wage_c(m.weight, m.weight_quant.bits))
+
+
+@dataclass
+class WageOptions:
+    #: quantize the network input with A (the code maps images to [-1, 1] and quantizes them); off by default
+    #: because qcnn inputs are mean/std-normalised and A would clip them at 1 - sigma(kA)
+    quantize_input: bool = False
+
+
+@register_method
+class WageMethod(Method):
+    """WAGE (module docstring): W, A and E quantizers on every layer; G lives in :class:`WageSGD` (procedure
+    ``wage`` in :mod:`qcnn.methods.wage`)."""
+
+    name = "wage"
+    Options = WageOptions
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return WageWeightQuantizer(min(ctx.w_bits, 15), fan_in=fan_in_of(ctx.module))
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return WageActQuantizer(min(ctx.a_bits, 15), ctx.e_bits if ctx.e_bits is not None else 8)
+
+    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return WageActQuantizer(min(ctx.a_bits, 15), None) if self.options.quantize_input else None
+
+    def grad_quantizer(self, ctx: LayerContext):
+        if ctx.role == "last":
+            return WageErrorQuantizer(ctx.e_bits if ctx.e_bits is not None else 8)
+        return None
+
+    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
+        return WageActQuantizer(min(a_bits, 15), None)
+
+    def step_hook(self, model: nn.Module, step: int) -> None:
+        wage_clip_(model)
+
+
+__all__ = ["BITS_R", "WageActQuantizer", "WageErrorQuantizer", "WageMethod", "WageSGD", "WageWeightQuantizer",
+           "layer_alpha", "layer_limits", "shift", "sigma", "sse_loss", "wage_c", "wage_clip_", "wage_init",
+           "wage_layers", "wage_q", "wage_update"]
