@@ -1,0 +1,64 @@
+"""Agreement between the fake-quant simulation, the integer engine and ONNX Runtime, in integer codes.
+
+The simulation (the quantized model in eval mode) defines the expected codes of every quantizer:
+:func:`simulation_codes` records them with forward hooks (``grid().to_codes(output)``). Two measures:
+
+* **per layer** (teacher forcing): each layer of the engine gets exactly the simulation's input codes, so
+  its output codes differ only where the float simulation sits next to a rounding tie (<= 1 LSB);
+* **end to end**: the engine runs on its own codes. A one-LSB difference in a layer's input moves many
+  outputs of the next layer by a fraction of an LSB, so differences spread with depth; top-1 agreement
+  is the end-to-end measure that matters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qcnn.quant.base import Quantizer
+
+
+@torch.no_grad()
+def simulation_codes(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """(float output, codes of every ``<module>.input_quant`` / ``<module>.out_quant``) of ``model`` on ``x``."""
+    codes: dict[str, Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        for slot in ("input_quant", "out_quant"):
+            q = getattr(mod, slot, None)
+            if isinstance(q, Quantizer):
+                p = f"{name}.{slot}"
+                hooks.append(q.register_forward_hook(
+                    lambda m, i, o, p=p: codes.__setitem__(p, m.grid().to_codes(o).to(torch.int64))))
+    was = model.training
+    model.eval()
+    try:
+        out = model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return out, codes
+
+
+def compare_codes(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict:
+    """Fraction of equal codes, max |difference| (LSB) over all points, and the worst point."""
+    total = equal = 0
+    worst, worst_p, max_diff = 1.0, None, 0
+    for p, w in want.items():
+        if p not in got:
+            continue
+        g = torch.as_tensor(np.asarray(got[p])) if not isinstance(got[p], Tensor) else got[p]
+        d = (g.to(torch.int64).cpu() - w.cpu()).abs()
+        n, e = d.numel(), int((d == 0).sum())
+        total += n
+        equal += e
+        max_diff = max(max_diff, int(d.max()) if n else 0)
+        if n and e / n < worst:
+            worst, worst_p = e / n, p
+    return {"equal": equal / max(total, 1), "max_diff": max_diff, "elements": total, "points": len(want),
+            "worst_point": worst_p, "worst_equal": worst}
+
+
+__all__ = ["compare_codes", "simulation_codes"]
