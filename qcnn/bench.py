@@ -92,6 +92,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / "results.json"
         self.results = self._load_results()
+        self._bundles: dict = {}
 
     # -- persistence ---------------------------------------------------------------------------
     def _load_results(self) -> dict:
@@ -110,14 +111,16 @@ class Bench:
         tmp.replace(self.results_path)
 
     # -- data / models -------------------------------------------------------------------------
-    def data(self):
+    def data(self, full: bool = False):
+        """The suite's data; QAT cells train on ``train_images`` images, the float model on all of them."""
         from qcnn.data import get_data
 
-        if not hasattr(self, "_bundle"):
-            b = get_data(self.suite.dataset, data_dir=self.data_dir, batch_size=self.suite.batch_size,
-                         device=self.device, seed=self.seed, train_limit=self.suite.train_images)
-            self._bundle = b
-        return self._bundle
+        limit = None if full else self.suite.train_images
+        if limit not in self._bundles:
+            self._bundles[limit] = get_data(self.suite.dataset, data_dir=self.data_dir,
+                                            batch_size=self.suite.batch_size, device=self.device,
+                                            seed=self.seed, train_limit=limit)
+        return self._bundles[limit]
 
     def arch(self) -> dict:
         b = self.data()
@@ -149,7 +152,7 @@ class Bench:
             spec = TrainSpec(**({"epochs": self.suite.float_epochs, "optimizer": "adam", "lr": 0.004,
                                  "schedule": "onecycle", "weight_decay": 0.0} | self.suite.float_recipe))
             t0 = time.time()
-            fit(model, self.data(), spec, self.out / "float")
+            fit(model, self.data(full=True), spec, self.out / "float")
             save_model(path, model, self.arch(), metrics={"seconds": time.time() - t0})
         model, _ = load_model(path, device=self.device)
         return model
