@@ -18,9 +18,9 @@ from qcnn.commands.common import (
 
 #: defaults per (model, dataset) when the flag is not given; anything else falls back to TrainSpec's
 DEFAULTS = {
-    ("lenet5", "fashion-mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4,
+    ("lenet5", "fashion-mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4, augment=False,
                                       batch_size=128, epochs=3),
-    ("lenet5", "mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4,
+    ("lenet5", "mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4, augment=False,
                               batch_size=128, epochs=3),
     ("resnet*", "cifar10"): dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, schedule="onecycle",
                                  weight_decay=5e-4, batch_size=256),

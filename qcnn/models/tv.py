@@ -5,12 +5,11 @@ from a local file (``weights=``, loaded with ``weights_only=True``). When ``num_
 class count of the file (1000 for ImageNet weights), the weights are loaded into the original classifier
 and the last ``Linear`` layer is then replaced by a freshly initialised one with ``num_classes`` outputs.
 ``in_channels != 3`` replaces the first convolution (pretrained filters are averaged over the input
-channels). ``width`` is passed as ``width_mult`` to the models that have it (MobileNet, MNASNet).
+channels). ``width`` is passed as ``width_mult`` to the models that have it (MobileNetV2 / V3).
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -39,10 +38,12 @@ def build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, 
         raise ValueError(f"unknown torchvision classifier {name!r}; choose one of {available}")
     builder = torchvision.models.get_model_builder(name)
     if width != 1.0:
-        params = inspect.signature(builder).parameters
-        if "width_mult" not in params and "alpha" not in params:
-            raise ValueError(f"torchvision model {name!r} has no width multiplier; width={width} is not supported")
-        kw["width_mult" if "width_mult" in params else "alpha"] = width
+        try:
+            builder(weights=None, width_mult=width)
+        except TypeError:
+            raise ValueError(f"torchvision model {name!r} has no width multiplier; width={width} is not "
+                             "supported") from None
+        kw["width_mult"] = width
     if weights is None:
         model = builder(weights=None, num_classes=num_classes, **kw)
     else:

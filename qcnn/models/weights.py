@@ -74,11 +74,15 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], so
             problems.append(f"shape mismatches [{_listed(shapes)}]")
         raise ValueError(f"{source} does not fit {type(model).__name__} (is it a checkpoint of another "
                          f"architecture?): " + "; ".join(problems))
+    # keep the current values when shapes differ: torch copies the fitting tensors before it raises
+    backup = {k: v.clone() for k, v in own.items()} if shapes else None
     try:
         # strict=False only because of num_batches_tracked; names were checked above. Quantizer buffers
         # that are resized on load (calibrated ranges) handle their own shapes.
         model.load_state_dict(dict(sd), strict=False)
     except RuntimeError as e:
+        if backup is not None:
+            model.load_state_dict(backup)
         detail = f"shape mismatches [{_listed(shapes)}]" if shapes else str(e)
         raise ValueError(f"{source} does not fit {type(model).__name__}: {detail}") from None
 

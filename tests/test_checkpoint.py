@@ -1,0 +1,127 @@
+"""Checkpoints: atomic writes, refusal of corrupted / non-tensor files, qcnn model round trips."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import qcnn
+from qcnn.checkpoint import MODEL_FORMAT, load_checkpoint, load_model, save_atomic, save_model
+from qcnn.models import build_model
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``, i.e. creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_save_atomic_replaces_and_leaves_no_temp_file(tmp_path):
+    p = tmp_path / "sub" / "c.pt"
+    save_atomic({"a": torch.arange(3)}, p)
+    save_atomic({"a": torch.arange(5)}, p)
+    assert torch.equal(load_checkpoint(p)["a"], torch.arange(5))
+    assert os.listdir(p.parent) == ["c.pt"]
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    p = tmp_path / "c.pt"
+    save_atomic({"a": torch.ones(2)}, p)
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable object
+        save_atomic({"a": lambda: 0}, p)
+    assert torch.equal(load_checkpoint(p)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_pickled_object_is_refused_without_executing_it(tmp_path):
+    marker = tmp_path / "executed"
+    p = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(marker)}, p)
+    with pytest.raises(ValueError, match="refused"):
+        load_checkpoint(p)
+    assert not marker.exists()
+    # the same with a plain pickle file (legacy format)
+    p2 = tmp_path / "evil.pkl"
+    p2.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match="refused"):
+        load_checkpoint(p2)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="refused"):
+        qcnn.models.load_weights(build_model("lenet5", in_channels=1), p)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_checkpoint_is_refused(tmp_path, damage):
+    p = tmp_path / "c.pt"
+    save_atomic({"w": torch.randn(1000)}, p)
+    data = p.read_bytes()
+    p.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"checkpoint '.*c\.pt' was refused"):
+        load_checkpoint(p)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint("/nonexistent/x.pt")
+
+
+def test_float_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = build_model("resnet20", width=0.5).eval()
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "width": 0.5}
+    save_model(tmp_path / "m.pt", m, arch, metrics={"top1": 12.5})
+    raw = load_checkpoint(tmp_path / "m.pt")
+    assert raw["format"] == MODEL_FORMAT and raw["recipe"] is None
+    m2, info = load_model(tmp_path / "m.pt")
+    assert info["arch"] == {**arch, "kwargs": {}} and info["metrics"] == {"top1": 12.5}
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(m(x), m2(x))
+    assert not m2.training
+
+
+def test_quantized_model_round_trip_keeps_the_quantized_forward(tmp_path):
+    torch.manual_seed(0)
+    m = build_model("lenet5", in_channels=1).eval()
+    recipe = qcnn.Recipe(method="uniform", w_bits=4, a_bits=4)
+    q = qcnn.quantize(m, recipe).eval()
+    x = torch.randn(16, 1, 28, 28)
+    with qcnn.calibrating(q):
+        q(x)
+    save_model(tmp_path / "q.pt", q, {"name": "lenet5", "in_channels": 1}, recipe=recipe)
+    q2, info = load_model(tmp_path / "q.pt")
+    assert info["recipe"]["w_bits"] == 4
+    y, y2 = q(x), q2(x)
+    assert torch.equal(y, y2)
+    assert not torch.allclose(y2, m(x), atol=1e-3)  # really quantized, not the float forward
+    # 4-bit weights (first/last layers 8 bit by default): at most 16 distinct values per output channel
+    w = q2.conv2.quantized_weight()
+    assert max(len(torch.unique(w[i])) for i in range(w.shape[0])) <= 16
+
+
+def test_plain_state_dict_needs_arch(tmp_path, weights_dir):
+    path = weights_dir / "resnet20-12fca82f.th"
+    with pytest.raises(ValueError, match="without architecture"):
+        load_model(path)
+    m, info = load_model(path, arch={"name": "resnet20"})
+    assert info["format"] == "state_dict" and info["recipe"] is None
+    raw = load_checkpoint(path)["state_dict"]
+    assert torch.equal(m.linear.weight, raw["module.linear.weight"])
+    with pytest.raises(ValueError, match="missing keys"):
+        load_model(path, arch={"name": "resnet32"})
+
+
+def test_bad_arch_is_named(tmp_path):
+    m = build_model("lenet5")
+    with pytest.raises(ValueError, match=r"unknown arch key\(s\) \['depth'\]"):
+        save_model(tmp_path / "m.pt", m, {"name": "lenet5", "depth": 3})
+    save_model(tmp_path / "m.pt", m, {"name": "lenet5"})
+    with pytest.raises(ValueError, match="holds a 'lenet5' model, not 'resnet20'"):
+        load_model(tmp_path / "m.pt", arch={"name": "resnet20"})

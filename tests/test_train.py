@@ -1,0 +1,177 @@
+"""Training loop: evaluate, optimizer / schedule construction, exact resume, DDP, LeNet-5 accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcnn.models import build_model
+from qcnn.recipes import TrainSpec
+from qcnn.train import default_param_groups, evaluate, fit, make_default_optimizer, make_scheduler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Fixed(nn.Module):
+    """Returns the logits stored for each input index (x holds the index)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x):
+        return self.logits[x.long()]
+
+
+def test_evaluate_matches_hand_computed_accuracy_and_loss():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.5, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1, 0])
+    loader = [(torch.arange(0, 3), labels[:3]), (torch.arange(3, 5), labels[3:])]
+    m = _Fixed(logits).train()
+    res = evaluate(m, loader)
+    # argmax: 0, 1, 0, 0, 0 (tie -> first) -> correct at positions 0, 1, 4
+    assert res["top1"] == pytest.approx(60.0)
+    assert res["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert m.training  # mode restored
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(m, [])
+
+
+def test_weight_decay_only_on_kernels():
+    m = build_model("lenet5", in_channels=1)
+    groups = default_param_groups(m, 5e-4)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    assert id(m.conv1.weight) in decayed and id(m.fc3.weight) in decayed
+    assert id(m.bn1.weight) not in decayed and id(m.fc3.bias) not in decayed
+    assert len(decayed) == 5  # conv1, conv2, fc1, fc2, fc3 kernels
+
+
+def _lrs(spec, steps_per_epoch):
+    p = nn.Parameter(torch.zeros(1))
+    opt = make_default_optimizer([{"params": [p]}], spec)
+    sched = make_scheduler(opt, spec, steps_per_epoch)
+    out = []
+    for _ in range(spec.epochs * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return out, opt
+
+
+def test_schedules():
+    lrs, opt = _lrs(TrainSpec(epochs=2, lr=0.1, schedule="step", step_size=1, gamma=0.1), 5)
+    assert lrs[:5] == [0.1] * 5 and lrs[5:] == pytest.approx([0.01] * 5)
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    lrs, _ = _lrs(TrainSpec(epochs=1, lr=0.1, schedule="cosine"), 10)
+    assert lrs[0] == 0.1 and lrs[5] == pytest.approx(0.05)
+    assert lrs[9] == pytest.approx(0.05 * (1 + math.cos(0.9 * math.pi)))
+    lrs, _ = _lrs(TrainSpec(epochs=1, lr=0.1, schedule="onecycle"), 100)
+    assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1, rel=1e-3)
+    assert 25 <= lrs.index(max(lrs)) <= 31 and lrs[-1] < 1e-4
+    lrs, opt = _lrs(TrainSpec(epochs=1, lr=0.003, schedule="constant", optimizer="adam"), 3)
+    assert lrs == [0.003] * 3 and isinstance(opt, torch.optim.Adam)
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        fit(nn.Linear(2, 2), None, TrainSpec(optimizer="rmsprop"))
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        fit(nn.Linear(2, 2), None, TrainSpec(schedule="linear"))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fashion_small(fashion_dir):
+    from qcnn.data import get_data
+
+    return get_data("fashion-mnist", data_dir=fashion_dir, batch_size=64, seed=3, calib_size=0).take(1024)
+
+
+def test_resume_continues_exactly(tmp_path, fashion_small):
+    spec = TrainSpec(epochs=2, optimizer="sgd", lr=0.05, schedule="onecycle", weight_decay=5e-4)
+    torch.manual_seed(0)
+    straight = build_model("lenet5", in_channels=1)
+    res = fit(straight, fashion_small, spec, tmp_path / "a")
+    steps = len(fashion_small.train)
+
+    def crash(model, step):  # killed during the second epoch, after last.pt of the first was written
+        if step == steps + 3:
+            raise _Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(_Stop):
+        fit(build_model("lenet5", in_channels=1), fashion_small, spec, tmp_path / "b", step_hook=crash)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [1]
+    torch.manual_seed(123)  # a different init: everything must come from last.pt
+    resumed = build_model("lenet5", in_channels=1)
+    res2 = fit(resumed, fashion_small, spec, tmp_path / "b", resume=True)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert res2["top1"] == res["top1"] and res2["epochs"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[1]["test_top1"] == res["top1"]
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from qcnn.data import get_data
+    from qcnn.models import build_model
+    from qcnn.recipes import TrainSpec
+    from qcnn.train import fit, init_distributed
+    rank, world = init_distributed("cpu")
+    data = get_data("fashion-mnist", data_dir=sys.argv[1], batch_size=64, calib_size=0, rank=rank,
+                    world_size=world)
+    data = data.take(4096)
+    data.test = data.test.take(1000)
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1)
+    res = fit(model, data, TrainSpec(epochs=1, optimizer="adam", lr=0.01, schedule="onecycle"),
+              sys.argv[2] if rank == 0 else None)
+    torch.save({"state": model.state_dict(), "top1": res["top1"], "world": world,
+                "steps": len(data.train)}, f"{sys.argv[3]}/rank{rank}.pt")
+""")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_identical(tmp_path, fashion_dir):
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "QCNN_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           str(script), str(fashion_dir), str(tmp_path / "run"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0, s1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    assert s0["world"] == s1["world"] == 2
+    assert s0["steps"] == 4096 // 2 // 64  # each rank sees half of the images
+    for k, v in s0["state"].items():
+        assert torch.equal(v, s1["state"][k]), k
+    assert s0["top1"] == s1["top1"] and s0["top1"] >= 70.0
+    # only rank 0 wrote the run directory
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_lenet5_fashion_mnist_accuracy(fashion_dir):
+    from qcnn.data import get_data
+
+    data = get_data("fashion-mnist", data_dir=fashion_dir, batch_size=128, calib_size=0)
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1)
+    res = fit(model, data, TrainSpec(epochs=1, optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4))
+    assert res["top1"] >= 87.0
