@@ -1,0 +1,125 @@
+"""``qcnn qat``: quantization-aware training of a float model with a recipe.
+
+The recipe (``--recipe recipes/<method>.yaml``, default: uniform 8-bit) names the method and, through
+``procedure``, the training procedure; :func:`qcnn.methods.run_recipe` does the work, so every method and
+procedure is served the same way. Flags override recipe fields. Prints the float (init) and quantized
+top-1; with ``--out`` writes ``config.json``, the training logs and ``model.pt`` (architecture + recipe +
+quantized state), which ``qcnn eval --checkpoint OUT/model.pt`` evaluates with the same quantized forward.
+A quantized ``--init`` checkpoint is trained further with its own recipe (training flags still apply).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from qcnn.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    finish,
+    load_data_from_args,
+    load_model_from_args,
+    seed_everything,
+)
+
+#: flag -> TrainSpec field
+_TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("qat", help="quantization-aware training with a recipe",
+                       description="Quantize a float model with a recipe and train it (QAT or the recipe's "
+                                   "procedure: two_step, progressive, guided, ...).")
+    add_model_args(p)
+    add_data_args(p)
+    g = p.add_argument_group("recipe (flags override the recipe file)")
+    g.add_argument("--recipe", default=None, help="recipe YAML (recipes/<method>.yaml); default: uniform 8-bit")
+    g.add_argument("--method", default=None, help="quantization method (see recipes/)")
+    g.add_argument("--procedure", default=None, help="training procedure (two_step, progressive, guided, ...)")
+    g.add_argument("--w-bits", type=int, default=None)
+    g.add_argument("--a-bits", type=int, default=None)
+    g.add_argument("--g-bits", type=int, default=None, help="gradient bits (DoReFa G, WAGE G)")
+    g.add_argument("--e-bits", type=int, default=None, help="error bits (WAGE E)")
+    g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None)
+    g.add_argument("--calib", default=None, help="activation range estimator (minmax, ema, percentile, mse, kl)")
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
+                   help="per-tensor weight grids (default: the recipe's)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
+    t.add_argument("--momentum", type=float, default=None)
+    t.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"], default=None)
+    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
+    t.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    t.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
+    t.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def recipe_from_args(args, base=None):
+    """The recipe of ``--recipe`` (or ``base``) with the flags applied."""
+    from qcnn.recipes import Recipe
+
+    recipe = base if base is not None else (Recipe.from_yaml(args.recipe) if args.recipe else Recipe())
+    train = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None}
+    fields = {k: getattr(args, k, None) for k in ("method", "procedure", "w_bits", "a_bits", "g_bits", "e_bits",
+                                                   "first_last", "calib", "per_channel")}
+    if base is not None:
+        fields = {}
+    return recipe.replace(**fields, train=train)
+
+
+def run(args) -> int:
+    from qcnn.checkpoint import save_model
+    from qcnn.data import subset
+    from qcnn.methods import run_recipe, train_quantized
+    from qcnn.recipes import Recipe
+    from qcnn.train import evaluate, is_main_process
+
+    t0 = time.time()
+    seed_everything(args.seed)
+    recipe = recipe_from_args(args)
+    args.batch_size = recipe.train.batch_size
+    bundle = load_data_from_args(args, augment=recipe.train.augment)
+    for flag, split in (("limit_train", "train"), ("limit_test", "test")):
+        n = getattr(args, flag)
+        if n is not None:
+            if n < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} {n} must be >= 1")
+            setattr(bundle, split, subset(getattr(bundle, split), n))
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out (the run directory)")
+    model, arch = load_model_from_args(args, bundle)
+    info = getattr(args, "checkpoint_info", None)
+    out = Path(args.out) if args.out else None
+    if info and info.get("recipe"):  # continue training a quantized checkpoint with its own recipe
+        recipe = recipe_from_args(args, base=Recipe.from_dict(info["recipe"], where="checkpoint recipe"))
+        float_top1 = None
+        qmodel = model.train()
+        metrics = train_quantized(qmodel, bundle, recipe, out, args.resume)
+    else:
+        float_top1 = evaluate(model, bundle.test)["top1"]
+        qmodel, metrics = run_recipe(model, bundle, recipe, out, args.resume)
+    if out is not None and is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
+                  "seed": args.seed, "limit_train": args.limit_train, "limit_test": args.limit_test,
+                  "recipe": recipe.to_dict()}
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    top1 = evaluate(qmodel, bundle.test)["top1"]
+    figures = {"method": recipe.method, "procedure": recipe.procedure, "w_bits": recipe.w_bits,
+               "a_bits": recipe.a_bits, "first_last": recipe.first_last, "epochs": recipe.train.epochs,
+               "top1": top1, "float_top1": float_top1,
+               "drop": None if float_top1 is None else float_top1 - top1,
+               "seconds": round(time.time() - t0, 1)}
+    if out is not None and is_main_process():
+        extra = {k: v for k, v in metrics.items() if k not in ("top1", "loss")}
+        save_model(out / "model.pt", qmodel, arch, recipe=recipe,
+                   metrics={**figures, "dataset": args.dataset, **extra})
+        figures["model"] = str(out / "model.pt")
+    return finish(args, figures)
