@@ -540,8 +540,8 @@ class _Compiler:
                 else:
                     m = v.scale / g.scale
                     extra = {}
-                    if v.bound >= 2**31:
-                        raise ValueError(f"accumulator {v.name!r} may exceed int32 (bound {v.bound:.3g}); "
+                    if v.bound >= 2**32:  # int64 products x * M0 stay exact for |x| < 2^32
+                        raise ValueError(f"accumulator {v.name!r} may exceed 32 bits (bound {v.bound:.3g}); "
                                          "use fewer bits or a smaller fan-in")
                 tensors = {"real_multiplier": m.to(torch.float64)}
                 if self.bias_mode == "output":  # F extra fractional bits, one final rounding
