@@ -112,3 +112,32 @@ def test_image_folder_mixed_sizes_is_an_error(tmp_path):
     index = readers.index_image_folder(tmp_path)
     with pytest.raises(ValueError, match="1.png is 5x4, expected 4x4"):
         readers.read_image_folder(index, "train")
+
+
+def _two_split_zip(path, compression):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for split in ("train", "test"):
+            for c, cls in enumerate(("x", "y")):
+                z.writestr(f"{split}/{cls}/0.png", _png((c, 100, 7)))
+
+
+def test_zip_stored_and_deflated_members_agree(tmp_path):
+    _two_split_zip(tmp_path / "s.zip", zipfile.ZIP_STORED)
+    _two_split_zip(tmp_path / "d.zip", zipfile.ZIP_DEFLATED)
+    xs, ys = readers.read_image_folder(readers.index_image_folder(tmp_path / "s.zip"), "test")
+    xd, yd = readers.read_image_folder(readers.index_image_folder(tmp_path / "d.zip"), "test")
+    assert torch.equal(xs, xd) and ys.tolist() == yd.tolist() == [0, 1]
+    assert xs[1, :, 2, 3].tolist() == [1, 100, 7]
+
+
+def test_zip_corruption_is_detected(tmp_path):
+    path = tmp_path / "s.zip"
+    _two_split_zip(path, zipfile.ZIP_STORED)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("train/y/0.png")
+    pos = info.header_offset + 30 + len(info.filename) + 40  # a byte inside the PNG data
+    raw[pos] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="CRC mismatch in train/y/0.png"):
+        readers.read_image_folder(readers.index_image_folder(path), "train")
