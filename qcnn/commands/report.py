@@ -1,0 +1,133 @@
+"""``qcnn report DIR``: per-layer table, totals and level histograms of a quantized model.
+
+``DIR`` is a run directory holding ``model.pt`` (written by ``qcnn ptq``, ``qcnn qat`` or ``qcnn bench``)
+or the checkpoint file itself. The report is written to ``DIR/report/`` (or ``--out``): ``report.md``,
+``report.json`` and one ``hist_<layer>.png`` per quantized layer (weights and input activations with the
+quantization levels drawn over them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def add_parser(sub) -> None:
+    from qcnn.commands.common import add_data_args
+
+    p = sub.add_parser("report", help="per-layer table (bits, scale, SQNR, bytes, BOPs) and histograms")
+    p.add_argument("run", help="run directory with model.pt, or a qcnn checkpoint file")
+    add_data_args(p, dataset_required=True)
+    p.add_argument("--images", type=int, default=256, help="calibration images used for activation statistics")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/report)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _sqnr(ref: torch.Tensor, q: torch.Tensor) -> float:
+    noise = (ref - q).double().pow(2).mean()
+    sig = ref.double().pow(2).mean()
+    if noise == 0:
+        return math.inf
+    return float(10 * torch.log10(sig / noise)) if sig > 0 else -math.inf
+
+
+def _grid_text(quantizer) -> str:
+    if quantizer is None:
+        return "float"
+    try:
+        g = quantizer.grid()
+    except (NotImplementedError, RuntimeError):
+        return f"{quantizer.bits}b"
+    if g.levels is not None:
+        return f"{g.levels.numel()} levels"
+    if g.fl is not None:
+        fl = g.fl.flatten()
+        return f"fl={int(fl[0])}" if fl.numel() == 1 else f"fl in [{int(fl.min())},{int(fl.max())}]"
+    s = g.scale.flatten().float()
+    return f"s={float(s[0]):.3g}" if s.numel() == 1 else f"s in [{float(s.min()):.3g},{float(s.max()):.3g}]"
+
+
+@torch.no_grad()
+def build_report(model, x: torch.Tensor) -> dict:
+    from qcnn.nn.layers import QConv2d, QLinear
+    from qcnn.report.histograms import record_inputs
+    from qcnn.report.size import layer_costs, summarize
+
+    model.eval()
+    acts = record_inputs(model, x)
+    costs = {c.name: c for c in layer_costs(model, x)}
+    rows = []
+    for name, m in model.named_modules():
+        if name not in costs:
+            continue
+        c = costs[name]
+        row = {"layer": name, "kind": c.kind, "w_bits": c.w_bits, "a_bits": c.a_bits, "params": c.params,
+               "packed_bytes": c.weight_bytes, "macs": c.macs, "bops": c.bops,
+               "w_grid": "float", "a_grid": "float", "w_sqnr_db": None, "a_sqnr_db": None}
+        if isinstance(m, (QConv2d, QLinear)):
+            row["w_grid"] = _grid_text(m.weight_quant)
+            row["a_grid"] = _grid_text(m.input_quant)
+            if m.weight_quant is not None:
+                row["w_sqnr_db"] = _sqnr(m.weight.float(), m.quantized_weight().float())
+            a = acts.get(name)
+            if a is not None and m.input_quant is not None:
+                row["a_sqnr_db"] = _sqnr(a, m.input_quant(a.to(m.weight.device)).float().cpu())
+        rows.append(row)
+    s = summarize(model, x)
+    return {"layers": rows, "totals": {k: s[k] for k in ("size_bytes", "float_size_bytes", "compression",
+                                                         "macs", "bops", "float_bops")}}
+
+
+def to_markdown(rep: dict, title: str, hist_files: list[str]) -> str:
+    def f(v):
+        return "" if v is None else ("inf" if v == math.inf else f"{v:.1f}")
+
+    t = rep["totals"]
+    lines = [f"# Quantization report: {title}", "",
+             f"Model size {t['size_bytes'] / 1024:.1f} KiB (float {t['float_size_bytes'] / 1024:.1f} KiB, "
+             f"{t['compression']:.2f}x smaller); {t['macs'] / 1e6:.2f} M MACs per image; "
+             f"{t['bops'] / 1e9:.3f} G bit-operations (float {t['float_bops'] / 1e9:.1f} G).", "",
+             "| layer | kind | W bits | A bits | weight grid | act grid | W SQNR dB | A SQNR dB | params | "
+             "packed bytes | MACs | BOPs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["layers"]:
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['w_bits']} | {r['a_bits']} | {r['w_grid']} | "
+                     f"{r['a_grid']} | {f(r['w_sqnr_db'])} | {f(r['a_sqnr_db'])} | {r['params']} | "
+                     f"{r['packed_bytes']:.0f} | {r['macs']} | {r['bops']} |")
+    lines += ["", "## Histograms (weights and input activations, quantization levels in red)", ""]
+    lines += [f"![{h}]({h})" for h in hist_files]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    from qcnn.commands.common import finish, load_data_from_args, load_model_from_args
+    from qcnn.report.histograms import plot_layer_histograms
+
+    path = Path(args.run)
+    ckpt = path / "model.pt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(ckpt)!r} (expected RUN/model.pt or a checkpoint file)")
+    out = Path(args.out) if args.out else (ckpt.parent / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_data_from_args(args, augment=False)
+    args.checkpoint, args.model, args.width, args.num_classes = str(ckpt), None, 1.0, None
+    model, arch = load_model_from_args(args, bundle)
+    xs, n = [], 0
+    for x, _ in bundle.calib:
+        xs.append(x)
+        n += x.shape[0]
+        if n >= args.images:
+            break
+    x = torch.cat(xs)[: args.images]
+    rep = build_report(model, x)
+    hists = plot_layer_histograms(model, x, out)
+    rep["arch"] = arch
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=str))
+    (out / "report.md").write_text(to_markdown(rep, f"{arch['name']} ({ckpt})", [h.name for h in hists]))
+    print((out / "report.md").read_text().split("## Histograms")[0])
+    t = rep["totals"]
+    return finish(args, {"size_bytes": t["size_bytes"], "compression": t["compression"], "bops": t["bops"],
+                         "layers": len(rep["layers"]), "report": str(out / "report.md")})

@@ -1,0 +1,63 @@
+"""The equal-bit-width benchmark on real Fashion-MNIST: cells, resumption, undefined cells, reports."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from qcnn.bench import SUITES, Bench, parse_bits, results_table
+from qcnn.checkpoint import save_model
+from qcnn.data import get_data
+from qcnn.models import build_model
+from qcnn.recipes import TrainSpec
+from qcnn.train import evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def float_lenet(tmp_path_factory, fashion_dir):
+    torch.manual_seed(0)
+    bundle = get_data("fashion-mnist", train_limit=8192)
+    model = build_model("lenet5", num_classes=10, in_channels=1)
+    fit(model, bundle, TrainSpec(epochs=1, optimizer="adam", lr=0.004, schedule="onecycle", weight_decay=0.0))
+    path = tmp_path_factory.mktemp("float") / "model.pt"
+    save_model(path, model, {"name": "lenet5", "num_classes": 10, "in_channels": 1})
+    return path, evaluate(model, get_data("fashion-mnist").test)["top1"]
+
+
+def test_parse_bits():
+    assert parse_bits("4/4") == (4, 4)
+    assert parse_bits("2/fp") == (2, None)
+    with pytest.raises(ValueError, match="bad bit-width cell 'x4'"):
+        parse_bits("x4")
+
+
+def test_bench_cells_resume_and_report(tmp_path, float_lenet):
+    init, float_top1 = float_lenet
+    suite = dataclasses.replace(SUITES["demo"], epochs=1, train_images=2048)
+    log = []
+    bench = Bench(suite, tmp_path, init=str(init), log=log.append)
+    res = bench.run(["uniform_qat", "no_such_recipe"], ["8/8", "2/fp"])
+    assert abs(res["float"]["top1"] - float_top1) < 1e-6
+    c88 = res["cells"]["uniform_qat@8/8"]
+    assert c88["status"] == "ok"
+    # 8-bit QAT from a converged float model stays close to the float model fine-tuned with the same budget
+    assert c88["top1"] > res["float"]["finetuned_top1"] - 1.5
+    assert res["cells"]["no_such_recipe@8/8"]["status"] == "undefined"
+    c2 = res["cells"]["uniform_qat@2/fp"]
+    assert c2["status"] == "ok" and c2["size_bytes"] < c88["size_bytes"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| uniform_qat |" in md and "n/a" in md
+    assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 1000
+    # a second run skips finished cells
+    bench2 = Bench(suite, tmp_path, init=str(init), log=log.append)
+    res2 = bench2.run(["uniform_qat"], ["8/8"])
+    assert res2["cells"]["uniform_qat@8/8"]["seconds"] == c88["seconds"]
+    assert json.loads((tmp_path / "results.json").read_text())["cells"].keys() == res2["cells"].keys()
+    assert "uniform_qat" in results_table(res2)
+
+
+def test_bench_refuses_another_suite_in_same_dir(tmp_path, float_lenet):
+    (tmp_path / "results.json").write_text(json.dumps({"suite": {"model": "resnet20", "dataset": "cifar10"}}))
+    with pytest.raises(ValueError, match="holds another suite"):
+        Bench(SUITES["demo"], tmp_path, init=str(float_lenet[0]))
