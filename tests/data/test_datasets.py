@@ -293,3 +293,17 @@ def test_qcnn_data_root_finds_the_jpeg_zip(isolated, monkeypatch, cifar_zip):
     assert (src.kind, src.path, src.origin) == ("zip", cifar_zip, "$QCNN_DATA")
     # --data-dir may also be a root holding <name>-jpeg.zip
     assert locate("cifar-10", data_dir=cifar_zip.parent).source.path == cifar_zip
+
+
+def test_empty_idx_split_names_the_dataset(isolated):
+    import struct
+
+    d = isolated / "fm"
+    d.mkdir()
+    for stem, shape in (("train-images-idx3-ubyte", (0, 28, 28)), ("train-labels-idx1-ubyte", (0,)),
+                        ("t10k-images-idx3-ubyte", (1, 28, 28)), ("t10k-labels-idx1-ubyte", (1,))):
+        n = int(np.prod(shape))
+        head = struct.pack(">BBBB", 0, 0, 8, len(shape)) + struct.pack(f">{len(shape)}i", *shape)
+        (d / stem).write_bytes(head + bytes(n))
+    with pytest.raises(ValueError, match="dataset fashion-mnist: the training split at .*fm is empty"):
+        get_data("fashion-mnist", data_dir=d)
