@@ -26,9 +26,12 @@ lint: setup
 
 demo: setup data
 	$(PYTHON) -m qcnn bench --suite demo --out demo_out
+	$(PYTHON) -m qcnn report demo_out/cells/lsq@4-4 --dataset fashion-mnist
 
 bench: setup data
-	$(PYTHON) benchmarks/run_all.py --out benchmarks/results
+	$(PYTHON) benchmarks/quantizer_kernels.py --out benchmarks/results
+	$(PYTHON) benchmarks/qat_step_time.py --out benchmarks/results
+	$(PYTHON) benchmarks/int8_speed.py --out benchmarks/results
 
 clean:
 	rm -rf $(STAMP) demo_out .pytest_cache
