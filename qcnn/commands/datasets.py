@@ -9,7 +9,8 @@ def add_parser(sub) -> None:
                                    "$QCNN_DATA, /usr/share/datasets/<name>, the cache), image counts and size on "
                                    "disk; for a missing one, every place looked in and how to get it.")
     p.add_argument("--dataset", default=None, help="only this dataset")
-    p.add_argument("--data-dir", default=None, help="look here first (a dataset folder or archive, or a root)")
+    p.add_argument("--data-dir", default=None,
+                   help="look only here: a dataset folder or archive, or a root holding <name>/")
     p.add_argument("--download", action="store_true",
                    help="download the missing datasets that can be downloaded (MNIST, Fashion-MNIST, CIFAR-10)")
     p.add_argument("--bench", action="store_true",
