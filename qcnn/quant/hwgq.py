@@ -103,12 +103,19 @@ def hwgq_levels(bits: int, kind: str = "uniform") -> list[float]:
 
 
 class _HWGQFn(torch.autograd.Function):
+    """Forward by table look-up (any levels) or, for a uniform grid (``thresholds`` None), arithmetically:
+    the level index of ``x > 0`` is ``clamp(ceil(x/d - 1/2), 1, L)``, the same half-open intervals."""
+
     @staticmethod
-    def forward(ctx, x, levels: Tensor, thresholds: Tensor, log_tail: bool):
+    def forward(ctx, x, levels: Tensor, thresholds: Tensor | None, log_tail: bool):
         qmax = levels[-1]
         ctx.save_for_backward(x, qmax)
         ctx.log_tail = log_tail
-        y = levels[torch.bucketize(x, thresholds)]
+        if thresholds is None:
+            d = levels[0]
+            y = torch.ceil(x / d - 0.5).clamp_(1, levels.numel()) * d
+        else:
+            y = levels[torch.bucketize(x, thresholds)]
         return torch.where(x > 0, y, torch.zeros_like(y))
 
     @staticmethod
@@ -136,7 +143,8 @@ class HWGQActivation(Quantizer):
         if self.observing:
             return x
         lv = self.levels.to(x.dtype)
-        return _HWGQFn.apply(x, lv, self.thresholds.to(x.dtype), self.log_tail)
+        th = None if self.kind == "uniform" else self.thresholds.to(x.dtype)
+        return _HWGQFn.apply(x, lv, th, self.log_tail)
 
     def grid(self) -> Grid:
         lv = torch.cat([torch.zeros(1), self.levels.detach().cpu()])
@@ -185,6 +193,8 @@ class HWGQMethod(EdgeUniformMethod):
 
     name = "hwgq"
     Options = HWGQOptions
+    #: levels are solved for up to 8 bits (the paper prints 1 and 2)
+    act_bits = tuple(range(1, 9))
 
     def __init__(self, options=None):
         super().__init__(options)

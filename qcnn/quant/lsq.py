@@ -180,6 +180,8 @@ class LSQMethod(Method):
 
     name = "lsq"
     Options = LSQOptions
+    #: signed 1-bit data has no LSQ grid
+    weight_bits = tuple(range(2, 17))
 
     def _edge_uniform(self, ctx: LayerContext) -> bool:
         return ctx.role != "hidden" and not self.options.lsq_first_last
