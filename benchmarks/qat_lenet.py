@@ -38,24 +38,36 @@ def run_cell(cell: str, args) -> dict:
     if rc != 0:
         return {"cell": cell, "error": f"qcnn qat exited with {rc}"}
     res = json.loads((out / "result.json").read_text())
-    res.update(cell=cell, recipe=recipe, wall_seconds=round(time.time() - t0, 1), command="qcnn " + " ".join(argv))
+    res.update(cell=cell, recipe=recipe, wall_seconds=round(time.time() - t0, 1), command="qcnn " + " ".join(argv),
+               limit_train=args.limit_train, train_epochs=args.epochs)
     return res
 
 
+def _key(r: dict) -> tuple:
+    return r["cell"], r.get("limit_train"), r.get("train_epochs")
+
+
 def write(results: list[dict], args) -> None:
+    """Merge ``results`` into benchmarks/results/qat_lenet.{json,md} (same cell and budget: replaced)."""
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": "lenet5", "dataset": "fashion-mnist", "init": args.init, "epochs": args.epochs,
-            "limit_train": args.limit_train, "first_last": "8bit", "results": results}
-    (out / "qat_lenet.json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = [f"# QAT LeNet-5 / Fashion-MNIST ({args.epochs} epoch(s) from `{args.init}`, first/last 8-bit)", "",
-             "| recipe | W/A | float top-1 | quantized top-1 | drop | seconds |", "|---|---|---|---|---|---|"]
-    for r in results:
+    path = out / "qat_lenet.json"
+    old = json.loads(path.read_text())["results"] if path.is_file() else []
+    new = {_key(r): r for r in results}
+    merged = [r for r in old if _key(r) not in new] + results
+    meta = {"model": "lenet5", "dataset": "fashion-mnist", "init": args.init, "first_last": "8bit",
+            "results": merged}
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    lines = [f"# QAT LeNet-5 / Fashion-MNIST (from `{args.init}`, first/last 8-bit)", "",
+             "| recipe | W/A | training images x epochs | float top-1 | quantized top-1 | drop | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in merged:
         if "error" in r:
-            lines.append(f"| {r['cell']} | | | {r['error']} | | |")
+            lines.append(f"| {r['cell']} | | | | {r['error']} | | |")
             continue
-        lines.append(f"| {r['recipe']} | W{r['w_bits']}A{r['a_bits']} | {r['float_top1']:.2f} | {r['top1']:.2f} "
-                     f"| {r['drop']:.2f} | {r['wall_seconds']:.0f} |")
+        budget = f"{r.get('limit_train') or 60000} x {r.get('train_epochs', r.get('epochs'))}"
+        lines.append(f"| {r['recipe']} | W{r['w_bits']}A{r['a_bits']} | {budget} | {r['float_top1']:.2f} "
+                     f"| {r['top1']:.2f} | {r['drop']:.2f} | {r['wall_seconds']:.0f} |")
     (out / "qat_lenet.md").write_text("\n".join(lines) + "\n")
 
 

@@ -14,8 +14,9 @@ Forward   ``y = clip(x, -alpha, alpha);  y_q = round(y n / alpha) alpha / n``
 Backward  ``dy_q/dx = 1`` for ``-alpha < x < alpha``, else 0;
           ``dy_q/dalpha = +1`` for ``x >= alpha``, ``-1`` for ``x <= -alpha``, else 0.
 
-``alpha`` is a parameter (init 10 as in the paper's CIFAR experiments, or, with ``init_percentile``, the
-given percentile of ``|x|`` over the calibration data: a fine-tuning aid, not in the paper). It is used as
+``alpha`` is a parameter (init 10 as in the paper's CIFAR experiments; fine-tuning aids, not in the paper:
+``init_percentile`` starts it at that percentile of ``|x|`` over the calibration data, ``init_mse`` at the
+value minimising ``||x - y_q||^2`` on the calibration data, searched over 100 candidates in (0, max|x|]). It is used as
 ``max(alpha, 1e-4)`` so a collapsing alpha cannot divide by zero. The paper regularises alpha with L2
 (``alpha_decay``, default 2e-4); :meth:`PACTMethod.param_groups` puts every alpha in its own optimiser
 group with that decay and keeps it out of the ordinary weight decay.
@@ -94,7 +95,7 @@ class PACTQuantizer(Quantizer):
     """PACT activation quantizer with a learned clip level ``alpha`` (a 0-d parameter)."""
 
     def __init__(self, bits: int, signed: bool = False, alpha_init: float = 10.0,
-                 init_percentile: float | None = None):
+                 init_percentile: float | None = None, init_mse: bool = False):
         super().__init__(bits, signed)
         if not alpha_init > 0:
             raise ValueError(f"alpha_init={alpha_init!r} must be positive")
@@ -102,12 +103,14 @@ class PACTQuantizer(Quantizer):
             raise ValueError(f"init_percentile={init_percentile!r} must lie in (0, 100]")
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.init_percentile = init_percentile
+        self.init_mse = init_mse
+        self._samples: list[Tensor] = []
         self.register_buffer("calib_sum", torch.zeros(()))
         self.register_buffer("calib_count", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
-            if self.init_percentile is not None:
+            if self.init_percentile is not None or self.init_mse:
                 self._observe(x)
             return x
         return pact(x, self.alpha, self.bits, self.signed)
@@ -117,13 +120,24 @@ class PACTQuantizer(Quantizer):
         v = x.detach().flatten()
         v = v.abs() if self.signed else v.clamp_min(0)
         if v.numel() > _SAMPLE:
-            v = v[torch.randperm(v.numel(), device=v.device)[:_SAMPLE]]
+            v = v[torch.randint(0, v.numel(), (_SAMPLE,), device=v.device)]
+        if self.init_mse:
+            self._samples.append(x.detach().flatten()[torch.randint(0, x.numel(), (min(x.numel(), _SAMPLE),),
+                                                                   device=x.device)].float())
+            return
         self.calib_sum += torch.quantile(v.float(), self.init_percentile / 100.0)
         self.calib_count += 1
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
-        if self.init_percentile is not None and int(self.calib_count) > 0:
+        if self.init_mse and self._samples:
+            x = torch.cat(self._samples)
+            self._samples = []
+            top = float((x.abs() if self.signed else x.clamp_min(0)).max().clamp_min(ALPHA_MIN))
+            cands = torch.linspace(top / 100, top, 100, device=x.device)
+            errs = torch.stack([(pact(x, a, self.bits, self.signed) - x).pow(2).mean() for a in cands])
+            self.alpha.copy_(cands[int(errs.argmin())])
+        elif self.init_percentile is not None and int(self.calib_count) > 0:
             self.alpha.copy_((self.calib_sum / self.calib_count).clamp_min(ALPHA_MIN))
 
     def grid(self) -> Grid:
@@ -146,6 +160,8 @@ class PACTOptions:
     alpha_decay: float = 2e-4
     #: if set, initialise alpha from this percentile of |x| over the calibration data instead of alpha_init
     init_percentile: float | None = None
+    #: initialise alpha to minimise the quantization MSE on the calibration data (overrides the others)
+    init_mse: bool = False
     #: clip(x, -alpha, alpha) on activations that can be negative; False uses clip(x, 0, alpha) everywhere
     signed_variant: bool = True
 
@@ -163,7 +179,7 @@ class PACTMethod(EdgeUniformMethod):
     def low_act(self, ctx: LayerContext) -> Quantizer:
         o = self.options
         return PACTQuantizer(ctx.a_bits, signed=ctx.input_signed and o.signed_variant, alpha_init=o.alpha_init,
-                             init_percentile=o.init_percentile)
+                             init_percentile=o.init_percentile, init_mse=o.init_mse)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer)]

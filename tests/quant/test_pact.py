@@ -115,3 +115,17 @@ def test_state_dict_round_trip_with_learned_alpha():
     q2.load_state_dict(q.state_dict())
     assert math.isclose(float(q2.conv2.input_quant.alpha.detach()), 1.7, rel_tol=1e-6)
     assert torch.equal(q2.eval()(x), q(x))
+
+
+def test_init_mse_picks_the_error_minimising_alpha():
+    torch.manual_seed(0)
+    x = torch.randn(20000).clamp_min(0)
+    q = PACTQuantizer(2, init_mse=True)
+    q.observing = True
+    q(x)
+    q.observing = False
+    q.finish_calibration()
+    a = float(q.alpha.detach())
+    err = lambda v: float((pact(x, torch.tensor(v), 2) - x).pow(2).mean())
+    assert 0.5 < a < 3.0  # far below max|x| (about 4) at 2 bits
+    assert err(a) <= min(err(0.5 * a), err(1.5 * a), err(float(x.max())))
