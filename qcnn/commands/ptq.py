@@ -1,0 +1,139 @@
+"""``qcnn ptq``: post-training quantization (no training) with QCode fixed point or uniform grids.
+
+BatchNorm is folded into the convolutions, the model is calibrated on the dataset's held-out calibration
+split (``--calib-images`` images, never the test set) and, with ``--search``, the QCode fractional lengths
+(``greedy``) or the per-layer bit widths (``accuracy``, within ``--max-drop`` points of float on that split)
+are searched. Prints the float and quantized test top-1; with ``--out`` writes ``layers.md`` /
+``layers.json`` (per-layer bits, grid, weight and activation SQNR, parameters, packed bytes),
+``recipe.json`` and ``model.pt``, which ``qcnn eval --checkpoint OUT/model.pt`` evaluates again.
+
+Example::
+
+    qcnn ptq --model resnet20 --checkpoint ../shared/data/weights/resnet20-12fca82f.th --dataset cifar10 \\
+        --data-dir ../shared/data/cifar10-jpeg.zip --method qcode --w-bits 8 --a-bits 8 --calib minmax \\
+        --first-last same --out runs/ptq_r20
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from qcnn.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    finish,
+    load_data_from_args,
+    load_model_from_args,
+    seed_everything,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ptq", help="post-training quantization (calibration and QCode / bit-width search)",
+                       description="Quantize a trained float model without training: fold BN, calibrate, "
+                                   "optionally search QCode fractional lengths or per-layer bit widths.")
+    add_model_args(p)
+    add_data_args(p)
+    g = p.add_argument_group("quantization (flags override --recipe)")
+    g.add_argument("--recipe", default=None, help="recipe YAML (e.g. recipes/qcode.yaml)")
+    g.add_argument("--method", default=None, help="qcode (fixed point, default) or uniform")
+    g.add_argument("--w-bits", type=int, default=None, help="weight bits (default 8)")
+    g.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
+    g.add_argument("--calib", default=None,
+                   help="activation range estimator: minmax, ema, percentile, mse, kl, kl_nozero (default minmax)")
+    g.add_argument("--calib-images", type=int, default=None, help="calibration images (default 1000)")
+    g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None,
+                   help="first/last layer policy (default: the recipe's, 8bit)")
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
+                   help="per-channel weight grids (default per tensor)")
+    s = p.add_argument_group("search")
+    s.add_argument("--search", choices=["none", "greedy", "accuracy"], default="none",
+                   help="greedy: QCode fl window search; accuracy: per-layer bit widths within --max-drop")
+    s.add_argument("--metric", choices=["mse", "kl"], default="mse", help="error the fl search minimises")
+    s.add_argument("--window", type=int, default=3, help="fl search window +-W around the initial fl")
+    s.add_argument("--max-drop", type=float, default=0.5, help="accuracy search: allowed top-1 drop (points)")
+    s.add_argument("--bit-candidates", default="8,6,5,4", help="accuracy search: bit widths to try")
+    s.add_argument("--eval-images", type=int, default=2000,
+                   help="accuracy search: calibration-split images that score a configuration")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+    add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def recipe_from_args(args):
+    from qcnn.recipes import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe(method="qcode", per_channel=False)
+    return recipe.replace(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
+                          calib_images=args.calib_images, first_last=args.first_last, per_channel=args.per_channel,
+                          fold_bn=True)
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--bit-candidates {text!r} must be comma-separated integers") from None
+
+
+def run(args) -> int:
+    from qcnn.calib.observers import make_observer
+    from qcnn.checkpoint import save_model
+    from qcnn.data import subset
+    from qcnn.methods.ptq import post_training_quantize
+    from qcnn.quant.registry import get_method
+    from qcnn.report.layers import layer_table, write_layer_table
+    from qcnn.report.size import summarize
+    from qcnn.train import evaluate
+
+    t0 = time.time()
+    seed_everything(args.seed)
+    recipe = recipe_from_args(args)
+    get_method(recipe.method, recipe.params)  # unknown method / options: fail before loading data
+    import qcnn.calib.histogram  # noqa: F401 - registers percentile / mse / kl
+
+    make_observer(recipe.calib)  # unknown calibration method: fail early, naming it
+    bits = _bits_list(args.bit_candidates)
+    calib_size = max(recipe.calib_images, args.eval_images if args.search == "accuracy" else 0)
+    bundle = load_data_from_args(args, augment=False, calib_size=calib_size)
+    if args.limit_test is not None:
+        if args.limit_test < 1:
+            raise ValueError(f"--limit-test {args.limit_test} must be >= 1")
+        bundle.test = subset(bundle.test, args.limit_test)
+    model, arch = load_model_from_args(args, bundle)
+    if getattr(args, "checkpoint_info", None) and args.checkpoint_info.get("recipe"):
+        raise ValueError(f"checkpoint {args.checkpoint!r} is already quantized; ptq needs a float model")
+    model.eval()
+    float_top1 = evaluate(model, bundle.test)["top1"]
+    log = (lambda s: print(s, file=sys.stderr)) if args.search == "accuracy" else None
+    res = post_training_quantize(model, recipe, bundle.calib, search=args.search, metric=args.metric,
+                                 max_drop=args.max_drop, bit_candidates=bits, window=args.window,
+                                 eval_images=args.eval_images, log=log)
+    qmodel, recipe = res.model, res.recipe
+    top1 = evaluate(qmodel, bundle.test)["top1"]
+    batch = next(iter(bundle.calib))[0]
+    size = summarize(qmodel, batch[:1])
+    figures = {"method": recipe.method, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "calib": recipe.calib,
+               "search": args.search, "first_last": recipe.first_last, "per_channel": recipe.per_channel,
+               "float_top1": float_top1, "top1": top1, "drop": float_top1 - top1,
+               "size_bytes": size["size_bytes"], "bops": size["bops"]}
+    if args.search == "accuracy":
+        figures["calib_float_top1"] = res.float_calib_top1
+        figures["calib_top1"] = res.calib_top1
+        figures["weight_bits_total"] = sum(r["params"] * r["w_bits"] for r in size["layers"])
+    if args.out:
+        out = Path(args.out)
+        rows = layer_table(qmodel, batch)
+        write_layer_table(rows, out)
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        if res.steps:
+            (out / "search.json").write_text(json.dumps(res.steps, indent=1) + "\n")
+        save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={**figures, "dataset": args.dataset})
+        figures["model"] = str(out / "model.pt")
+        figures["layers"] = str(out / "layers.md")
+    figures["seconds"] = round(time.time() - t0, 1)
+    return finish(args, figures)
