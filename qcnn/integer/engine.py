@@ -782,11 +782,10 @@ class _Compiler:
             return
         if op == "call_module":
             mod = self.modules[tgt]
+            if hasattr(mod, "to_qconv"):  # QConvBn2d (FQN training): compile its folded QConv2d
+                mod = mod.to_qconv()
             if isinstance(mod, (QConv2d, QLinear)):
                 res = self.linear_layer(node, mod, self.arg(node))
-            elif hasattr(mod, "to_qconv"):  # QConvBn2d during FQN training: fold first
-                raise ValueError(f"module {tgt!r} ({type(mod).__name__}) is a training-time conv+BN; call "
-                                 "qcnn.quant.fqn.fold_conv_bn(model) before converting to integers")
             elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 res = self.batchnorm(node, mod, self.arg(node))
             elif isinstance(mod, (nn.ReLU, nn.ReLU6)):

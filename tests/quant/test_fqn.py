@@ -121,10 +121,14 @@ def test_qconvbn_folds_bn_with_frozen_stats_and_trains_unfolded():
     assert cb.bn.weight.grad.abs().sum() > 0 and cb.bn.bias.grad.abs().sum() > 0
     # folding gives the same function, and the structure quantize() builds for fqn (checkpoints reload)
     q.eval()
+    from qcnn.integer import to_integer
+
     with torch.no_grad():
         before = q(x)
+        int_before = to_integer(q, x)(x)  # the engine compiles QConvBn2d through its folded QConv2d
         fold_conv_bn(q)
         after = q(x)
     torch.testing.assert_close(before, after)
+    assert torch.equal(int_before, to_integer(q, x)(x))
     fresh = quantize(_net(), RECIPE)
     assert set(fresh.state_dict()) == set(q.state_dict())
