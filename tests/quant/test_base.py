@@ -1,0 +1,50 @@
+"""Quantizer contract: bit checks, code ranges, STE helpers, Grid codes round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcnn.quant.base import Grid, check_bits, qrange, round_ste, sign_ste
+
+
+@pytest.mark.parametrize("bad", [0, 17, -3, 2.5, "8", True])
+def test_check_bits_names_the_value(bad):
+    with pytest.raises(ValueError, match=f"w_bits={bad!r}"):
+        check_bits(bad, "w_bits")
+
+
+def test_qrange():
+    assert qrange(8, True) == (-128, 127)
+    assert qrange(8, True, narrow=True) == (-127, 127)
+    assert qrange(4, False) == (0, 15)
+    assert qrange(1, True) == (-1, 0)
+
+
+def test_ste_helpers():
+    x = torch.tensor([-1.6, -0.2, 0.0, 0.5, 2.4], requires_grad=True)
+    y = round_ste(x)
+    assert y.tolist() == [-2.0, -0.0, 0.0, 0.0, 2.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0] * 5
+    x.grad = None
+    s = sign_ste(x)
+    assert s.tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0]
+    (s * torch.arange(5.0)).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_grid_codes_round_trip():
+    g = Grid(bits=4, signed=False, scale=torch.tensor(0.5), zero_point=torch.tensor(3, dtype=torch.int32))
+    x = torch.tensor([-1.5, 0.0, 2.0, 6.0, 100.0])
+    q = g.to_codes(x)
+    assert q.tolist() == [0, 3, 7, 15, 15] and q.dtype == torch.int32
+    assert g.from_codes(q).tolist() == [-1.5, 0.0, 2.0, 6.0, 6.0]
+    pc = Grid(bits=8, signed=True, scale=torch.tensor([1.0, 0.25]), zero_point=torch.zeros(2, dtype=torch.int32),
+              axis=0)
+    w = torch.tensor([[3.0, -2.0], [0.5, -0.25]])
+    assert torch.equal(pc.from_codes(pc.to_codes(w)), w)
+    assert pc.to_codes(w).tolist() == [[3, -2], [2, -1]]
+    cb = Grid(bits=2, signed=True, levels=torch.tensor([-1.0, -0.1, 0.1, 1.0]))
+    assert not cb.is_uniform
+    assert cb.to_codes(torch.tensor([-0.8, 0.05, 2.0])).tolist() == [0, 2, 3]

@@ -1,0 +1,62 @@
+"""Uniform affine quantizer: grid properties (hypothesis), hand values, constant tensors, gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcnn.quant.uniform import UniformQuantizer, qparams_from_range
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), symmetric=st.booleans(), per_channel=st.booleans(),
+       seed=st.integers(0, 10_000), shift=st.floats(-2.0, 2.0))
+def test_outputs_on_grid(bits, signed, symmetric, per_channel, seed, shift):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 300, generator=g) * torch.tensor([[0.1], [1.0], [5.0], [0.01]]) + shift
+    q = UniformQuantizer(bits, signed=signed, symmetric=symmetric, per_channel=per_channel, dynamic=True)
+    y = q(x)
+    grid = q.grid()
+    for c in range(4):
+        s = grid.scale[c] if per_channel else grid.scale
+        z = grid.zero_point[c] if per_channel else grid.zero_point
+        codes = y[c] / s + z
+        assert torch.allclose(codes, torch.round(codes), atol=1e-3)
+        r = torch.round(codes)
+        assert int(r.min()) >= grid.qmin and int(r.max()) <= grid.qmax
+        assert torch.unique(y[c]).numel() <= 2**bits
+        lo, hi = (grid.qmin - z) * s, (grid.qmax - z) * s
+        inside = (x[c] >= lo) & (x[c] <= hi)
+        err = torch.cat([(y[c] - x[c])[inside].abs(), torch.zeros(1)])
+        assert float(err.max()) <= float(s) / 2 * (1 + 1e-4) + 1e-7
+    fixed = UniformQuantizer(bits, signed=signed, symmetric=symmetric, per_channel=per_channel)
+    fixed.scale, fixed.zero_point = q.scale.clone(), q.zero_point.clone()
+    fixed.initialized.fill_(True)
+    assert torch.allclose(fixed(y), y, atol=1e-6)  # idempotent on a fixed grid
+
+
+def test_hand_values_symmetric_and_asymmetric():
+    q = UniformQuantizer(4, signed=True, symmetric=True, dynamic=True)  # s = 7/7 = 1
+    assert q(torch.tensor([7.0, -7.0, 0.4, 2.6])).tolist() == [7.0, -7.0, 0.0, 3.0]
+    s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(2.0), 2, signed=False, symmetric=False)
+    assert float(s) == pytest.approx(1.0) and int(z) == 1  # grid {-1, 0, 1, 2}
+    s, z = qparams_from_range(torch.tensor(0.3), torch.tensor(3.0), 8, signed=False, symmetric=True, pot=True)
+    assert float(s) == 2.0**-6  # 3/255 rounded up to a power of two
+
+
+def test_constant_tensor_gives_valid_grid():
+    for value in (0.0, 2.5, -1.0):
+        q = UniformQuantizer(8, signed=True, symmetric=False, dynamic=True)
+        y = q(torch.full((10,), value))
+        assert torch.isfinite(y).all() and float(q.scale) > 0
+        assert torch.allclose(y, torch.full((10,), value), atol=float(q.scale))
+
+
+def test_masked_ste_gradient():
+    q = UniformQuantizer(4, signed=True, symmetric=True, observer="minmax")
+    q.scale, q.initialized = torch.tensor(0.5), torch.tensor(True)
+    x = torch.tensor([0.2, 3.9, -4.4, -1.0], requires_grad=True)  # codes round to 0, 8 (>7), -9 (<-8), -2
+    q(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
