@@ -151,7 +151,13 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path, fashion_dir):
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "QCNN_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous (port 0 is not resolved by torchrun)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
            str(script), str(fashion_dir), str(tmp_path / "run"), str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -170,8 +176,9 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path, fashion_dir):
 def test_lenet5_fashion_mnist_accuracy(fashion_dir):
     from qcnn.data import get_data
 
-    data = get_data("fashion-mnist", data_dir=fashion_dir, batch_size=128, calib_size=0)
+    data = get_data("fashion-mnist", data_dir=fashion_dir, batch_size=128, calib_size=0, augment=False)
     torch.manual_seed(0)
     model = build_model("lenet5", in_channels=1)
-    res = fit(model, data, TrainSpec(epochs=1, optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4))
+    res = fit(model, data, TrainSpec(epochs=2, optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4,
+                                     augment=False))
     assert res["top1"] >= 87.0

@@ -19,7 +19,7 @@ from qcnn.commands.common import (
 )
 
 TORCH_ENGINES = ("float", "fakequant")
-OTHER_ENGINES = ("integer", "onnx")
+OTHER_ENGINES = ("integer", "onnx", "onnxruntime")
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     add_data_args(p)
     p.add_argument("--engine", default=None, choices=TORCH_ENGINES + OTHER_ENGINES,
                    help="float (default for float models), fakequant (default for quantized checkpoints), "
-                        "integer or onnx (integer-only inference)")
+                        "integer, onnx / onnxruntime (integer-only inference, qcnn.integer)")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images only")
     add_output_args(p)
     p.set_defaults(func=run)
@@ -66,6 +66,7 @@ def run(args) -> int:
     res = run_engine(engine, model.eval(), loader)
     figures = {"top1": res["top1"]}
     figures.update({k: v for k, v in res.items() if k != "top1"})
-    figures.update({"engine": engine, "model": arch["name"], "images": getattr(loader, "num_samples", None),
+    figures.update({"engine": engine, "model": arch["name"],
+                    "images": res.get("images", getattr(loader, "num_samples", None)),
                     "seconds": round(time.time() - t0, 1)})
     return finish(args, figures)

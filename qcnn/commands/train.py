@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
     g.add_argument("--step-size", type=int, default=None, help="epochs between decays of the step schedule")
     g.add_argument("--gamma", type=float, default=None, help="decay factor of the step schedule")
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
+    g.add_argument("--augment", dest="augment", action="store_true", default=None,
+                   help="random crop (+ flip for CIFAR) on the training set (default: on, except lenet5 on MNIST-like)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
     g.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
