@@ -25,8 +25,9 @@
 
 Callbacks: ``loss_fn(model, x, y) -> (loss, logits)`` (default cross-entropy), ``param_groups(model) ->
 list[dict]``, ``make_optimizer(groups, spec)``, ``step_hook(model, step)`` after every optimizer step,
-``epoch_hook(model, epoch, metrics)`` after every epoch (``model`` is the unwrapped module; ``epoch``
-counts from 0; ``metrics`` may be extended by the hook before it is written).
+``epoch_hook(model, epoch, metrics)`` after every epoch (``epoch`` counts from 0; ``metrics`` may be
+extended by the hook before it is written). Hooks get the unwrapped module; ``loss_fn`` gets the module that
+runs the forward (the DDP wrapper when distributed; its ``.module`` is the model).
 """
 
 from __future__ import annotations
