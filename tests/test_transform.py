@@ -1,0 +1,163 @@
+"""quantize() and fold_bn(): BN folding exactness, zoo / torchvision coverage, first/last policies,
+overrides, unsupported layers, calibrated state_dict round trip, recipe validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qcnn.calib import calibrating
+from qcnn.models import build_model, list_models, load_weights
+from qcnn.nn.layers import QAdd, QConv2d, QLinear
+from qcnn.quant.fixed_point import FixedPointQuantizer
+from qcnn.recipes import Recipe
+from qcnn.report.layers import sqnr_db
+from qcnn.transform import fold_bn, quantize, quantized_layers
+
+
+def _resnet20(weights_dir):
+    return load_weights(build_model("resnet20"), weights_dir / "resnet20-12fca82f.th").eval()
+
+
+def _n_weight_layers(model):
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def mobilenet(weights_dir):
+    return load_weights(build_model("tv:mobilenet_v2", num_classes=1000),
+                        weights_dir / "mobilenet_v2-b0353104.pth").eval()
+
+
+def test_fold_bn_resnet20_exact(weights_dir):
+    model = _resnet20(weights_dir)
+    x = torch.randn(16, 3, 32, 32)
+    folded = fold_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        a, b = model(x), folded(x)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_bn_mobilenet_v2_exact(mobilenet):
+    x = torch.randn(1, 3, 160, 160)
+    folded = fold_bn(mobilenet)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        a, b = mobilenet(x), folded(x)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_v2_8bit_random_input_sqnr(mobilenet):
+    torch.manual_seed(0)
+    recipe = Recipe(method="uniform", w_bits=8, a_bits=8, first_last="same", per_channel=True, fold_bn=True)
+    q = quantize(mobilenet, recipe).eval()
+    assert len(quantized_layers(q)) == _n_weight_layers(mobilenet)  # 53 conv + 1 linear, all quantized
+    x = torch.randn(4, 3, 160, 160)
+    with torch.no_grad(), calibrating(q):
+        q(x[:2])
+    with torch.no_grad():
+        ref, out = mobilenet(x[2:]), q(x[2:])
+    assert sqnr_db(ref, out) > 15.0
+
+
+def _with_batch_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give a randomly initialised model non-trivial BN running statistics (those of ``x``)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,methods", [("tv:resnet18", ("qcode",)), ("tv:mobilenet_v2", ("uniform",)),
+                                          *[(n, (("qcode", "uniform")[i % 2],))
+                                            for i, n in enumerate(sorted(list_models()))]])
+def test_quantize_every_model(name, methods):
+    torch.manual_seed(0)
+    if name.startswith("tv:"):
+        model, x = build_model(name, num_classes=10), torch.randn(2, 3, 64, 64)
+    elif name.startswith("lenet"):
+        model, x = build_model(name, in_channels=1), torch.randn(2, 1, 28, 28)
+    else:
+        model, x = build_model(name), torch.randn(2, 3, 32, 32)
+    model = _with_batch_statistics(model, x)
+    for method in methods:
+        q = quantize(model, Recipe(method=method, first_last="same", fold_bn=True)).eval()
+        assert len(quantized_layers(q)) == _n_weight_layers(fold_bn(model))
+        with torch.no_grad(), calibrating(q):
+            q(x)
+        with torch.no_grad():
+            ref, out = model(x), q(x)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        if name != "tv:mobilenet_v2":  # random-init MobileNetV2 with 2-image BN statistics is degenerate;
+            assert sqnr_db(ref, out) > 10.0  # the pretrained one is checked above
+        if name in ("resnet20", "tv:resnet18"):
+            assert any(isinstance(m, QAdd) for m in q.modules())
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+
+
+def test_first_last_policies():
+    model = _net()
+    q = quantize(model, Recipe(method="qcode", w_bits=4, a_bits=5, first_last="fp32"))
+    assert type(q[0]) is nn.Conv2d and type(q[5]) is nn.Linear and isinstance(q[2], QConv2d)
+    assert (q[2].weight_quant.bits, q[2].input_quant.bits) == (4, 5)
+    q = quantize(model, Recipe(method="qcode", w_bits=4, a_bits=5, first_last="same"))
+    assert [(m.weight_quant.bits, m.input_quant.bits) for m in (q[0], q[2], q[5])] == [(4, 5)] * 3
+    q = quantize(model, Recipe(method="uniform", w_bits=4, a_bits=5, first_last="8bit"))
+    assert [(m.weight_quant.bits, m.input_quant.bits) for m in (q[0], q[2], q[5])] == [(8, 8), (4, 5), (8, 8)]
+    assert q[0].input_quant.signed and not q[2].input_quant.signed  # network input signed, after ReLU not
+
+
+def test_overrides_by_pattern():
+    model = _net()
+    recipe = Recipe(method="qcode", w_bits=8, a_bits=8, first_last="same",
+                    overrides=[{"pattern": "2", "w_bits": 3}, {"pattern": "[05]", "a_bits": 6},
+                               {"pattern": "5", "skip": True}])
+    q = quantize(model, recipe)
+    assert (q[0].weight_quant.bits, q[0].input_quant.bits) == (8, 6)
+    assert (q[2].weight_quant.bits, q[2].input_quant.bits) == (3, 8)
+    assert type(q[5]) is nn.Linear
+
+
+def test_unsupported_layer_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 3))
+    with pytest.raises(ValueError, match=r"'2' \(ConvTranspose2d\)"):
+        quantize(model, Recipe(method="qcode"))
+
+
+def test_bad_recipes():
+    with pytest.raises(ValueError, match=r"\['wbits'\]"):
+        Recipe.from_dict({"method": "qcode", "wbits": 8})
+    with pytest.raises(ValueError, match="w_bits=0"):
+        Recipe(method="qcode", w_bits=0)
+    with pytest.raises(ValueError, match="a_bits=17"):
+        Recipe(method="qcode", a_bits=17)
+    with pytest.raises(ValueError, match="'histo'"):
+        quantize(_net(), Recipe(method="qcode", calib="histo"))
+    with pytest.raises(ValueError, match="'qkode'"):
+        quantize(_net(), Recipe(method="qkode"))
+
+
+@pytest.mark.parametrize("method,calib", [("qcode", "kl"), ("uniform", "percentile"), ("qcode", "minmax")])
+def test_calibrated_state_dict_round_trip(weights_dir, method, calib):
+    model = _resnet20(weights_dir)
+    recipe = Recipe(method=method, calib=calib, first_last="same", per_channel=method == "uniform", fold_bn=True)
+    q = quantize(model, recipe).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad(), calibrating(q):
+        q(x)
+    fresh = quantize(model, recipe).eval()
+    fresh.load_state_dict(q.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), q(x))
+    if method == "qcode":
+        fls = {n: int(m.fl) for n, m in q.named_modules() if isinstance(m, FixedPointQuantizer)}
+        assert fls == {n: int(m.fl) for n, m in fresh.named_modules() if isinstance(m, FixedPointQuantizer)}
+    assert isinstance(q.linear, QLinear)
