@@ -3,8 +3,6 @@ streaming re-binning, bad input."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

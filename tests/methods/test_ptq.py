@@ -1,0 +1,104 @@
+"""Post-training quantization: fl window search, accuracy-aware bit search, bad input, and ResNet-20
+8-bit QCode accuracy on a slice of the real CIFAR-10 (JPEG) test set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qcnn.methods.ptq import best_weight_fl, post_training_quantize, recipe_of, top1
+from qcnn.quant.fixed_point import FixedPointQuantizer, fixed_point_quant
+from qcnn.recipes import Recipe
+from qcnn.transform import quantize
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(32, 4)).eval()
+
+
+def _data(n=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    return [(x[i : i + 64], torch.zeros(64, dtype=torch.long)) for i in range(0, n, 64)]
+
+
+def test_weight_fl_search_is_the_window_argmin():
+    torch.manual_seed(0)
+    w = torch.randn(16, 9) * 0.3
+    w[0, 0] = 3.0  # an outlier: the MSE-optimal fl clips it
+    q = FixedPointQuantizer(4)
+    fl = int(best_weight_fl(q, w, "mse", 3))
+    fl0 = 4 - 1 - 2  # ceil(log2 3) = 2
+    errs = {f: float(((fixed_point_quant(w, torch.tensor(f), -8, 7) - w) ** 2).sum()) for f in range(fl0 - 3, fl0 + 4)}
+    assert fl == min(errs, key=errs.get) and fl > fl0
+
+
+def test_greedy_search_lowers_error_and_round_trips():
+    model, data = _net(), _data()
+    base = post_training_quantize(model, Recipe(method="qcode", w_bits=4, a_bits=4, first_last="same",
+                                                per_channel=False, calib_images=128), data).model
+    greedy = post_training_quantize(model, Recipe(method="qcode", w_bits=4, a_bits=4, first_last="same",
+                                                  per_channel=False, calib_images=128), data, search="greedy").model
+    x = data[-1][0]
+    with torch.no_grad():
+        ref = model(x)
+        e_base, e_greedy = float(((base(x) - ref) ** 2).mean()), float(((greedy(x) - ref) ** 2).mean())
+    assert e_greedy < e_base
+    fresh = quantize(model, Recipe(method="qcode", w_bits=4, a_bits=4, first_last="same", per_channel=False,
+                                   fold_bn=True)).eval()
+    fresh.load_state_dict(greedy.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), greedy(x))
+
+
+def test_accuracy_search_respects_max_drop_and_rebuilds():
+    model, data = _net(2), _data(512, 3)
+    with torch.no_grad():  # labels = the float model's own predictions: float top-1 is 100
+        data = [(x, model(x).argmax(1)) for x, _ in data]
+    recipe = Recipe(method="qcode", w_bits=8, a_bits=8, first_last="same", per_channel=False, calib_images=128)
+    res = post_training_quantize(model, recipe, data, search="accuracy", max_drop=5.0, eval_images=512)
+    assert res.float_calib_top1 == 100.0
+    assert res.calib_top1 >= 95.0
+    assert all(s["top1"] >= 95.0 for s in res.steps if s["kept"])
+    assert all(s["top1"] < 95.0 for s in res.steps if not s["kept"])
+    bits = {o.pattern: (o.w_bits, o.a_bits) for o in res.recipe.overrides}
+    assert set(bits) == {"0", "5"} and min(b for wa in bits.values() for b in wa) < 8  # something got cheaper
+    rebuilt = quantize(model, res.recipe).eval()
+    rebuilt.load_state_dict(res.model.state_dict())
+    assert top1(rebuilt, data) == top1(res.model, data)
+    assert recipe_of(res.model, recipe).overrides == res.recipe.overrides
+
+
+def test_bad_input():
+    model, data = _net(), _data()
+    with pytest.raises(ValueError, match="empty"):
+        post_training_quantize(model, Recipe(method="qcode"), [])
+    bad = [(torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="NaN"):
+        post_training_quantize(model, Recipe(method="qcode"), bad)
+    with pytest.raises(ValueError, match="'sideways'"):
+        post_training_quantize(model, Recipe(method="qcode"), data, search="sideways")
+    with pytest.raises(ValueError, match="needs method 'qcode'"):
+        post_training_quantize(model, Recipe(method="uniform"), data, search="greedy")
+    with pytest.raises(ValueError, match="'l1'"):
+        post_training_quantize(model, Recipe(method="qcode"), data, search="greedy", metric="l1")
+    with pytest.raises(ValueError, match="bit candidate=0"):
+        post_training_quantize(model, Recipe(method="qcode"), data, search="accuracy", bit_candidates=(8, 0))
+
+
+def test_resnet20_8bit_qcode_on_real_cifar(cifar_zip, weights_dir):
+    from qcnn.data import get_data, subset
+    from qcnn.models import build_model, load_weights
+
+    bundle = get_data("cifar10", data_dir=cifar_zip, batch_size=500, augment=False, calib_size=500)
+    test = list(subset(bundle.test, 2000))
+    model = load_weights(build_model("resnet20"), weights_dir / "resnet20-12fca82f.th").eval()
+    recipe = Recipe(method="qcode", w_bits=8, a_bits=8, first_last="same", per_channel=False, calib="percentile",
+                    calib_images=500)
+    q = post_training_quantize(model, recipe, bundle.calib).model
+    f, a = top1(model, test), top1(q, test)
+    assert f > 78.0
+    assert abs(f - a) <= 0.5, (f, a)
