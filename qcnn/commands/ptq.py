@@ -97,6 +97,10 @@ def run(args) -> int:
     import qcnn.calib.histogram  # noqa: F401 - registers percentile / mse / kl
 
     make_observer(recipe.calib)  # unknown calibration method: fail early, naming it
+    if recipe.calib_images < 1:
+        raise ValueError(f"calib_images={recipe.calib_images!r} must be >= 1 (--calib-images)")
+    if args.max_drop < 0:
+        raise ValueError(f"--max-drop {args.max_drop!r} must be >= 0")
     bits = _bits_list(args.bit_candidates)
     calib_size = max(recipe.calib_images, args.eval_images if args.search == "accuracy" else 0)
     bundle = load_data_from_args(args, augment=False, calib_size=calib_size)
