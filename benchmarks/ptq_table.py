@@ -60,7 +60,24 @@ def main(argv=None) -> int:
     p.add_argument("--calibs", default=",".join(CALIBS))
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--from-log", default=None,
+                   help="only render the JSON/Markdown from the cell lines a previous (possibly cut-short) run "
+                        "printed; --test-images/--calib-images must match that run")
+    p.add_argument("--float-top1", type=float, default=None, help="with --from-log: the float top-1 it printed")
     args = p.parse_args(argv)
+    if args.from_log:
+        lines = Path(args.from_log).read_text().splitlines()
+        cells = [json.loads(line) for line in lines if line.startswith("{")]
+        floats = [float(line.split()[2]) for line in lines if line.startswith("float top1")]
+        if args.float_top1 is None and floats:
+            args.float_top1 = floats[0]
+        cells = [c for c in cells if "family" in c]
+        write(args, {"model": args.model, "weights": args.weights, "dataset": "cifar10-jpeg",
+                     "test_images": args.test_images, "calib_images": args.calib_images,
+                     "float_top1": args.float_top1, "cells": cells, "search": None, "seconds": None,
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": "CPU, 2 threads",
+                     "note": f"rendered from the log of a run cut short ({len(cells)} cells)"})
+        return 0
     torch.manual_seed(0)
     t0 = time.time()
     bundle = get_data("cifar10", data_dir=args.data_dir, batch_size=250, augment=False,
@@ -109,12 +126,16 @@ def main(argv=None) -> int:
               "calib_images": args.calib_images, "float_top1": float_top1, "cells": cells, "search": search,
               "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"CPU, {torch.get_num_threads()} threads"}
+    write(args, result)
+    return 0
+
+
+def write(args, result: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ptq_table.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "ptq_table.md").write_text(to_markdown(result))
     print(to_markdown(result))
-    return 0
 
 
 def to_markdown(r: dict) -> str:
@@ -123,7 +144,7 @@ def to_markdown(r: dict) -> str:
     head = ["W/A"] + [f"{f} {c}" for f in fams for c in calibs]
     lines = [f"# PTQ table: {r['model']} on {r['dataset']} (first {r['test_images']} test images)", "",
              f"Float top-1: {r['float_top1']:.2f}. All layers quantized (first/last included), BN folded, "
-             f"{r['calib_images']} calibration images; {r['date']}, {r['machine']}.", "",
+             f"{r['calib_images']} calibration images; {r['date']}, {r['machine']}. {r.get('note', '')}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for wb, ab in BITS:
         row = [f"{wb}/{ab}"]
