@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-images", type=int, default=1000, help="calibration-split images of the search")
     p.add_argument("--max-drop", type=float, default=0.5)
     p.add_argument("--calibs", default=",".join(CALIBS))
+    p.add_argument("--families", default=",".join(FAMILIES), help="grid families to run (qcode, uniform-pc)")
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--from-log", default=None,
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     print(f"float top1 {float_top1:.2f} on {args.test_images} test images", flush=True)
     calib_batches = _batches(bundle.calib, args.calib_images)
     cells = []
-    for fam, kw in FAMILIES.items():
+    for fam in args.families.split(","):
+        kw = FAMILIES[fam]
         for calib in args.calibs.split(","):
             recipe = Recipe(**kw, calib=calib, first_last="same", fold_bn=True, calib_images=args.calib_images)
             qmodel = quantize(model, recipe).eval()
