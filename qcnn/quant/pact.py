@@ -16,7 +16,8 @@ Backward  ``dy_q/dx = 1`` for ``-alpha < x < alpha``, else 0;
 
 ``alpha`` is a parameter (init 10 as in the paper's CIFAR experiments; fine-tuning aids, not in the paper:
 ``init_percentile`` starts it at that percentile of ``|x|`` over the calibration data, ``init_mse`` at the
-value minimising ``||x - y_q||^2`` on the calibration data, searched over 100 candidates in (0, max|x|]). It is used as
+value minimising ``||x - y_q||^2`` on the calibration data, searched over 161 geometrically spaced candidates
+in [1e-4 max|x|, max|x|]). It is used as
 ``max(alpha, 1e-4)`` so a collapsing alpha cannot divide by zero. The paper regularises alpha with L2
 (``alpha_decay``, default 2e-4); :meth:`PACTMethod.param_groups` puts every alpha in its own optimiser
 group with that decay and keeps it out of the ordinary weight decay.
@@ -134,7 +135,8 @@ class PACTQuantizer(Quantizer):
             x = torch.cat(self._samples)
             self._samples = []
             top = float((x.abs() if self.signed else x.clamp_min(0)).max().clamp_min(ALPHA_MIN))
-            cands = torch.linspace(top / 100, top, 100, device=x.device)
+            # geometric grid: activations with rare huge outliers need candidates far below max|x|
+            cands = torch.logspace(-4, 0, 161, device=x.device) * top
             errs = torch.stack([(pact(x, a, self.bits, self.signed) - x).pow(2).mean() for a in cands])
             self.alpha.copy_(cands[int(errs.argmin())])
         elif self.init_percentile is not None and int(self.calib_count) > 0:
