@@ -6,7 +6,11 @@
 Weights, k > 1 (:class:`DoReFaWeight`)
     Forward   ``t = tanh(w);  w_q = 2 quantize_k(t / (2 max|t|) + 1/2) - 1``  (max over the whole layer)
     Backward  straight through ``quantize_k`` only; the gradient flows through ``tanh`` and the max as
-              ordinary functions (the reference implementation does the same). Grid: the ``2^k`` values
+              ordinary functions (the reference implementation does the same).
+    ``rescale=True`` (option ``weight_rescale``, a fine-tuning aid, not in the paper) multiplies ``w_q`` by
+    the constant ``max|w|`` of the layer: a following BatchNorm makes the two forms equivalent in training,
+    but only the rescaled one keeps a float checkpoint's BatchNorm running statistics (and hence
+    calibration and evaluation) valid, since ``w_q`` alone is about ``w / max|w|``. Grid: the ``2^k`` values
               ``(2i - n) / n``, ``n = 2^k - 1``, i.e. odd integers ``-n..n`` times ``1/n``.
 Weights, k = 1
     Forward   ``E = mean|w|`` (a constant for autograd);  ``w_q = sign(w) E`` with ``sign(0) = +1``
@@ -132,8 +136,9 @@ class DoReFaWeight(ScaleBufferMixin, Quantizer):
     The 1-bit scale ``E`` of the last forward is kept in the buffer ``scale`` for :meth:`grid`.
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, rescale: bool = False):
         super().__init__(bits, signed=True)
+        self.rescale = rescale
         self.register_buffer("scale", torch.ones(()))
 
     def forward(self, w: Tensor) -> Tensor:
@@ -143,7 +148,12 @@ class DoReFaWeight(ScaleBufferMixin, Quantizer):
             return w + (binary_sign(w) * e - w).detach()
         t = torch.tanh(w)
         r = t / (2 * t.abs().max().clamp_min(EPS)) + 0.5
-        return 2 * quantize_k(r, self.bits) - 1
+        wq = 2 * quantize_k(r, self.bits) - 1
+        if not self.rescale:
+            return wq
+        m = w.detach().abs().max()
+        self.scale = m
+        return wq * m
 
     def grid(self) -> Grid:
         if self.bits == 1:
@@ -151,7 +161,8 @@ class DoReFaWeight(ScaleBufferMixin, Quantizer):
                         int_levels=torch.tensor([-1, 1]), scale=self.scale.detach().clone())
         n = 2**self.bits - 1
         ints = torch.arange(-n, n + 1, 2)
-        return Grid(bits=self.bits, signed=True, levels=ints.float() / n, int_levels=ints, scale=torch.tensor(1.0 / n))
+        m = self.scale.detach().clone() if self.rescale else torch.tensor(1.0)
+        return Grid(bits=self.bits, signed=True, levels=ints.float() * m / n, int_levels=ints, scale=m / n)
 
 
 class DoReFaGradQuantizer(GradientQuantizer):
@@ -209,6 +220,8 @@ class EdgeUniformMethod(Method):
 class DoReFaOptions:
     #: also quantize the gradients at the first and last layers' outputs (the paper leaves them float)
     grad_first_last: bool = False
+    #: multiply the k>1 weights by max|w| (keeps a float checkpoint's BatchNorm statistics valid)
+    weight_rescale: bool = False
 
 
 @register_method
@@ -220,7 +233,7 @@ class DoReFaMethod(EdgeUniformMethod):
     Options = DoReFaOptions
 
     def low_weight(self, ctx: LayerContext) -> Quantizer:
-        return DoReFaWeight(ctx.w_bits)
+        return DoReFaWeight(ctx.w_bits, rescale=self.options.weight_rescale)
 
     def low_act(self, ctx: LayerContext) -> Quantizer:
         return DoReFaActivation(ctx.a_bits, signed=ctx.input_signed)

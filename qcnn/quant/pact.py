@@ -17,7 +17,8 @@ Backward  ``dy_q/dx = 1`` for ``-alpha < x < alpha``, else 0;
 ``alpha`` is a parameter (init 10 as in the paper's CIFAR experiments; fine-tuning aids, not in the paper:
 ``init_percentile`` starts it at that percentile of ``|x|`` over the calibration data, ``init_mse`` at the
 value minimising ``||x - y_q||^2`` on the calibration data, searched over 161 geometrically spaced candidates
-in [1e-4 max|x|, max|x|]). It is used as
+in [1e-4 max|x|, max|x|]), ``init_mean`` at ``2 sqrt(n) mean|x|`` (the top of LSQ's initial grid, which
+clips heavy tails far more than the MSE optimum does). It is used as
 ``max(alpha, 1e-4)`` so a collapsing alpha cannot divide by zero. The paper regularises alpha with L2
 (``alpha_decay``, default 2e-4); :meth:`PACTMethod.param_groups` puts every alpha in its own optimiser
 group with that decay and keeps it out of the ordinary weight decay.
@@ -28,6 +29,7 @@ layers at 8 bits use the uniform int8 grid (:class:`~qcnn.quant.dorefa.EdgeUnifo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +98,7 @@ class PACTQuantizer(Quantizer):
     """PACT activation quantizer with a learned clip level ``alpha`` (a 0-d parameter)."""
 
     def __init__(self, bits: int, signed: bool = False, alpha_init: float = 10.0,
-                 init_percentile: float | None = None, init_mse: bool = False):
+                 init_percentile: float | None = None, init_mse: bool = False, init_mean: bool = False):
         super().__init__(bits, signed)
         if not alpha_init > 0:
             raise ValueError(f"alpha_init={alpha_init!r} must be positive")
@@ -105,13 +107,14 @@ class PACTQuantizer(Quantizer):
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.init_percentile = init_percentile
         self.init_mse = init_mse
+        self.init_mean = init_mean
         self._samples: list[Tensor] = []
         self.register_buffer("calib_sum", torch.zeros(()))
         self.register_buffer("calib_count", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
-            if self.init_percentile is not None or self.init_mse:
+            if self.init_percentile is not None or self.init_mse or self.init_mean:
                 self._observe(x)
             return x
         return pact(x, self.alpha, self.bits, self.signed)
@@ -122,6 +125,10 @@ class PACTQuantizer(Quantizer):
         v = v.abs() if self.signed else v.clamp_min(0)
         if v.numel() > _SAMPLE:
             v = v[torch.randint(0, v.numel(), (_SAMPLE,), device=v.device)]
+        if self.init_mean:
+            self.calib_sum += (x.detach().abs() if self.signed else x.detach().clamp_min(0)).float().mean()
+            self.calib_count += 1
+            return
         if self.init_mse:
             self._samples.append(x.detach().flatten()[torch.randint(0, x.numel(), (min(x.numel(), _SAMPLE),),
                                                                    device=x.device)].float())
@@ -131,7 +138,10 @@ class PACTQuantizer(Quantizer):
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
-        if self.init_mse and self._samples:
+        if self.init_mean and int(self.calib_count) > 0:
+            n = 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+            self.alpha.copy_((2 * math.sqrt(max(n, 1)) * self.calib_sum / self.calib_count).clamp_min(ALPHA_MIN))
+        elif self.init_mse and self._samples:
             x = torch.cat(self._samples)
             self._samples = []
             top = float((x.abs() if self.signed else x.clamp_min(0)).max().clamp_min(ALPHA_MIN))
@@ -162,10 +172,14 @@ class PACTOptions:
     alpha_decay: float = 2e-4
     #: if set, initialise alpha from this percentile of |x| over the calibration data instead of alpha_init
     init_percentile: float | None = None
-    #: initialise alpha to minimise the quantization MSE on the calibration data (overrides the others)
+    #: initialise alpha to minimise the quantization MSE on the calibration data (overrides the two above)
     init_mse: bool = False
+    #: initialise alpha to 2 sqrt(n) mean|x| over the calibration data (overrides all the above)
+    init_mean: bool = False
     #: clip(x, -alpha, alpha) on activations that can be negative; False uses clip(x, 0, alpha) everywhere
     signed_variant: bool = True
+    #: DoReFa weights multiplied by max|w| (see qcnn.quant.dorefa; keeps BatchNorm statistics valid)
+    weight_rescale: bool = False
 
 
 @register_method
@@ -176,12 +190,13 @@ class PACTMethod(EdgeUniformMethod):
     Options = PACTOptions
 
     def low_weight(self, ctx: LayerContext) -> Quantizer:
-        return DoReFaWeight(ctx.w_bits)
+        return DoReFaWeight(ctx.w_bits, rescale=self.options.weight_rescale)
 
     def low_act(self, ctx: LayerContext) -> Quantizer:
         o = self.options
         return PACTQuantizer(ctx.a_bits, signed=ctx.input_signed and o.signed_variant, alpha_init=o.alpha_init,
-                             init_percentile=o.init_percentile, init_mse=o.init_mse)
+                             init_percentile=o.init_percentile, init_mse=o.init_mse,
+                             init_mean=o.init_mean)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer)]

@@ -178,3 +178,13 @@ def test_gradient_quantizer_acts_on_layer_output_gradient():
     w = conv.weight.detach().clone().requires_grad_(True)
     F.conv2d(x, w, conv.bias.detach(), padding=1).backward(gq)
     assert torch.allclose(qc.weight.grad, w.grad, atol=1e-5)
+
+
+def test_weight_rescale_keeps_the_layer_scale():
+    torch.manual_seed(0)
+    w = 0.05 * torch.randn(8, 4, 3, 3)
+    plain, scaled = DoReFaWeight(4)(w), DoReFaWeight(4, rescale=True)
+    y = scaled(w)
+    assert torch.allclose(y, plain * w.abs().max())
+    g = scaled.grid()
+    assert torch.allclose(g.scale, w.abs().max() / 15) and torch.allclose(g.from_codes(g.to_codes(y)), y, atol=1e-6)
