@@ -103,16 +103,21 @@ def _net():
                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
 
 
+def _bits(q, names=("0", "2", "5")):
+    return [(q.get_submodule(n).weight_quant.bits, q.get_submodule(n).input_quant.bits) for n in names]
+
+
 def test_first_last_policies():
     model = _net()
     q = quantize(model, Recipe(method="qcode", w_bits=4, a_bits=5, first_last="fp32"))
-    assert type(q[0]) is nn.Conv2d and type(q[5]) is nn.Linear and isinstance(q[2], QConv2d)
-    assert (q[2].weight_quant.bits, q[2].input_quant.bits) == (4, 5)
+    assert type(q.get_submodule("0")) is nn.Conv2d and type(q.get_submodule("5")) is nn.Linear
+    assert isinstance(q.get_submodule("2"), QConv2d) and _bits(q, ["2"]) == [(4, 5)]
     q = quantize(model, Recipe(method="qcode", w_bits=4, a_bits=5, first_last="same"))
-    assert [(m.weight_quant.bits, m.input_quant.bits) for m in (q[0], q[2], q[5])] == [(4, 5)] * 3
+    assert _bits(q) == [(4, 5)] * 3
     q = quantize(model, Recipe(method="uniform", w_bits=4, a_bits=5, first_last="8bit"))
-    assert [(m.weight_quant.bits, m.input_quant.bits) for m in (q[0], q[2], q[5])] == [(8, 8), (4, 5), (8, 8)]
-    assert q[0].input_quant.signed and not q[2].input_quant.signed  # network input signed, after ReLU not
+    assert _bits(q) == [(8, 8), (4, 5), (8, 8)]
+    # the network input is signed; the input of a layer after a ReLU is not
+    assert q.get_submodule("0").input_quant.signed and not q.get_submodule("2").input_quant.signed
 
 
 def test_overrides_by_pattern():
@@ -121,9 +126,9 @@ def test_overrides_by_pattern():
                     overrides=[{"pattern": "2", "w_bits": 3}, {"pattern": "[05]", "a_bits": 6},
                                {"pattern": "5", "skip": True}])
     q = quantize(model, recipe)
-    assert (q[0].weight_quant.bits, q[0].input_quant.bits) == (8, 6)
-    assert (q[2].weight_quant.bits, q[2].input_quant.bits) == (3, 8)
-    assert type(q[5]) is nn.Linear
+    assert (q.get_submodule("0").weight_quant.bits, q.get_submodule("0").input_quant.bits) == (8, 6)
+    assert (q.get_submodule("2").weight_quant.bits, q.get_submodule("2").input_quant.bits) == (3, 8)
+    assert type(q.get_submodule("5")) is nn.Linear
 
 
 def test_unsupported_layer_is_named():
