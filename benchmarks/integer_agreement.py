@@ -137,10 +137,11 @@ def resnet20(args) -> list[dict]:
     with torch.no_grad():
         float_top1 = 100 * sum(int((model(x).argmax(1) == y).sum()) for x, y in test) / sum(len(y) for _, y in test)
     out = []
-    q = _calibrate(quantize(model, PTQ), calib)
-    r = measure("resnet20 uniform W8A8 PTQ (cifar10-jpeg)", q, test, True)
-    r["float_top1"] = float_top1
-    out.append(r)
+    if not args.no_ptq:
+        q = _calibrate(quantize(model, PTQ), calib)
+        r = measure("resnet20 uniform W8A8 PTQ (cifar10-jpeg)", q, test, True)
+        r["float_top1"] = float_top1
+        out.append(r)
     for ck in args.fqn:
         if Path(ck).exists():
             q, info = load_model(ck)
@@ -206,18 +207,28 @@ def main(argv=None) -> int:
     p.add_argument("--lenet", default=str(ROOT / "runs" / "float_lenet5" / "model.pt"))
     p.add_argument("--fqn", nargs="*", default=[])
     p.add_argument("--mnv2-images", type=int, default=8)
+    p.add_argument("--no-ptq", action="store_true", help="ResNet-20: only the --fqn checkpoints")
     p.add_argument("--models", nargs="*", default=["lenet5", "resnet20", "mobilenet_v2"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "integer_agreement"))
+    p.add_argument("--merge", nargs="*", default=None,
+                   help="only combine the results of earlier runs (their .json files) into --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
+    if args.merge is not None:
+        for f in args.merge:
+            rows += json.loads(Path(f).read_text())["results"]
+        return write(rows, Path(args.out))
     for name, fn in (("lenet5", lenet), ("resnet20", resnet20), ("mobilenet_v2", mobilenet)):
         if name in args.models:
             rows += fn(args)
+    return write(rows, Path(args.out))
+
+
+def write(rows: list[dict], out: Path) -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
            "onnxruntime": __import__("onnxruntime").__version__, "results": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
 
