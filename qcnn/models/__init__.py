@@ -89,7 +89,7 @@ def scaled(channels: int, width: float) -> int:
 
 
 # zoo modules register themselves on import (kept at the bottom: they import register_model)
-from qcnn.models import lenet, resnet_cifar, vgg  # noqa: E402, F401
+from qcnn.models import bireal, lenet, resnet_cifar, vgg, wage_nets  # noqa: E402, F401
 
 __all__ = ["MODELS", "build_model", "extract_state_dict", "list_models", "load_state_dict_checked",
            "load_weights", "model_accepts", "register_model", "scaled"]
