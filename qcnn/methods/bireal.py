@@ -127,7 +127,7 @@ def bireal(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None 
         elif not isinstance(net, BiRealCifarResNet):
             arch = arch_of(net, "bireal_resnet18", conv.out_channels / 64)
     metrics: dict = {"transferred": len(copied), "initialised": kept,
-                     "epochs": {"pretrain": pre_ep, "binary": bin_ep, "bn": bn_ep}}
+                     "stage_epochs": {"pretrain": pre_ep, "binary": bin_ep, "bn": bn_ep}}
     if pre_ep > 0:
         r = fit(net, bundle, dataclasses.replace(recipe.train, epochs=pre_ep), sub("pretrain"), resume=resume)
         metrics["pretrain_top1"] = r["top1"]
