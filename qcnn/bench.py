@@ -230,9 +230,11 @@ class Bench:
         torch.manual_seed(self.seed)
         t0 = time.time()
         try:
-            qmodel, _ = run_recipe(copy.deepcopy(float_model), self.data(), recipe, out)
+            qmodel, metrics = run_recipe(copy.deepcopy(float_model), self.data(), recipe, out)
             top1 = _accuracy(qmodel, self.data().test)
-            save_model(out / "model.pt", qmodel, self.arch(), recipe=recipe, metrics={"top1": top1})
+            # procedures that train another network (WAGE, Bi-Real) return its architecture
+            arch = metrics.get("arch", self.arch()) if isinstance(metrics, dict) else self.arch()
+            save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={"top1": top1})
         except Exception as e:  # noqa: BLE001 - one broken cell must not stop the suite; it is reported
             (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(traceback.format_exc())
