@@ -205,6 +205,7 @@ def _quantize_adds(gm: fx.GraphModule, method: Method, recipe: Recipe) -> None:
         gm.add_submodule(name, QAdd(method.add_quantizer(max(recipe.a_bits, 8), recipe.calib)))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (a, b))
+        new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
 

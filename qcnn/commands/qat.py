@@ -105,6 +105,7 @@ def run(args) -> int:
     else:
         float_top1 = evaluate(model, bundle.test)["top1"]
         qmodel, metrics = run_recipe(model, bundle, recipe, out, args.resume)
+        arch = metrics.pop("arch", arch)  # WAGE / Bi-Real train another network than the one passed in
     if out is not None and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
