@@ -107,6 +107,13 @@ def load_model_from_args(args, bundle):
     ckpt = getattr(args, "checkpoint", None)
     if ckpt:
         obj = load_checkpoint(ckpt)
+        if isinstance(obj, dict) and obj.get("format") == "qcnn-compressed/1":
+            from qcnn.compress import load_compressed
+
+            model, info = load_compressed(ckpt, device=device)
+            _check_fits(info["arch"], bundle, ckpt)
+            args.checkpoint_info = info
+            return model, info["arch"]
         if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
             if args.model and args.model != obj["arch"]["name"]:
                 raise ValueError(f"checkpoint {ckpt!r} holds a {obj['arch']['name']!r} model, not --model "
