@@ -32,3 +32,5 @@ def calibrating(model: nn.Module):
             q.observing = False
     for q in quants:
         q.finish_calibration()
+
+import qcnn.calib.histogram  # noqa: E402,F401  (registers percentile, mse, kl, kl_nozero)

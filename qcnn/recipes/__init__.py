@@ -91,6 +91,8 @@ class Recipe:
             check_bits(self.g_bits, "g_bits")
         if self.e_bits is not None:
             check_bits(self.e_bits, "e_bits")
+        if isinstance(self.calib_images, bool) or not isinstance(self.calib_images, int) or self.calib_images < 1:
+            raise ValueError(f"calib_images={self.calib_images!r} must be a positive integer")
         if self.first_last not in FIRST_LAST:
             raise ValueError(f"first_last={self.first_last!r} is not one of {FIRST_LAST}")
         self.overrides = [o if isinstance(o, Override) else Override(**_strict(Override, o, "override"))
