@@ -27,56 +27,18 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _sqnr(ref: torch.Tensor, q: torch.Tensor) -> float:
-    noise = (ref - q).double().pow(2).mean()
-    sig = ref.double().pow(2).mean()
-    if noise == 0:
-        return math.inf
-    return float(10 * torch.log10(sig / noise)) if sig > 0 else -math.inf
-
-
-def _grid_text(quantizer) -> str:
-    if quantizer is None:
-        return "float"
-    try:
-        g = quantizer.grid()
-    except (NotImplementedError, RuntimeError):
-        return f"{quantizer.bits}b"
-    if g.levels is not None:
-        return f"{g.levels.numel()} levels"
-    if g.fl is not None:
-        fl = g.fl.flatten()
-        return f"fl={int(fl[0])}" if fl.numel() == 1 else f"fl in [{int(fl.min())},{int(fl.max())}]"
-    s = g.scale.flatten().float()
-    return f"s={float(s[0]):.3g}" if s.numel() == 1 else f"s in [{float(s.min()):.3g},{float(s.max()):.3g}]"
-
-
 @torch.no_grad()
 def build_report(model, x: torch.Tensor) -> dict:
-    from qcnn.nn.layers import QConv2d, QLinear
-    from qcnn.report.histograms import record_inputs
+    """Per-layer rows of :func:`qcnn.report.layers.layer_table` with MACs and BOPs, plus model totals."""
+    from qcnn.report.layers import layer_table
     from qcnn.report.size import layer_costs, summarize
 
     model.eval()
-    acts = record_inputs(model, x)
     costs = {c.name: c for c in layer_costs(model, x)}
-    rows = []
-    for name, m in model.named_modules():
-        if name not in costs:
-            continue
-        c = costs[name]
-        row = {"layer": name, "kind": c.kind, "w_bits": c.w_bits, "a_bits": c.a_bits, "params": c.params,
-               "packed_bytes": c.weight_bytes, "macs": c.macs, "bops": c.bops,
-               "w_grid": "float", "a_grid": "float", "w_sqnr_db": None, "a_sqnr_db": None}
-        if isinstance(m, (QConv2d, QLinear)):
-            row["w_grid"] = _grid_text(m.weight_quant)
-            row["a_grid"] = _grid_text(m.input_quant)
-            if m.weight_quant is not None:
-                row["w_sqnr_db"] = _sqnr(m.weight.float(), m.quantized_weight().float())
-            a = acts.get(name)
-            if a is not None and m.input_quant is not None:
-                row["a_sqnr_db"] = _sqnr(a, m.input_quant(a.to(m.weight.device)).float().cpu())
-        rows.append(row)
+    rows = layer_table(model, x)
+    for r in rows:
+        c = costs[r["name"]]
+        r["macs"], r["bops"] = c.macs, c.bops
     s = summarize(model, x)
     return {"layers": rows, "totals": {k: s[k] for k in ("size_bytes", "float_size_bytes", "compression",
                                                          "macs", "bops", "float_bops")}}
@@ -84,7 +46,7 @@ def build_report(model, x: torch.Tensor) -> dict:
 
 def to_markdown(rep: dict, title: str, hist_files: list[str]) -> str:
     def f(v):
-        return "" if v is None else ("inf" if v == math.inf else f"{v:.1f}")
+        return "inf" if v == math.inf else f"{v:.1f}"
 
     t = rep["totals"]
     lines = [f"# Quantization report: {title}", "",
@@ -94,12 +56,22 @@ def to_markdown(rep: dict, title: str, hist_files: list[str]) -> str:
              "| layer | kind | W bits | A bits | weight grid | act grid | W SQNR dB | A SQNR dB | params | "
              "packed bytes | MACs | BOPs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["layers"]:
-        lines.append(f"| {r['layer']} | {r['kind']} | {r['w_bits']} | {r['a_bits']} | {r['w_grid']} | "
+        lines.append(f"| {r['name']} | {r['type']} | {r['w_bits']} | {r['a_bits']} | {r['w_grid']} | "
                      f"{r['a_grid']} | {f(r['w_sqnr_db'])} | {f(r['a_sqnr_db'])} | {r['params']} | "
                      f"{r['packed_bytes']:.0f} | {r['macs']} | {r['bops']} |")
     lines += ["", "## Histograms (weights and input activations, quantization levels in red)", ""]
     lines += [f"![{h}]({h})" for h in hist_files]
     return "\n".join(lines) + "\n"
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 def run(args) -> int:
@@ -125,7 +97,7 @@ def run(args) -> int:
     rep = build_report(model, x)
     hists = plot_layer_histograms(model, x, out)
     rep["arch"] = arch
-    (out / "report.json").write_text(json.dumps(rep, indent=1, default=str))
+    (out / "report.json").write_text(json.dumps(_json_safe(rep), indent=1, default=str))
     (out / "report.md").write_text(to_markdown(rep, f"{arch['name']} ({ckpt})", [h.name for h in hists]))
     print((out / "report.md").read_text().split("## Histograms")[0])
     t = rep["totals"]

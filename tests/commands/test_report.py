@@ -21,13 +21,14 @@ def test_report_command(tmp_path, fashion_dir):
     save_model(tmp_path / "model.pt", q, {"name": "lenet5", "num_classes": 10, "in_channels": 1}, recipe=recipe)
     assert main(["report", str(tmp_path), "--dataset", "fashion-mnist", "--images", "128"]) == 0
     rep = json.loads((tmp_path / "report" / "report.json").read_text())
-    bits = {r["layer"]: (r["w_bits"], r["a_bits"]) for r in rep["layers"]}
+    bits = {r["name"]: (r["w_bits"], r["a_bits"]) for r in rep["layers"]}
     assert bits["conv1"] == (8, 8) and bits["fc3"] == (8, 8) and bits["conv2"] == (4, 4)
-    rows = {r["layer"]: r for r in rep["layers"]}
+    rows = {r["name"]: r for r in rep["layers"]}
     # 8-bit weights: ~6 dB per bit; 4-bit clearly worse
     assert rows["fc3"]["w_sqnr_db"] > 35 and 10 < rows["conv2"]["w_sqnr_db"] < 30
-    assert rows["conv2"]["packed_bytes"] == rows["conv2"]["params"] * 4 / 8 + (
-        32 / 8 * q.conv2.bias.numel() if q.conv2.bias is not None else 0)
+    nb = q.conv2.bias.numel() if q.conv2.bias is not None else 0
+    assert rows["conv2"]["packed_bytes"] == q.conv2.weight.numel() * 4 / 8 + 4 * nb
+    assert rows["conv2"]["bops"] == rows["conv2"]["macs"] * 4 * 4 > 0
     assert rep["totals"]["compression"] > 4
     for layer in bits:
         assert (tmp_path / "report" / f"hist_{layer}.png").stat().st_size > 1000
