@@ -51,7 +51,7 @@ _ALL = _FAST + ["zhuang_progressive", "zhuang_guided", "wage", "bireal", "elq", 
 SUITES: dict[str, Suite] = {
     "demo": Suite("demo", "lenet5", "fashion-mnist", _FAST, ["8/8", "4/4", "2/2"], epochs=1, float_epochs=3),
     "quick": Suite("quick", "lenet5", "fashion-mnist", _ALL, ["8/8", "4/4", "2/2", "1/2", "1/1", "2/fp", "1/fp"],
-                   epochs=2, float_epochs=3),
+                   epochs=1, float_epochs=3),
     "cifar10": Suite("cifar10", "resnet20", "cifar10", _ALL, ["8/8", "4/4", "2/2", "1/2", "2/fp"], epochs=12,
                      float_epochs=12, batch_size=256),
 }

@@ -164,6 +164,7 @@ class UniformMethod(Method):
 
     name = "uniform"
     Options = UniformOptions
+    weight_bits = tuple(range(2, 17))  # 1-bit weights are binary methods, not a symmetric uniform grid
 
     def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
         return UniformQuantizer(

@@ -87,6 +87,9 @@ class UniformQuantizer(Quantizer):
         **observer_kwargs,
     ):
         super().__init__(bits, signed)
+        if signed and symmetric and bits < 2:
+            raise ValueError(f"bits={bits} is not supported by a signed symmetric uniform grid (codes {{-1, 0}}): "
+                             "use bits >= 2, or a binary method (dorefa, bireal, hwgq) for 1-bit weights")
         self.symmetric = symmetric
         self.per_channel = per_channel
         self.axis = axis if per_channel else None
