@@ -59,6 +59,13 @@ class LayerContext:
     options: Any = None  #: the method's Options instance
 
 
+def _bits_text(bits: tuple[int, ...]) -> str:
+    b = sorted(bits)
+    if len(b) > 2 and b == list(range(b[0], b[-1] + 1)):
+        return f"{b[0]}-{b[-1]}"
+    return ", ".join(map(str, b))
+
+
 @dataclass
 class NoOptions:
     pass
@@ -89,11 +96,11 @@ class Method:
     def defines(cls, w_bits: int, a_bits: int | None) -> str | None:
         """None if the method defines the W/A setting, else the reason it does not."""
         if cls.weight_bits is not None and w_bits not in cls.weight_bits:
-            return f"{cls.name} defines weights of {list(cls.weight_bits)} bits only"
+            return f"{cls.name} defines weights of {_bits_text(cls.weight_bits)} bits only"
         if a_bits is not None and not cls.quantizes_activations:
             return f"{cls.name} quantizes weights only"
         if a_bits is not None and cls.act_bits is not None and a_bits not in cls.act_bits:
-            return f"{cls.name} defines activations of {list(cls.act_bits)} bits only"
+            return f"{cls.name} defines activations of {_bits_text(cls.act_bits)} bits only"
         return None
 
     @classmethod
