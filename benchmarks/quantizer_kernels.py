@@ -89,10 +89,10 @@ def run(device: str, numel: int, min_run: float) -> dict:
             rows.append({"quantizer": name, "input": kind, "error": err})
             continue
         x = weight if kind == "weight" else act
-        with calibrating(q):
-            q(x)
-        q.train()
         try:
+            with calibrating(q):
+                q(x)
+            q.train()
             with torch.no_grad():
                 t_f = _time(lambda q=q, x=x: q(x), min_run)
             xg = x.detach().clone().requires_grad_(True)
