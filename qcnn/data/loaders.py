@@ -51,7 +51,43 @@ def _check_shard(rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank} must be in [0, {world_size})")
 
 
-class TensorLoader:
+class _Batches:
+    """What both loaders share: sharded sample count, batch count, epoch, and shallow copies."""
+
+    batch_size: int
+    drop_last: bool
+    shuffle: bool
+    world_size: int
+    epoch: int
+
+    def _items(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_samples(self) -> int:
+        n = self._items()
+        return n // self.world_size if (self.world_size > 1 and self.shuffle) else n
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _copy(self, **changes):
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.__dict__.update(changes)
+        return out
+
+    @staticmethod
+    def _check_take(n: int) -> None:
+        if n < 1:
+            raise ValueError(f"take(n={n}): n must be >= 1")
+
+
+class TensorLoader(_Batches):
     """Batches from in-memory uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``.
 
     ``pad`` > 0 enables the random crop (translation with zero fill, see :func:`crop_flip`), ``flip``
@@ -91,32 +127,16 @@ class TensorLoader:
     def device(self) -> torch.device:
         return self.images.device
 
-    @property
-    def num_samples(self) -> int:
-        n = len(self.images)
-        return n // self.world_size if (self.world_size > 1 and self.shuffle) else n
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def _items(self) -> int:
+        return len(self.images)
 
     def take(self, n: int) -> TensorLoader:
         """The same loader over the first ``n`` images of the split (all of them if ``n`` is larger)."""
-        if n < 1:
-            raise ValueError(f"take(n={n}): n must be >= 1")
-        out = TensorLoader.__new__(TensorLoader)
-        out.__dict__.update(self.__dict__)
-        out.images, out.labels = self.images[:n], self.labels[:n]
-        return out
+        self._check_take(n)
+        return self._copy(images=self.images[:n], labels=self.labels[:n])
 
     def to(self, device: str | torch.device) -> TensorLoader:
-        out = TensorLoader.__new__(TensorLoader)
-        out.__dict__.update(self.__dict__)
-        out.images, out.labels = self.images.to(device), self.labels.to(device)
-        return out
+        return self._copy(images=self.images.to(device), labels=self.labels.to(device))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of the loader, normalised, in stored order, without augmentation: ``(x, y)``."""
@@ -193,7 +213,7 @@ class _ShardSampler(torch.utils.data.Sampler):
         return self.loader.num_samples
 
 
-class StreamLoader:
+class StreamLoader(_Batches):
     """Batches streamed from disk by a ``DataLoader`` with workers; the dataset yields uint8 ``[C, H, W]``
     tensors (its transforms do the decoding, resizing and random crops), the batch is moved to the device
     and normalised there. Random transforms in the workers are seeded from the epoch generator, so a fixed
@@ -215,25 +235,12 @@ class StreamLoader:
             raise ValueError(f"dataset {name} is empty")
         self.epoch = 0
 
-    @property
-    def num_samples(self) -> int:
-        n = len(self.indices)
-        return n // self.world_size if (self.world_size > 1 and self.shuffle) else n
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def _items(self) -> int:
+        return len(self.indices)
 
     def take(self, n: int) -> StreamLoader:
-        if n < 1:
-            raise ValueError(f"take(n={n}): n must be >= 1")
-        out = StreamLoader.__new__(StreamLoader)
-        out.__dict__.update(self.__dict__)
-        out.indices = self.indices[:n]
-        return out
+        self._check_take(n)
+        return self._copy(indices=self.indices[:n])
 
     def plan(self) -> torch.Tensor:
         idx = torch.tensor(self.indices)
