@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qcnn.models import register_model, scaled
-from qcnn.models.lenet import default_image_size, image_side
+from qcnn.models.lenet import default_image_size, image_side, lenet_geometry
 
 
 def _downsample(in_ch: int, out_ch: int, stride: int) -> nn.Module:
@@ -105,11 +105,7 @@ class BiRealResNet18(nn.Module):
 class LeNet5BiReal(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, image_size: int = 28):
         super().__init__()
-        c1, c2, f1, f2 = (scaled(c, width) for c in (6, 16, 120, 84))
-        pad = 2 if image_size == 28 else 0
-        side = ((image_size + 2 * pad - 4) // 2 - 4) // 2
-        if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for LeNet-5 (needs >= 16)")
+        (c1, c2, f1, f2), pad, side = lenet_geometry(image_size, width)
         self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=pad, bias=False)
         self.bn1 = nn.BatchNorm2d(c1)
         self.pool1 = nn.MaxPool2d(2)

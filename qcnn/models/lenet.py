@@ -29,14 +29,20 @@ def image_side(image_size) -> int:
     return int(side[0])
 
 
+def lenet_geometry(image_size: int, width: float) -> tuple[tuple[int, int, int, int], int, int]:
+    """Widths (conv1, conv2, fc1, fc2), padding of conv1 and side of the last feature map of a LeNet-5
+    (28x28 inputs are padded to 32x32 as in the original)."""
+    pad = 2 if image_size == 28 else 0
+    side = ((image_size + 2 * pad - 4) // 2 - 4) // 2
+    if side < 1:
+        raise ValueError(f"image_size={image_size} is too small for LeNet-5 (needs >= 16)")
+    return tuple(scaled(c, width) for c in (6, 16, 120, 84)), pad, side
+
+
 class LeNet5(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, image_size: int = 28):
         super().__init__()
-        c1, c2, f1, f2 = (scaled(c, width) for c in (6, 16, 120, 84))
-        pad = 2 if image_size == 28 else 0
-        side = ((image_size + 2 * pad - 4) // 2 - 4) // 2
-        if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for LeNet-5 (needs >= 16)")
+        (c1, c2, f1, f2), pad, side = lenet_geometry(image_size, width)
         self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=pad, bias=False)
         self.bn1 = nn.BatchNorm2d(c1)
         self.relu1 = nn.ReLU()
