@@ -25,7 +25,14 @@ Fine-tuning: ``recipe.train`` on ``bundle.train`` (first ``train_images`` images
 ``procedure_params`` (all optional): ``search`` (bool, default true; false uses ``params`` as given),
 ``trials`` (per layer, 12), ``startup_trials`` (random trials before the GP, 4), ``lam`` (0.5),
 ``target_ratio`` (None), ``p_range`` ([0.0, 0.9]), ``bits_range`` ([2, 4]), ``eval_images`` (1000),
-``sampler`` (``gp`` or ``tpe``), ``seed`` (0), ``train_images`` (None = all).
+``sampler`` (``gp`` or ``tpe``), ``seed`` (0), ``train_images`` (None = all), ``layers`` (None).
+
+``layers`` reuses an earlier search: a path to the ``clipq_layers.json`` a run wrote (relative to the working
+directory), or the per-layer table inline (``[{name, p, bits}]`` or ``{name: {p, bits}}``). Every CLIP-Q layer
+of the model then gets exactly its ``(p, b)`` and no search runs (``optuna`` is not imported); a name in the
+table that is not a CLIP-Q layer of the model, or a layer of the model missing from the table, is a
+``ValueError`` naming it. ``OUT/clipq_layers.json`` also keeps every search trial (``records``), so that the
+Lagrangian choice can be redone for another target offline.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ import torch
 from torch import nn
 
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
-from qcnn.quant.codebook import ClipQQuantizer
+from qcnn.quant.base import check_bits
+from qcnn.quant.codebook import ClipQQuantizer, check_p
 from qcnn.recipes import Recipe
 
 
@@ -57,6 +65,7 @@ class SearchOptions:
     sampler: str = "gp"
     seed: int = 0
     train_images: int | None = None
+    layers: str | list | dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.trials, int) or self.trials < 1:
@@ -71,6 +80,8 @@ class SearchOptions:
             raise ValueError(f"bits_range={self.bits_range!r} must satisfy 1 <= lo <= hi <= 8")
         if self.eval_images < 1:
             raise ValueError(f"eval_images={self.eval_images!r} must be positive")
+        if self.layers is not None and not isinstance(self.layers, (str, Path, list, dict)):
+            raise ValueError(f"layers={self.layers!r} must be a JSON file path, a list or a mapping")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SearchOptions:
@@ -210,6 +221,62 @@ def search(qmodel: nn.Module, loader, opts: SearchOptions, log=print) -> dict:
             "estimated_ratio": _ratio(choice, sizes)}
 
 
+def read_layers(spec) -> dict[str, tuple[float, int]]:
+    """Per-layer ``{name: (p, bits)}`` from ``procedure_params.layers``.
+
+    ``spec`` is a path (relative to the working directory) of a ``clipq_layers.json`` written by an earlier
+    run (``{"layers": [{"name", "p", "bits", ...}], ...}``), or the same content inline: a list of
+    ``{"name", "p", "bits"}`` rows, a mapping ``{"layers": [...]}`` or a mapping ``{name: {p, bits}}`` /
+    ``{name: [p, bits]}``.
+    """
+    where = "layers"
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"layers={str(spec)!r}: no such file (a clipq_layers.json of an earlier run)")
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"layers={str(path)!r} is not valid JSON: {e}") from None
+        where = f"layers file {str(path)!r}"
+    if isinstance(spec, dict) and isinstance(spec.get("layers"), list):
+        spec = spec["layers"]
+    out: dict[str, tuple[float, int]] = {}
+    if isinstance(spec, list):
+        for row in spec:
+            if not isinstance(row, dict) or not {"name", "p", "bits"} <= set(row):
+                raise ValueError(f"{where}: entry {row!r} needs 'name', 'p' and 'bits'")
+            out[str(row["name"])] = (row["p"], row["bits"])
+    elif isinstance(spec, dict):
+        for name, v in spec.items():
+            if isinstance(v, dict) and {"p", "bits"} <= set(v):
+                out[str(name)] = (v["p"], v["bits"])
+            elif isinstance(v, (list, tuple)) and len(v) == 2:
+                out[str(name)] = (v[0], v[1])
+            else:
+                raise ValueError(f"{where}: layer {name!r} needs {{p: .., bits: ..}} or [p, bits], got {v!r}")
+    else:
+        raise ValueError(f"{where}: expected a list of {{name, p, bits}} or a mapping, got {type(spec).__name__}")
+    for name, (p, b) in out.items():
+        check_p(p, f"p of layer {name!r} ({where})")
+        check_bits(b, f"bits of layer {name!r} ({where})")
+        out[name] = (float(p), int(b))
+    return out
+
+
+def apply_layers(qmodel: nn.Module, table: dict[str, tuple[float, int]]) -> None:
+    """Give every CLIP-Q layer its ``(p, bits)`` from ``table``; the two sets of names must match."""
+    layers = dict(clipq_layers(qmodel))
+    unknown = [n for n in table if n not in layers]
+    if unknown:
+        raise ValueError(f"clipq layers: {unknown} not CLIP-Q layers of the model (it has {sorted(layers)})")
+    missing = [n for n in layers if n not in table]
+    if missing:
+        raise ValueError(f"clipq layers: model layer(s) {missing} have no (p, bits) entry")
+    for name, m in layers.items():
+        m.weight_quant.set_params(*table[name])
+
+
 def layer_table(qmodel: nn.Module) -> list[dict]:
     """Per-layer (p, b), weight count and measured zero fraction of a CLIP-Q model."""
     rows = []
@@ -229,12 +296,18 @@ def clipq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None =
     opts = SearchOptions.from_dict(recipe.procedure_params)
     qmodel = quantize_and_calibrate(model, recipe, bundle)
     metrics: dict = {}
-    if opts.search and not resume:
+    records = None
+    if opts.layers is not None:  # (p, b) of an earlier search: no search, no optuna
+        apply_layers(qmodel, read_layers(opts.layers))
+        metrics["layers_from"] = str(opts.layers) if isinstance(opts.layers, (str, Path)) else "inline"
+    elif opts.search and not resume:
         if bundle.calib is None:
             raise ValueError("clipq search needs a calibration split (bundle.calib is None: calib_size=0)")
         res = search(qmodel, bundle.calib, opts)
         metrics["search"] = {"lam": res["lam"], "float_err": res["float_err"], "trials_per_layer": opts.trials,
                              "estimated_ratio": res["estimated_ratio"], "sampler": opts.sampler}
+        records = {n: [{k: t[k] for k in ("p", "bits", "err", "bpw")} for t in recs]
+                   for n, recs in res["records"].items()}
     if recipe.train.epochs > 0:
         ft = bundle
         if opts.train_images is not None:
@@ -245,7 +318,10 @@ def clipq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None =
     if out_dir is not None:
         path = Path(out_dir) / "clipq_layers.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"layers": table, "search": metrics.get("search")}, indent=1))
+        doc = {"layers": table, "search": metrics.get("search")}
+        if records is not None:
+            doc["records"] = records
+        path.write_text(json.dumps(doc, indent=1))
     n = sum(r["numel"] for r in table)
     metrics["clipq_bits_per_weight"] = sum(r["numel"] * bits_per_weight(r["p"], r["bits"]) for r in table) / max(n, 1)
     if not math.isfinite(metrics["clipq_bits_per_weight"]):
@@ -253,4 +329,5 @@ def clipq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None =
     return qmodel, metrics
 
 
-__all__ = ["SearchOptions", "bits_per_weight", "clipq", "clipq_layers", "layer_table", "search", "select"]
+__all__ = ["SearchOptions", "apply_layers", "bits_per_weight", "clipq", "clipq_layers", "layer_table", "read_layers",
+           "search", "select"]

@@ -102,3 +102,68 @@ def test_bad_procedure_params():
         SearchOptions.from_dict({"trails": 3})
     with pytest.raises(ValueError, match="sampler"):
         SearchOptions(sampler="random")
+
+
+def _layers_recipe(layers, **pp):
+    return Recipe.from_dict({"method": "clipq", "w_bits": 3, "first_last": "same", "procedure": "clipq",
+                             "procedure_params": {"layers": layers, **pp},
+                             "train": {"epochs": 0}})
+
+
+_TABLE = {"conv1": (0.1, 4), "conv2": (0.35, 2), "fc1": (0.8, 3), "fc2": (0.55, 2), "fc3": (0.0, 4)}
+
+
+@pytest.mark.parametrize("form", ["file", "list", "mapping", "pairs"])
+def test_layers_option_applies_each_layer_without_search(fashion, tmp_path, monkeypatch, form):
+    import json
+    import sys
+
+    rows = [{"name": n, "p": p, "bits": b, "numel": 1, "zero_fraction": 0.0, "levels": 1}
+            for n, (p, b) in _TABLE.items()]
+    if form == "file":  # the clipq_layers.json format, path relative to the working directory
+        (tmp_path / "prev").mkdir()
+        (tmp_path / "prev" / "clipq_layers.json").write_text(json.dumps({"layers": rows, "search": None}))
+        monkeypatch.chdir(tmp_path)
+        spec = "prev/clipq_layers.json"
+    elif form == "list":
+        spec = rows
+    elif form == "mapping":
+        spec = {n: {"p": p, "bits": b} for n, (p, b) in _TABLE.items()}
+    else:
+        spec = {n: [p, b] for n, (p, b) in _TABLE.items()}
+    monkeypatch.setitem(sys.modules, "optuna", None)  # any `import optuna` now fails
+    torch.manual_seed(0)
+    qmodel, metrics = run_recipe(build_model("lenet5", in_channels=1), fashion,
+                                 _layers_recipe(spec, trials=3), tmp_path / "out")
+    assert "search" not in metrics
+    table = {r["name"]: r for r in metrics["clipq_layers"]}
+    assert set(table) == set(_TABLE)
+    for name, (p, b) in _TABLE.items():
+        q = qmodel.get_submodule(name).weight_quant
+        assert q.bits == b and int(q.nbits) == b and float(q.p) == pytest.approx(p)
+        assert (table[name]["p"], table[name]["bits"]) == (pytest.approx(p), b)
+        w = qmodel.get_submodule(name).weight
+        n_pos, n_neg = int((w > 0).sum()), int((w < 0).sum())
+        wq = q(w)
+        assert int((wq == 0).sum()) == int(p * n_pos) + int(p * n_neg)
+        assert torch.unique(wq).numel() <= 2**b
+    saved = json.loads((tmp_path / "out" / "clipq_layers.json").read_text())
+    assert {r["name"]: (r["p"], r["bits"]) for r in saved["layers"]} == {n: (pytest.approx(p), b)
+                                                                          for n, (p, b) in _TABLE.items()}
+
+
+def test_layers_option_errors_name_the_layer(fashion, tmp_path):
+    extra = {**{n: [p, b] for n, (p, b) in _TABLE.items()}, "fc9": [0.5, 3]}
+    with pytest.raises(ValueError, match="fc9"):
+        run_recipe(build_model("lenet5", in_channels=1), fashion, _layers_recipe(extra))
+    missing = {n: [p, b] for n, (p, b) in _TABLE.items() if n != "conv2"}
+    with pytest.raises(ValueError, match="conv2"):
+        run_recipe(build_model("lenet5", in_channels=1), fashion, _layers_recipe(missing))
+    with pytest.raises(ValueError, match="nowhere.json"):
+        run_recipe(build_model("lenet5", in_channels=1), fashion, _layers_recipe(str(tmp_path / "nowhere.json")))
+    bad_bits = {**{n: [p, b] for n, (p, b) in _TABLE.items()}, "fc1": [0.5, 2.5]}
+    with pytest.raises(ValueError, match="fc1"):
+        run_recipe(build_model("lenet5", in_channels=1), fashion, _layers_recipe(bad_bits))
+    bad_p = {**{n: [p, b] for n, (p, b) in _TABLE.items()}, "fc2": [1.2, 2]}
+    with pytest.raises(ValueError, match="fc2"):
+        run_recipe(build_model("lenet5", in_channels=1), fashion, _layers_recipe(bad_p))
