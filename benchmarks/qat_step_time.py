@@ -1,4 +1,4 @@
-"""QAT training-step time over float step time, ResNet-20, CIFAR-sized batch (default 128), on CPU.
+"""QAT training-step time over float step time, ResNet-20, CIFAR-sized batch (default 128), CPU or GPU.
 
 Configurations: float; qcnn uniform 8-bit QAT; each QAT-I method (DoReFa, DoReFa with 8-bit gradients,
 PACT, WRPN, HWGQ W1A2, LSQ at W4A4 unless stated); torch.ao FX QAT 8-bit (``prepare_qat_fx`` with the
@@ -8,6 +8,10 @@ cross-entropy + backward + SGD update. The configurations are timed round-robin 
 step of each is reported. Writes ``benchmarks/results/qat_step_time.{json,md}``.
 
     python benchmarks/qat_step_time.py --batch 128 --threads 2
+    python benchmarks/qat_step_time.py --device cuda --steps 20 --rounds 5 --out DIR
+
+On CUDA every timed step ends with ``torch.cuda.synchronize()`` (the step's kernels included in its time).
+Writes ``qat_step_time.json``/``.md`` (CPU) or ``qat_step_time_cuda.json``/``.md`` (GPU).
 """
 
 from __future__ import annotations
@@ -59,11 +63,13 @@ def build(name: str, x: torch.Tensor):
 
 def make_step(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        sync()
 
     return step
 
@@ -76,17 +82,21 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="subset of configurations (float is always run)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here")
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     names = ["float", "torch.ao FX QAT 8-bit", *QCNN_CONFIGS]
     if args.only:
         names = ["float"] + [n for n in names[1:] if n in args.only]
     steps = {}
     for n in names:
-        steps[n] = make_step(build(n, x), x, y)
+        steps[n] = make_step(build(n, x.cpu()).to(device), x, y)
         for _ in range(args.warmup):
             steps[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -99,17 +109,19 @@ def main(argv=None) -> int:
     med = {n: statistics.median(t) for n, t in times.items()}
     rows = [{"config": n, "step_ms": round(1000 * med[n], 1), "ratio": round(med[n] / med["float"], 3),
              "steps": len(times[n])} for n in names]
-    meta = {"model": "resnet20", "batch": args.batch, "threads": args.threads, "device": "cpu",
+    where = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    meta = {"model": "resnet20", "batch": args.batch, "threads": args.threads, "device": where,
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "qat_step_time.json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = [f"# QAT step time / float step time (ResNet-20, batch {args.batch}, CPU, {args.threads} threads)", "",
+    stem = "qat_step_time" if device.type == "cpu" else f"qat_step_time_{device.type}"
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    lines = [f"# QAT step time / float step time (ResNet-20, batch {args.batch}, {where}, {args.threads} threads)", "",
              f"torch {torch.__version__}, {meta['date']}; median of {args.rounds} x {args.steps} steps, "
              "configurations interleaved.", "", "| configuration | step (ms) | x float |", "|---|---|---|"]
     lines += [f"| {r['config']} | {r['step_ms']} | {r['ratio']:.2f} |" for r in rows]
-    (out / "qat_step_time.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

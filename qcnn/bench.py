@@ -12,11 +12,18 @@ Cells a method does not define (e.g. a weight-only method at 4/4, Bi-Real at 4/4
 skipped. ``results.md`` holds the table; ``accuracy_vs_bits.png`` and ``accuracy_vs_size.png`` the plots.
 
 Bits are written ``W/A``; ``A = fp`` keeps activations in float (weight-only methods).
+
+Parallel cells (``workers > 1``): the cells, and the fine-tuned float reference, run in that many
+processes (``spawn``), each with ``threads`` intra-op threads; the parent alone writes ``results.json``, as
+each cell finishes. Small nets leave a large GPU mostly idle, so several cells share it well. With
+``time_limit`` no cell starts after that many seconds; the cells left are pending, and a later run with the
+same ``out_dir`` resumes them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -85,9 +92,17 @@ class Bench:
     """Runs a suite into ``out_dir`` (resumable)."""
 
     def __init__(self, suite: Suite, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
-                 init: str | None = None, seed: int = 0, log=print):
+                 init: str | None = None, seed: int = 0, log=print, workers: int = 1, threads: int | None = None,
+                 time_limit: float | None = None):
+        if int(workers) < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads={threads} must be >= 1")
+        if time_limit is not None and not time_limit > 0:
+            raise ValueError(f"time_limit={time_limit} must be > 0 seconds")
         self.suite, self.out, self.data_dir, self.device = suite, Path(out_dir), data_dir, device
         self.init, self.seed, self.log = init, seed, log
+        self.workers, self.threads, self.time_limit = int(workers), threads, time_limit
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / "results.json"
         self.results = self._load_results()
@@ -158,35 +173,121 @@ class Bench:
 
     # -- cells ---------------------------------------------------------------------------------
     def run(self, methods: list[str] | None = None, bits: list[str] | None = None) -> dict:
+        """Run the pending cells (``methods`` x ``bits``, default the suite's), in that order."""
         methods = methods or self.suite.methods
         bits = bits or self.suite.bits
         for b in bits:
             parse_bits(b)
+        t0 = time.time()
         float_model = self.float_model()
         bundle = self.data()
         if "top1" not in self.results["float"]:
             self.results["float"] = {"top1": _accuracy(float_model, bundle.test),
                                      **self._size(float_model, bundle)}
             self._save()
-        self._float_finetuned(float_model)
+        pending = []
         for m in methods:
             for b in bits:
                 key = cell_key(m, b)
                 if self.results["cells"].get(key, {}).get("status") in ("ok", "undefined"):
                     continue
-                self.results["cells"][key] = self._run_cell(float_model, m, b)
-                self._save()
-                c = self.results["cells"][key]
-                self.log(f"[bench] {key:28s} {c['status']:9s} "
-                         + (f"top1 {c['top1']:.2f}  ({c['seconds']:.0f} s)" if c["status"] == "ok"
-                            else c.get("reason", "")))
-        write_reports(self.results, self.out)
+                undefined = self._undefined(m, b)
+                if undefined is not None:
+                    self._record(key, undefined)
+                else:
+                    pending.append((m, b))
+        try:
+            if self.workers > 1:
+                self._run_parallel(pending, t0)
+            else:
+                self._float_finetuned(float_model)
+                for m, b in pending:
+                    if self._out_of_time(t0):
+                        break
+                    self._record(cell_key(m, b), self._run_cell(float_model, m, b))
+        finally:
+            self._update_drops()
+            write_reports(self.results, self.out)
         return self.results
+
+    def _out_of_time(self, t0: float) -> bool:
+        if self.time_limit is not None and time.time() - t0 > self.time_limit:
+            self.log(f"[bench] time limit {self.time_limit:.0f} s reached: the remaining cells stay pending")
+            return True
+        return False
+
+    def _record(self, key: str, cell: dict) -> None:
+        self.results["cells"][key] = cell
+        self._save()
+        self.log(f"[bench] {key:28s} {cell['status']:9s} "
+                 + (f"top1 {cell['top1']:.2f}  ({cell['seconds']:.0f} s)" if cell["status"] == "ok"
+                    else cell.get("reason", "")))
+
+    def _update_drops(self) -> None:
+        """Drops against the fine-tuned float reference (known only once it finished, in parallel runs)."""
+        ref = self.results["float"].get("finetuned_top1", self.results["float"].get("top1"))
+        changed = False
+        for c in self.results["cells"].values():
+            if c.get("status") == "ok" and ref is not None and c.get("drop") != ref - c["top1"]:
+                c["drop"], changed = ref - c["top1"], True
+        if changed:
+            self._save()
+
+    def _worker_args(self) -> dict:
+        return {"suite": asdict(self.suite), "out_dir": str(self.out), "data_dir": self.data_dir,
+                "device": self.device, "init": self.init, "seed": self.seed,
+                "threads": self.threads or max(1, (os.cpu_count() or 1) // self.workers)}
+
+    def _run_parallel(self, pending: list[tuple[str, str]], t0: float) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        args = self._worker_args()
+        deadline = None if self.time_limit is None else t0 + self.time_limit
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {}
+            if "finetuned_top1" not in self.results["float"] and self.suite.epochs > 0:
+                futures[pool.submit(_worker_task, args, None, None, deadline)] = "float"
+            for m, b in pending:
+                futures[pool.submit(_worker_task, args, m, b, deadline)] = cell_key(m, b)
+            self.log(f"[bench] {len(futures)} task(s) on {self.workers} worker processes "
+                     f"({args['threads']} thread(s) each, {self.device})")
+            try:
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        key = futures.pop(f)
+                        try:
+                            res = f.result()
+                        except Exception as e:  # noqa: BLE001 - a crashed worker is reported like a failed cell
+                            res = {"status": "error", "reason": f"worker failed: {type(e).__name__}: {e}"}
+                            if key != "float":
+                                m, b = key.split("@", 1)
+                                res |= {"method": m, "bits": b}
+                        if res is None:  # not started: out of time
+                            continue
+                        if key == "float":
+                            if res.get("status") == "error":
+                                self.log(f"[bench] float fine-tuning failed: {res['reason']}")
+                            else:
+                                self.results["float"].update(res)
+                                self._save()
+                                self.log(f"[bench] float fine-tuned: top1 {res['finetuned_top1']:.2f}")
+                        else:
+                            self._record(key, res)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
     def _float_finetuned(self, float_model) -> None:
         """Float model trained with the same budget as the QAT cells (the fair reference)."""
         if "finetuned_top1" in self.results["float"] or self.suite.epochs == 0:
             return
+        self.results["float"].update(self._finetune(float_model))
+        self._save()
+
+    def _finetune(self, float_model) -> dict:
         import copy
 
         from qcnn.recipes import load_recipe as _lr
@@ -195,11 +296,10 @@ class Bench:
         spec = _lr("uniform_qat").train
         spec.epochs = self.suite.epochs
         model = copy.deepcopy(float_model)
+        torch.manual_seed(self.seed)
         t0 = time.time()
         fit(model, self.data(), spec, None)
-        self.results["float"]["finetuned_top1"] = _accuracy(model, self.data().test)
-        self.results["float"]["finetune_seconds"] = time.time() - t0
-        self._save()
+        return {"finetuned_top1": _accuracy(model, self.data().test), "finetune_seconds": time.time() - t0}
 
     def _size(self, model, bundle) -> dict:
         from qcnn.report.size import summarize
@@ -207,20 +307,28 @@ class Bench:
         s = summarize(model, _example(bundle))
         return {"size_bytes": s["size_bytes"], "bops": s["bops"]}
 
-    def _run_cell(self, float_model, name: str, bits: str) -> dict:
-        import copy
-
-        from qcnn.methods import run_recipe
-
+    def _undefined(self, name: str, bits: str) -> dict | None:
+        """The ``undefined`` record of a cell the method does not define (or an unknown recipe), else None."""
         w, a = parse_bits(bits)
         try:
             recipe = load_recipe(name)
         except (ValueError, FileNotFoundError) as e:
             return {"method": name, "bits": bits, "status": "undefined", "reason": str(e)}
-        method_cls = type(get_method(recipe.method, recipe.params))
-        reason = method_cls.defines(w, a)
+        reason = type(get_method(recipe.method, recipe.params)).defines(w, a)
         if reason is not None:
             return {"method": name, "bits": bits, "status": "undefined", "reason": reason}
+        return None
+
+    def _run_cell(self, float_model, name: str, bits: str) -> dict:
+        import copy
+
+        from qcnn.methods import run_recipe
+
+        undefined = self._undefined(name, bits)
+        if undefined is not None:
+            return undefined
+        w, a = parse_bits(bits)
+        recipe = load_recipe(name)
         recipe = recipe.replace(w_bits=w, a_bits=a if a is not None else recipe.a_bits,
                                 first_last=self.suite.first_last)
         if recipe.train.epochs > 0:
@@ -242,6 +350,22 @@ class Bench:
         return {"method": name, "bits": bits, "status": "ok", "top1": top1, "drop": ref - top1,
                 "seconds": time.time() - t0, "epochs": recipe.train.epochs,
                 **self._size(qmodel, self.data())}
+
+
+def _worker_task(args: dict, method: str | None, bits: str | None, deadline: float | None) -> dict | None:
+    """One parallel task in a worker process: a cell, or (``method=None``) the fine-tuned float reference.
+
+    Returns None without running when ``deadline`` (wall-clock seconds) has passed.
+    """
+    if deadline is not None and time.time() > deadline:
+        return None
+    torch.set_num_threads(int(args["threads"]))
+    bench = Bench(Suite(**args["suite"]), args["out_dir"], data_dir=args["data_dir"], device=args["device"],
+                  init=args["init"], seed=args["seed"], log=lambda *a, **k: None)
+    float_model = bench.float_model()
+    if method is None:
+        return bench._finetune(float_model)
+    return bench._run_cell(float_model, method, bits)
 
 
 def write_reports(results: dict, out: str | Path) -> str:

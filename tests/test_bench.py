@@ -61,3 +61,39 @@ def test_bench_refuses_another_suite_in_same_dir(tmp_path, float_lenet):
     (tmp_path / "results.json").write_text(json.dumps({"suite": {"model": "resnet20", "dataset": "cifar10"}}))
     with pytest.raises(ValueError, match="holds another suite"):
         Bench(SUITES["demo"], tmp_path, init=str(float_lenet[0]))
+
+
+def test_parallel_workers_match_sequential_cells(tmp_path, float_lenet):
+    """Cells run in worker processes give the same numbers as in-process (same seed, one thread each)."""
+    init, _ = float_lenet
+    suite = dataclasses.replace(SUITES["demo"], epochs=1, train_images=1024)
+    cells = (["uniform_qat", "qcode", "no_such_recipe"], ["8/8"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = Bench(suite, tmp_path / "seq", init=str(init), log=lambda *a: None).run(*cells)
+    finally:
+        torch.set_num_threads(threads)
+    par = Bench(suite, tmp_path / "par", init=str(init), log=lambda *a: None, workers=2, threads=1).run(*cells)
+    assert par["float"]["finetuned_top1"] == pytest.approx(seq["float"]["finetuned_top1"], abs=1e-9)
+    for key in ("uniform_qat@8/8", "qcode@8/8"):
+        assert par["cells"][key]["status"] == "ok"
+        assert par["cells"][key]["top1"] == pytest.approx(seq["cells"][key]["top1"], abs=1e-9)
+        # drops are against the fine-tuned float reference, even though it finished in another process
+        assert par["cells"][key]["drop"] == pytest.approx(par["float"]["finetuned_top1"] - par["cells"][key]["top1"])
+    assert par["cells"]["no_such_recipe@8/8"]["status"] == "undefined"
+    assert (tmp_path / "par" / "cells" / "qcode@8-8" / "model.pt").is_file()
+
+
+def test_time_limit_leaves_cells_pending_and_bad_options(tmp_path, float_lenet):
+    init, _ = float_lenet
+    suite = dataclasses.replace(SUITES["demo"], epochs=1, train_images=512)
+    res = Bench(suite, tmp_path, init=str(init), log=lambda *a: None, time_limit=1e-6).run(
+        ["uniform_qat", "no_such_recipe"], ["8/8"])
+    assert "uniform_qat@8/8" not in res["cells"]  # pending: a later run picks it up
+    assert res["cells"]["no_such_recipe@8/8"]["status"] == "undefined"
+    assert (tmp_path / "results.md").is_file()
+    with pytest.raises(ValueError, match="workers=0"):
+        Bench(suite, tmp_path, init=str(init), workers=0)
+    with pytest.raises(ValueError, match="time_limit=-1"):
+        Bench(suite, tmp_path, init=str(init), time_limit=-1)

@@ -20,6 +20,12 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="cells run at once, each in its own process (several share one GPU well); default 1")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per worker process (default: CPU cores / workers)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds after which no new cell starts (the rest stay pending for a later run)")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=run)
@@ -43,7 +49,8 @@ def run(args) -> int:
         parse_bits(b)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     t0 = time.time()
-    bench = Bench(suite, args.out, data_dir=args.data_dir, device=device, init=args.init, seed=args.seed)
+    bench = Bench(suite, args.out, data_dir=args.data_dir, device=device, init=args.init, seed=args.seed,
+                  workers=args.workers, threads=args.threads, time_limit=args.time_limit)
     results = bench.run(methods, bits)
     print(results_table(results))
     print(f"wrote {args.out}/results.json, results.md, accuracy_vs_bits.png, accuracy_vs_size.png")
