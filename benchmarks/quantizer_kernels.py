@@ -39,8 +39,8 @@ def _bytes(x: torch.Tensor) -> int:
     return 2 * x.numel() * x.element_size()  # one read + one write
 
 
-def _quantizers(device: str):
-    conv = nn.Conv2d(64, 64, 3).to(device)
+def _quantizers(device: str, out_channels: int = 64):
+    conv = nn.Conv2d(64, out_channels, 3).to(device)  # the layer whose weight tensor is timed
     for name in available_methods():
         method = get_method(name)
         bits = 4
@@ -84,12 +84,14 @@ def run(device: str, numel: int, min_run: float) -> dict:
         base[label] = (t_f, t_fb)
         rows.append({"quantizer": label, "input": "activation", "fwd_s": t_f, "fwdbwd_s": t_fb})
     copy_f, copy_fb = base["copy"]
-    for name, kind, q, err in _quantizers(device):
+    for name, kind, q, err in _quantizers(device, weight.shape[0]):
         if err is not None:
             rows.append({"quantizer": name, "input": kind, "error": err})
             continue
         x = weight if kind == "weight" else act
         try:
+            if kind == "weight" and hasattr(q, "init_scale"):  # quantizers that a training procedure initialises
+                q.init_scale(x)
             with calibrating(q):
                 q(x)
             q.train()
