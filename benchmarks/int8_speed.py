@@ -1,132 +1,189 @@
 """CPU inference speed of ResNet-20 (batch 128): fp32 eager vs qcnn's int8 deployment vs torch.ao int8 (x86).
 
-All engines run in one process with the same number of threads (``--threads``, reported):
+All engines run in one process with the same number of threads (``--threads``, reported), timed round-robin
+(one call of each engine per round, ``--reps`` rounds after ``--warmup``; median per engine) so that a change
+of machine load hits every engine alike. The 1-minute load average before and after is recorded.
 
 * ``fp32 eager``: the float ``torch.nn`` model;
-* ``qcnn int8 (ONNX Runtime)``: the uniform 8-bit model (BN folded, conv outputs feeding the residual adds
-  quantized with :func:`qcnn.integer.add_residual_quantizers`), compiled by :func:`qcnn.integer.to_integer`,
-  exported as QDQ ONNX and run by ONNX Runtime, whose optimiser fuses it to QLinearConv / QLinearAdd / QGemm;
-* ``qcnn integer engine``: the reference integer-only engine (int64 tensors; exactness, not speed);
-* ``torch.ao int8 x86``: ``prepare_fx`` / ``convert_fx`` with the x86 backend config.
+* ``qcnn int8, ONNX Runtime QLinear NHWC``: the deployment model (uniform W8A8, per-channel symmetric weights,
+  BN folded, conv outputs feeding residual adds quantized (:func:`qcnn.integer.add_residual_quantizers`),
+  biases on the int32 accumulator grid (:func:`qcnn.integer.add_bias_quantizers`), each ReLU'd residual sum
+  quantized once on the grid of the convs reading it (:func:`qcnn.integer.share_relu_grids`)), compiled by
+  :func:`qcnn.integer.to_integer` and exported with ``to_onnx(form="qlinear")``: com.microsoft QLinearConv /
+  QLinearAdd on channels-last uint8 codes end to end;
+* ``qcnn int8, ONNX Runtime QDQ``: the same model in the portable QDQ form (ORT fuses what it can);
+* ``torch.ao int8 x86``: ``prepare_fx`` / ``convert_fx``, default x86 qconfig, same calibration images;
+* ``qcnn reference integer engine`` (``--engine``): int64 tensors, exactness not speed.
 
-Weights are the pretrained ``resnet20-12fca82f.th``; calibration and timing use random normal batches
-(speed does not depend on the values). Writes ``benchmarks/results/int8_speed.{json,md}``.
+Weights: the pretrained ``resnet20-12fca82f.th``. Calibration: 512 CIFAR-10 JPEG training images (the calib
+tail); timing: the first test batch. Accuracy and prediction agreement with the fake-quant simulation are
+measured on the first ``--test-images`` test images (random normal inputs make almost every prediction a
+near-tie, so agreement on noise says little). Writes ``benchmarks/results/int8_speed.{json,md}``.
 
-    python benchmarks/int8_speed.py --threads 2
+    python benchmarks/int8_speed.py --threads 2 --reps 5 --warmup 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT.parent / "shared" / "data" / "weights" / "resnet20-12fca82f.th"
+SHARED = ROOT.parent / "shared" / "data"
+WEIGHTS = SHARED / "weights" / "resnet20-12fca82f.th"
+RECIPE = {"method": "uniform", "w_bits": 8, "a_bits": 8, "first_last": "8bit", "fold_bn": True, "per_channel": True}
 
 
-def _time(fn, x, warmup: int, reps: int) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn(x)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2]
+def deployment_model(model, calib):
+    """The int8 deployment simulation of a float model (see module docstring), calibrated on ``calib``."""
+    from qcnn.calib import calibrating
+    from qcnn.integer import add_bias_quantizers, add_residual_quantizers, share_relu_grids
+    from qcnn.transform import quantize
+
+    q = quantize(model, RECIPE).eval()
+    add_residual_quantizers(q)
+    add_bias_quantizers(q)
+    with torch.no_grad(), calibrating(q):
+        for x in calib:
+            q(x)
+    return share_relu_grids(q)
+
+
+def torch_ao_model(model, calib):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, get_default_qconfig_mapping(torch.backends.quantized.engine), (calib[0][:1],))
+        with torch.no_grad():
+            for x in calib:
+                prepared(x)
+        return convert_fx(prepared)
+
+
+def round_robin(fns: dict, x, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds per call of each engine, timed one call per engine per round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(x)
+        for _ in range(reps):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn(x)
+                times[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--skip-engine", action="store_true", help="do not time the reference integer engine")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--test-images", type=int, default=2000, help="images for top-1 / agreement (0: skip)")
+    p.add_argument("--data-dir", default=str(SHARED / "cifar10-jpeg.zip"))
+    p.add_argument("--engine", action="store_true", help="also time the reference integer engine (slow)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_speed"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from qcnn.calib import calibrating
-    from qcnn.integer import add_residual_quantizers, to_integer
+    import onnxruntime
+
+    from qcnn.data import get_data
+    from qcnn.integer import to_integer
     from qcnn.integer.onnx_export import OrtModel, optimized_op_counts, to_onnx
     from qcnn.models import build_model
-    from qcnn.transform import quantize
 
-    model = build_model("resnet20", weights=str(WEIGHTS) if WEIGHTS.exists() else None).eval()
-    x = torch.randn(args.batch, 3, 32, 32)
-    calib = torch.randn(256, 3, 32, 32)
-    rows = []
+    def float_model():
+        return build_model("resnet20", weights=str(WEIGHTS)).eval()
 
-    with torch.inference_mode():
-        t_fp32 = _time(model, x, args.warmup, args.reps)
-    rows.append({"engine": "fp32 eager (PyTorch)", "seconds": t_fp32})
+    data = get_data("cifar10", args.data_dir, batch_size=args.batch, augment=False, calib_size=512)
+    calib = [x for x, _ in data.calib]
+    x = next(iter(data.test))[0][: args.batch]
+    if x.shape[0] < args.batch:
+        raise ValueError(f"--batch {args.batch} is larger than the test loader's batch")
 
-    q = quantize(model, {"method": "uniform", "w_bits": 8, "a_bits": 8, "first_last": "8bit", "fold_bn": True})
-    q = add_residual_quantizers(q.eval())
-    with torch.no_grad(), calibrating(q):
-        q(calib)
+    model = float_model()
+    q = deployment_model(float_model(), calib)
     im = to_integer(q, x)
-    onnx_model = to_onnx(im)
-    ort = OrtModel(onnx_model, threads=args.threads)
-    xn = x.numpy()
-    t_ort = _time(lambda a: ort.session.run(None, {ort.input_name: a}), xn, args.warmup, args.reps)
-    rows.append({"engine": "qcnn int8 QDQ -> ONNX Runtime", "seconds": t_ort})
-    fused = optimized_op_counts(onnx_model, threads=args.threads)
+    ort_ql = OrtModel(to_onnx(im, form="qlinear"), threads=args.threads)
+    ort_qdq = OrtModel(to_onnx(im, form="qdq"), threads=args.threads)
+    tao = torch_ao_model(float_model(), calib)
 
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    def ort_fn(o):
+        return lambda t: o.session.run(None, {o.input_name: t.numpy()})
 
-    try:
-        from torch.ao.quantization.backend_config import get_x86_backend_config
-        backend = get_x86_backend_config()
-    except ImportError:  # older torch
-        backend = None
-    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-    prepared = prepare_fx(build_model("resnet20", weights=str(WEIGHTS) if WEIGHTS.exists() else None).eval(),
-                          get_default_qconfig_mapping("x86"), (calib[:1],), backend_config=backend)
-    with torch.no_grad():
-        prepared(calib)
-    tao = convert_fx(prepared, backend_config=backend)
-    with torch.inference_mode():
-        t_ao = _time(tao, x, args.warmup, args.reps)
-    rows.append({"engine": "torch.ao int8 x86 (prepare_fx/convert_fx)", "seconds": t_ao})
+    fns = {"fp32 eager (PyTorch)": model, "qcnn int8: ONNX Runtime, QLinear NHWC form": ort_fn(ort_ql),
+           "qcnn int8: ONNX Runtime, QDQ form": ort_fn(ort_qdq), "torch.ao int8 x86 (prepare_fx/convert_fx)": tao}
+    load_before = os.getloadavg()[0]
+    secs = round_robin(fns, x, args.warmup, args.reps)
+    if args.engine:
+        secs.update(round_robin({"qcnn reference integer engine (int64)": im}, x, 1, 2))
+    load_after = os.getloadavg()[0]
+    t_fp32 = secs["fp32 eager (PyTorch)"]
+    rows = [{"engine": k, "seconds": v, "ms_per_batch": round(1000 * v, 2), "images_per_s": round(args.batch / v, 1),
+             "speedup_vs_fp32": round(t_fp32 / v, 2)} for k, v in secs.items()]
 
-    if not args.skip_engine:
-        t_int = _time(im, x, 1, 2)
-        rows.append({"engine": "qcnn reference integer engine (int64)", "seconds": t_int})
+    accuracy = {}
+    if args.test_images > 0:
+        preds: dict[str, list] = {k: [] for k in ("fp32", "fakequant", "ort_qlinear", "ort_qdq", "torch_ao")}
+        labels, seen = [], 0
+        with torch.inference_mode():
+            for xb, yb in data.test:
+                preds["fp32"].append(model(xb).argmax(1))
+                preds["fakequant"].append(q(xb).argmax(1))
+                preds["ort_qlinear"].append(ort_ql(xb).argmax(1))
+                preds["ort_qdq"].append(ort_qdq(xb).argmax(1))
+                preds["torch_ao"].append(tao(xb).argmax(1))
+                labels.append(yb)
+                seen += yb.numel()
+                if seen >= args.test_images:
+                    break
+        y = torch.cat(labels)[: args.test_images]
+        pr = {k: torch.cat(v)[: args.test_images] for k, v in preds.items()}
+        accuracy = {"images": int(y.numel()), "top1": {k: round(100 * float((v == y).float().mean()), 2)
+                                                       for k, v in pr.items()},
+                    "agreement_with_fakequant": {k: round(100 * float((v == pr["fakequant"]).float().mean()), 2)
+                                                 for k, v in pr.items() if k != "fakequant"}}
 
-    with torch.no_grad():
-        ref = q(x)
-        agree_ort = float((ort(x).argmax(1) == ref.argmax(1)).float().mean())
-        agree_ao = float((tao(x).argmax(1) == model(x).argmax(1)).float().mean())
-    for r in rows:
-        r["ms_per_batch"] = round(1000 * r["seconds"], 2)
-        r["images_per_s"] = round(args.batch / r["seconds"], 1)
-        r["speedup_vs_fp32"] = round(t_fp32 / r["seconds"], 2)
+    fused = optimized_op_counts(to_onnx(im, form="qlinear"), threads=args.threads)
+    fused_qdq = optimized_op_counts(to_onnx(im, form="qdq"), threads=args.threads)
     res = {"model": "resnet20", "batch": args.batch, "threads": args.threads, "reps": args.reps,
-           "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-           "cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+           "warmup": args.warmup, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(load_after, 2),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows,
-           "ort_optimized_ops": fused, "top1_agreement_ort_vs_fakequant": agree_ort,
-           "top1_agreement_torchao_vs_fp32": agree_ao}
+           "ort_optimized_ops_qlinear": fused, "ort_optimized_ops_qdq": fused_qdq, "accuracy": accuracy}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"# ResNet-20 int8 inference speed (batch {args.batch}, {args.threads} threads)", "",
-             f"{res['date']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}, median of {args.reps} runs.",
-             "", "| engine | ms / batch | images / s | speed-up vs fp32 eager |", "|---|---:|---:|---:|"]
+             f"{res['date']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}, {res['cpu_count']}-core CPU; "
+             f"median of {args.reps} round-robin rounds after {args.warmup} warm-up rounds; 1-min load average "
+             f"{res['load_avg_1min_before']} before, {res['load_avg_1min_after']} after.", "",
+             "| engine | ms / batch | images / s | speed-up vs fp32 eager |", "|---|---:|---:|---:|"]
     lines += [f"| {r['engine']} | {r['ms_per_batch']} | {r['images_per_s']} | {r['speedup_vs_fp32']}x |"
               for r in rows]
-    lines += ["", "ONNX Runtime's optimised graph: " + ", ".join(f"{k} x{v}" for k, v in fused.items()), "",
-              f"Prediction agreement ORT vs fake-quant simulation: {agree_ort:.4f}; torch.ao vs fp32: {agree_ao:.4f}."]
+    lines += ["", "ONNX Runtime's optimised graph, QLinear form: " + ", ".join(f"{k} x{v}" for k, v in fused.items()),
+              "", "QDQ form: " + ", ".join(f"{k} x{v}" for k, v in fused_qdq.items())]
+    if accuracy:
+        lines += ["", f"First {accuracy['images']} CIFAR-10 JPEG test images:", "",
+                  "| engine | top-1 | prediction agreement with fake-quant |", "|---|---:|---:|"]
+        for k, v in accuracy["top1"].items():
+            agree = accuracy["agreement_with_fakequant"].get(k)
+            lines.append(f"| {k} | {v:.2f} | {'-' if agree is None else f'{agree:.2f} %'} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -591,7 +591,8 @@ class _Compiler:
             raise ValueError(f"layer {name!r}: the weight quantizer's output is not on its reported grid")
         dtype = torch.int8 if wg.qmin >= -128 and wg.qmax <= 127 else (
             torch.uint8 if wg.qmin >= 0 and wg.qmax <= 255 else torch.int16 if wg.bits <= 16 else torch.int32)
-        bias = mod.bias.detach().to(torch.float64) if mod.bias is not None else torch.zeros(co, dtype=torch.float64)
+        b = mod.quantized_bias() if hasattr(mod, "quantized_bias") else mod.bias
+        bias = b.detach().to(torch.float64) if b is not None else torch.zeros(co, dtype=torch.float64)
         is_conv = isinstance(mod, nn.Conv2d)
         if is_conv and mod.padding_mode != "zeros":
             raise ValueError(f"layer {name!r}: padding_mode={mod.padding_mode!r} is not supported (zeros only)")

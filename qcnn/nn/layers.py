@@ -3,10 +3,12 @@
 ``QConv2d`` / ``QLinear`` subclass ``nn.Conv2d`` / ``nn.Linear`` (same parameters and state_dict keys)
 and compute::
 
-    y = out_quant( op( input_quant(x), weight_quant(W), b ) )
+    y = out_quant( op( input_quant(x), weight_quant(W), bias_quant(b, layer) ) )
 
-where every slot is optional (``None`` = identity). ``out_quant`` is for modules that act on the layer
-output, e.g. a :class:`~qcnn.quant.base.GradientQuantizer` (identity forward, quantized backward).
+where every slot is optional (``None`` = identity; ``bias_quant`` is an attribute set after construction, e.g.
+by :func:`qcnn.integer.add_bias_quantizers`, and receives the layer to read its input and weight grids).
+``out_quant`` is for modules that act on the layer output, e.g. a :class:`~qcnn.quant.base.GradientQuantizer`
+(identity forward, quantized backward).
 ``QAdd`` replaces a residual ``a + b`` and quantizes its output (integer-only inference needs it).
 """
 
@@ -33,6 +35,10 @@ class _QuantSlots:
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
+
+    def quantized_bias(self) -> Tensor | None:
+        bq = getattr(self, "bias_quant", None)
+        return bq(self.bias, self) if bq is not None and self.bias is not None else self.bias
 
     def _pre(self, x: Tensor) -> Tensor:
         return self.input_quant(x) if self.input_quant is not None else x
@@ -65,7 +71,7 @@ class QConv2d(_QuantSlots, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.bias))
+        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.quantized_bias()))
 
 
 class QLinear(_QuantSlots, nn.Linear):
@@ -86,7 +92,7 @@ class QLinear(_QuantSlots, nn.Linear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._post(F.linear(self._pre(x), self.quantized_weight(), self.bias))
+        return self._post(F.linear(self._pre(x), self.quantized_weight(), self.quantized_bias()))
 
 
 class QAdd(nn.Module):
