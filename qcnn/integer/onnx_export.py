@@ -406,7 +406,7 @@ class _QLinearBuilder(_Builder):
             raise ValueError(f"conv {op.attrs['layer']!r}: its input is not NHWC codes")
         if self.users.get(op.output, 0) != 1:
             raise ValueError(f"conv {op.attrs['layer']!r}: the accumulator has {self.users.get(op.output, 0)} "
-                             "consumers; the QLinear form needs exactly one requantization")
+                             "consumers; the QLinear form needs exactly one requantization (use the QDQ form)")
         self.pending[op.output] = (op, x, [])
         self.kind[op.output] = ("acc",)
         return op.output
@@ -452,13 +452,16 @@ class _QLinearBuilder(_Builder):
             src, xin, posts = self.pending[x]
             raw = self._conv(src, xin, op) if src.kind == "conv" else self._pool(src, xin, op)
             out = self._codes(raw, g, self.layout[xin])
-            for post in posts:  # reshapes between the pooled accumulator and its requantization
-                out = self.op_reshape(post, out)
+            for post in posts:  # reshapes / max pools between the accumulator and its requantization
+                out = getattr(self, f"op_{post.kind}")(post, out)
         elif self.kind[x][0] == "q":  # codes -> codes on another grid: a lookup table
             xs, xz = self._sz(x)
             ys, yz = self._grid_sz(g)
             out = self._codes(self.node("QLinearLeakyRelu", [x, xs, xz, ys, yz], op.output + "_lut",
                                         domain=self.MS, alpha=1.0), g, self.layout[x])
+        elif self.kind[x][0] == "f" and self.ndim.get(op.inputs[0], 4) == 2:  # Gemm output (ORT fuses QGemm)
+            s, z = self._grid_sz(g)
+            out = self._codes(self.node("QuantizeLinear", [x, s, z], op.output + "_q"), g, "nchw")
         else:
             raise ValueError(f"{op.output}: requantizing a float accumulator is not expressible in the QLinear "
                              "form (quantize the tensor, or use the QDQ form)")
@@ -482,7 +485,20 @@ class _QLinearBuilder(_Builder):
         hi = int(op.tensors["hi"]) if "hi" in op.tensors else 255 - sh
         return self._clip(x, lo, hi, op.output)
 
+    def _defer(self, op: Op, x: str) -> str:
+        """Apply ``op`` to the codes after the pending requantization of ``x`` (it commutes with it)."""
+        src, xin, posts = self.pending.pop(x)
+        if self.users.get(op.output, 0) != 1:
+            raise ValueError(f"{op.output}: a deferred accumulator needs exactly one requantization")
+        self.pending[op.output] = (src, xin, posts + [op])
+        self.kind[op.output] = ("acc",)
+        return op.output
+
     def op_maxpool(self, op: Op, x: str) -> str:
+        if x in self.pending:  # requantization is monotone per channel: max pool of codes = codes of max pool
+            return self._defer(op, x)
+        if self.kind[x][0] != "q":
+            raise ValueError(f"{op.output}: max pool of a float value is not expressible in the QLinear form")
         if self.layout.get(x) != "nhwc":
             return super().op_maxpool(op, x)
         a = op.attrs
@@ -507,12 +523,7 @@ class _QLinearBuilder(_Builder):
 
     def op_reshape(self, op: Op, x: str) -> str:
         if x in self.pending:  # applied to the codes once the accumulator is requantized
-            src, xin, posts = self.pending.pop(x)
-            if self.users.get(op.output, 0) != 1:
-                raise ValueError(f"{op.output}: a reshaped accumulator needs exactly one requantization")
-            self.pending[op.output] = (src, xin, posts + [op])
-            self.kind[op.output] = ("acc",)
-            return op.output
+            return self._defer(op, x)
         shp = self.shapes[op.inputs[0]]
         if self.layout.get(x) == "nhwc" and not (len(shp) == 4 and shp[2] == shp[3] == 1 and
                                                   len(op.attrs["shape"]) == 1):

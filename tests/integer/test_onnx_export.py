@@ -11,7 +11,7 @@ from torch import nn
 from qcnn.calib import calibrating
 from qcnn.integer import IntegerModel, add_residual_quantizers, run_engine, to_integer
 from qcnn.integer.agreement import compare_codes, simulation_codes
-from qcnn.integer.onnx_export import OrtModel, optimized_op_counts, to_onnx
+from qcnn.integer.onnx_export import OrtModel, optimized_op_counts, ort_codes, to_onnx
 from qcnn.transform import quantize
 
 
@@ -129,3 +129,95 @@ def test_run_engine_and_export_command(tmp_path):
     ort = OrtModel(onnx.load(str(tmp_path / "l.onnx")), threads=1)
     assert (ort(x).argmax(1) == im(x).argmax(1)).float().mean() >= 0.95
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--input-shape", "1,28"]) == 2
+
+
+class _Down(nn.Module):
+    """Stem, an identity residual block and a downsampling block with an option-A shortcut (slice + pad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.conv4 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)) + x)
+        y = torch.relu(self.bn3(self.conv3(x)))
+        s = nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+        x = torch.relu(self.bn4(self.conv4(y)) + s)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _deploy(share=True, residual=True):
+    from qcnn.integer import add_bias_quantizers, share_relu_grids
+
+    torch.manual_seed(0)
+    net = _Down().eval()
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2, net.bn3, net.bn4):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    q = quantize(net, {"method": "uniform", "fold_bn": True, "first_last": "8bit"}).eval()
+    if residual:
+        add_residual_quantizers(q)
+    add_bias_quantizers(q)
+    with torch.no_grad(), calibrating(q):
+        q(torch.randn(64, 3, 12, 12))
+    return share_relu_grids(q) if share else q
+
+
+def test_qlinear_form_runs_channels_last_on_integer_kernels():
+    q = _deploy()
+    x = torch.randn(16, 3, 12, 12)
+    im = to_integer(q, x)
+    m = to_onnx(im, form="qlinear")
+    counts = optimized_op_counts(m, threads=1)
+    assert counts.get("Transpose", 0) == 1, counts  # only the network input goes NCHW -> NHWC
+    assert counts.get("com.microsoft.QLinearConv") == 4 and counts.get("com.microsoft.QLinearAdd") == 2, counts
+    assert counts.get("com.microsoft.QGemm") == 1 and counts.get("com.microsoft.QLinearGlobalAveragePool") == 1
+    assert not any(k in counts for k in ("Conv", "Add", "DequantizeLinear", "QLinearLeakyRelu")), counts
+    ref, sim = simulation_codes(q, x)
+    model, names = to_onnx(im, with_codes=True, forced=True, form="qlinear")
+    _, got = ort_codes(model, names, x, force=sim, threads=1)
+    cmp = compare_codes(got, sim)
+    assert cmp["points"] == len(sim) and cmp["elements"] > 0 and cmp["max_diff"] <= 1 and cmp["equal"] >= 0.999, cmp
+    logits = OrtModel(m, threads=1)(x)
+    assert torch.allclose(logits, ref, atol=0.05 * float(ref.abs().max()))
+    assert (logits.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_qlinear_form_without_residual_codes_asks_for_the_qdq_form():
+    q = _deploy(share=False, residual=False)
+    im = to_integer(q, torch.randn(2, 3, 12, 12))
+    with pytest.raises(ValueError, match="QDQ form"):
+        to_onnx(im, form="qlinear")
+    with pytest.raises(ValueError, match="form="):
+        to_onnx(im, form="nhwc")
+    assert to_onnx(im, form="qdq") is not None
+
+
+def test_shared_relu_grids_remove_rescaling_and_keep_the_engine_exact():
+    from qcnn.integer import share_relu_grids
+
+    x = torch.randn(8, 3, 12, 12)
+    before = to_integer(_deploy(share=False), x)
+    q = _deploy(share=True)
+    im = to_integer(q, x)
+    rescale = [op for op in im.ops if op.kind == "requant" and "input_zero_point" in op.attrs]
+    assert len(rescale) == 0 < len([op for op in before.ops if op.kind == "requant" and "input_zero_point" in op.attrs])
+    assert q.qadd_0.out_quant is q.conv3.input_quant  # the ReLU'd sum is quantized once, on the conv's grid
+    assert q.conv1.out_quant is q.conv2.input_quant
+    _, sim = simulation_codes(q, x)
+    _, forced = im.run(x, force=sim, record=True)
+    cmp = compare_codes(forced, sim)
+    assert cmp["max_diff"] <= 1 and cmp["equal"] >= 0.999
+    with pytest.raises(ValueError, match="nothing to share"):
+        share_relu_grids(quantize(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), {"method": "uniform"}))
