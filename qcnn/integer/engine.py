@@ -7,10 +7,10 @@ quantizing the input and dequantizing the output only integer arithmetic runs (i
 
 * **conv / linear**: ``acc = sign * sum (x - z_x)(w - z_w) + bias``, ``bias = round(b / (s_x s_w))`` (int32).
   The sum is the FQN formula ``sum A W - z_w sum A - z_a sum W + N z_a z_w`` in its centred form. It is
-  evaluated as one matrix product per kernel tap on float64 tensors: every product and partial sum is an
-  integer of magnitude below ``K * 2^(bx-1+1) * 2^(bw+1) < 2^53`` (``K`` = fan-in, checked at compile time),
-  and float64 represents every integer below 2^53 exactly, so each addition is exact whatever the summation
-  order or blocking of the BLAS kernel (no FFT/Winograd is involved: it is a plain GEMM).
+  evaluated as one matrix product per group (im2col with ``F.unfold``) on float64 tensors: every product and
+  partial sum is an integer of magnitude below ``K * 2^(bx-1+1) * 2^(bw+1) < 2^53`` (``K`` = fan-in, checked
+  at compile time), and float64 represents every integer below 2^53 exactly, so each addition is exact
+  whatever the summation order or blocking of the BLAS kernel (no FFT/Winograd is involved: a plain GEMM).
 * **BatchNorm** after a conv (frozen statistics) is folded into the per-channel real scale of the accumulator
   ``S = s_x s_w gamma / sigma``; a negative scale flips the sign of the channel (``sign``) so ``S > 0``.
 * **requantize** an accumulator to the grid of the quantizer that consumes it:
@@ -164,14 +164,20 @@ def int_conv2d(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> 
             t = xs * wd[:, :, i, j, None, None]
             out = t if out is None else out + t
         return out
+    # im2col + one GEMM per group: (N*L, K) @ (K, co/g) on float64, every partial sum an integer < 2^53
     xf = x.to(torch.float64)
-    wg = w.to(torch.float64).reshape(groups, co // groups, cig, kh, kw)
-    out = None
-    for i, j, xs in _windows(xf, (kh, kw), stride, padding, dilation, 0.0):
-        ho, wo = xs.shape[-2:]
-        t = torch.matmul(wg[..., i, j], xs.reshape(n, groups, cig, ho * wo))
-        out = t if out is None else out + t
-    return out.reshape(n, co, ho, wo).to(torch.int64)
+    h, wd = x.shape[-2:]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    wf = w.to(torch.float64).reshape(groups, co // groups, cig * kh * kw)
+    outs = []
+    for g in range(groups):
+        xg = xf[:, g * cig:(g + 1) * cig] if groups > 1 else xf
+        cols = F.unfold(xg, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, K, L)
+        y = torch.matmul(cols.transpose(1, 2).reshape(-1, cols.shape[1]), wf[g].t())  # (N*L, co/g)
+        outs.append(y.reshape(n, ho * wo, co // groups))
+    out = torch.cat(outs, dim=2) if groups > 1 else outs[0]
+    return out.transpose(1, 2).reshape(n, co, ho, wo).to(torch.int64)
 
 
 def _run_conv(op: Op, x: Tensor, cache: dict) -> Tensor:
