@@ -14,8 +14,10 @@
    ``log sigma^2 - log theta^2 > threshold`` to 0 and snaps the rest to the nearest of ``{-r, 0, r}``.
 
 ``procedure_params`` (all optional): ``warmup`` (0.5), ``kl_weight`` (1.0), ``threshold`` (2.0),
-``train_images`` (None = all). Metrics add ``top1`` (test, after snapping), ``pruned_fraction`` (zero weights
-over all VNQ layers) and ``vnq_layers`` (per layer ``r`` and zero fraction).
+``train_images`` (None = all). Metrics add ``top1`` (test, after snapping), ``top1_before_snap`` (mean weights),
+``pruned_fraction`` (zero weights over all VNQ layers: pruned by ``log alpha`` or nearest to 0),
+``threshold_pruned_fraction`` (by ``log alpha`` alone), ``level_fractions`` (``-r``, ``0``, ``+r``) and
+``vnq_layers`` (per layer ``r`` and the same fractions).
 """
 
 from __future__ import annotations
@@ -121,13 +123,18 @@ def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = N
     qmodel.eval()
     res = evaluate(qmodel, bundle.test)
     n = sum(s["numel"] for s in stats.values())
-    metrics.update(top1=res["top1"], loss=res["loss"], vnq_layers=stats,
-                   pruned_fraction=sum(s["zero_fraction"] * s["numel"] for s in stats.values()) / max(n, 1))
+    def overall(key):
+        return sum(s[key] * s["numel"] for s in stats.values()) / max(n, 1)
+
+    metrics.update(top1=res["top1"], loss=res["loss"], vnq_layers=stats, pruned_fraction=overall("zero_fraction"),
+                   threshold_pruned_fraction=overall("pruned_fraction"),
+                   level_fractions={"-r": overall("neg_fraction"), "0": overall("zero_fraction"),
+                                    "+r": overall("pos_fraction")})
     if out_dir is not None:
         path = Path(out_dir) / "vnq_layers.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"layers": stats, "pruned_fraction": metrics["pruned_fraction"],
-                                    "top1": metrics["top1"]}, indent=1))
+        keys = ("top1_before_snap", "top1", "pruned_fraction", "threshold_pruned_fraction", "level_fractions")
+        path.write_text(json.dumps({"layers": stats, **{k: metrics.get(k) for k in keys}}, indent=1))
     return qmodel, metrics
 
 

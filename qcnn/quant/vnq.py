@@ -173,14 +173,19 @@ def kl_total(model: nn.Module) -> Tensor:
 def prune_and_snap(model: nn.Module, threshold: float = 2.0) -> dict:
     """Replace every variational layer's weights by their pruned ternary values (no fine-tuning).
 
-    Returns per-layer statistics: ``{name: {"r": r, "zero_fraction": f, "numel": n}}``.
+    Returns per-layer statistics: ``{name: {"r", "zero_fraction", "neg_fraction", "pos_fraction",
+    "pruned_fraction", "numel"}}``: the fractions of weights at ``0``, ``-r`` and ``+r``, and the fraction
+    set to 0 by the ``log alpha`` threshold (the other zeros are weights nearest to 0).
     """
     stats = {}
     for name, m in variational_layers(model):
-        q = m.weight_quant.snap(m.weight, threshold)
+        wq = m.weight_quant
+        la0 = wq.log_sigma2 - torch.log(m.weight * m.weight + EPS)
+        q = wq.snap(m.weight, threshold)
         m.weight.copy_(q)
-        stats[name] = {"r": float(m.weight_quant.r.abs()), "zero_fraction": float((q == 0).float().mean()),
-                       "numel": q.numel()}
+        stats[name] = {"r": float(wq.r.detach().abs()), "zero_fraction": float((q == 0).float().mean()),
+                       "neg_fraction": float((q < 0).float().mean()), "pos_fraction": float((q > 0).float().mean()),
+                       "pruned_fraction": float((la0 > threshold).float().mean()), "numel": q.numel()}
     return stats
 
 

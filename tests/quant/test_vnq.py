@@ -90,3 +90,20 @@ def test_to_variational_and_prune_and_snap_give_ternary_layers():
         r = m.weight_quant.r.abs()
         assert torch.isin(m.weight, torch.stack([-r, torch.zeros_like(r), r]).detach()).all()
         assert 0.0 <= stats[name]["zero_fraction"] <= 1.0
+
+
+def test_prune_and_snap_level_fractions():
+    lin = QLinear.from_float(nn.Linear(4, 2, bias=False), weight_quant=None)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.3, -0.6, 0.02, 0.9], [-0.2, -0.45, 0.7, 0.1]]))
+    lin.weight_quant = VNQQuantizer(lin.weight, log_sigma2_init=math.log(1e-4), learn_r=False)
+    lin.weight_quant.r.fill_(0.5)
+    lin.weight_quant.log_sigma2.data[0, 1] = math.log(10.0)  # -0.6 pruned by log alpha
+    model = nn.Sequential(lin)
+    stats = prune_and_snap(model)["0"]
+    # nearest values, -0.6 pruned by the threshold: [0.5, 0, 0, 0.5] and [0, -0.5, 0.5, 0]
+    assert model[0].weight.flatten().tolist() == pytest.approx([0.5, 0.0, 0.0, 0.5, 0.0, -0.5, 0.5, 0.0])
+    fractions = (stats["zero_fraction"], stats["neg_fraction"], stats["pos_fraction"])
+    assert fractions == pytest.approx((4 / 8, 1 / 8, 3 / 8))
+    # 0.02 (log alpha = log(1e-4 / 4e-4) < 2), -0.2 and 0.1 are zeros as nearest values, not by the threshold
+    assert stats["pruned_fraction"] == pytest.approx(1 / 8)
