@@ -12,9 +12,14 @@
    decay (:meth:`~qcnn.quant.vnq.VNQMethod.param_groups`).
 3. After training, without fine-tuning, :func:`~qcnn.quant.vnq.prune_and_snap` sets weights with
    ``log sigma^2 - log theta^2 > threshold`` to 0 and snaps the rest to the nearest of ``{-r, 0, r}``.
+4. Optional (``bn_images`` > 0): the BatchNorm running statistics are recomputed with the snapped weights on
+   the first ``bn_images`` images of the calibration split (:func:`reestimate_bn`). No parameter is trained;
+   the statistics collected during ELBO training came from noisy, unsnapped weights.
 
 ``procedure_params`` (all optional): ``warmup`` (0.5), ``kl_weight`` (1.0), ``threshold`` (2.0),
-``train_images`` (None = all). Metrics add ``top1`` (test, after snapping), ``top1_before_snap`` (mean weights),
+``train_images`` (None = all), ``bn_images`` (0 = keep the training statistics). Metrics add ``top1`` (test,
+after snapping and any BatchNorm re-estimation), ``top1_snap_no_bn`` (after snapping, before the re-estimation;
+only with ``bn_images``), ``top1_before_snap`` (mean weights),
 ``pruned_fraction`` (zero weights over all VNQ layers: pruned by ``log alpha`` or nearest to 0),
 ``threshold_pruned_fraction`` (by ``log alpha`` alone), ``level_fractions`` (``-r``, ``0``, ``+r``) and
 ``vnq_layers`` (per layer ``r`` and the same fractions).
@@ -27,6 +32,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -41,12 +47,15 @@ class VNQProcedureOptions:
     kl_weight: float = 1.0
     threshold: float = 2.0
     train_images: int | None = None
+    bn_images: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"warmup={self.warmup!r} must be a fraction in [0, 1]")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight={self.kl_weight!r} must be >= 0")
+        if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) or self.bn_images < 0:
+            raise ValueError(f"bn_images={self.bn_images!r} must be a non-negative integer")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> VNQProcedureOptions:
@@ -102,6 +111,41 @@ def n_images(loader) -> int:
     return len(loader) * getattr(loader, "batch_size", 1)
 
 
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, loader, images: int) -> int:
+    """Recompute every BatchNorm's running mean and variance with the model's current (snapped) weights.
+
+    Forward passes in evaluation mode (mean weights, no noise) with only the BatchNorm layers collecting
+    statistics, as an equal-weight average over the first ``images`` images of ``loader``. No parameter changes.
+    Returns the number of images used (0 when the model has no BatchNorm).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or images <= 0:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    device = next(model.parameters()).device
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    seen = 0
+    try:
+        for x, _ in loader:
+            model(x[: images - seen].to(device))
+            seen += min(len(x), images - seen)
+            if seen >= images:
+                break
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("bn_images: the loader gave no images")
+    return seen
+
+
 @register_procedure("vnq")
 def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
         resume: bool = False) -> tuple[nn.Module, dict]:
@@ -121,6 +165,11 @@ def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = N
         metrics["top1_before_snap"] = metrics.get("top1")
     stats = prune_and_snap(qmodel, opts.threshold)
     qmodel.eval()
+    if opts.bn_images > 0:
+        metrics["top1_snap_no_bn"] = evaluate(qmodel, bundle.test)["top1"]
+        source = bundle.calib if bundle.calib is not None else bundle.train
+        metrics["bn_images"] = reestimate_bn(qmodel, source, opts.bn_images)
+        qmodel.eval()
     res = evaluate(qmodel, bundle.test)
     n = sum(s["numel"] for s in stats.values())
     def overall(key):
@@ -133,9 +182,10 @@ def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = N
     if out_dir is not None:
         path = Path(out_dir) / "vnq_layers.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        keys = ("top1_before_snap", "top1", "pruned_fraction", "threshold_pruned_fraction", "level_fractions")
+        keys = ("top1_before_snap", "top1_snap_no_bn", "top1", "pruned_fraction", "threshold_pruned_fraction",
+                "level_fractions", "bn_images")
         path.write_text(json.dumps({"layers": stats, **{k: metrics.get(k) for k in keys}}, indent=1))
     return qmodel, metrics
 
 
-__all__ = ["ELBOLoss", "VNQProcedureOptions", "vnq"]
+__all__ = ["ELBOLoss", "VNQProcedureOptions", "reestimate_bn", "vnq"]

@@ -74,3 +74,45 @@ def test_bad_procedure_params():
         VNQProcedureOptions.from_dict({"warm_up": 0.1})
     with pytest.raises(ValueError, match="warmup"):
         VNQProcedureOptions(warmup=2.0)
+
+
+def test_reestimate_bn_uses_snapped_mean_weights_and_trains_nothing():
+    import math
+
+    from torch import nn
+
+    from qcnn.methods.vnq import reestimate_bn
+    from qcnn.nn.layers import QLinear
+    from qcnn.quant.vnq import VNQLinear, VNQQuantizer
+
+    torch.manual_seed(0)
+    lin = QLinear.from_float(nn.Linear(3, 2), weight_quant=None)
+    lin.weight_quant = VNQQuantizer(lin.weight, log_sigma2_init=math.log(4.0))  # large noise if it were on
+    model = nn.Sequential(VNQLinear.from_float(lin, None, lin.weight_quant, None), nn.BatchNorm1d(2))
+    model[1].running_mean.fill_(5.0)
+    xs = torch.randn(70, 3)
+    loader = [(xs[i:i + 32], torch.zeros(len(xs[i:i + 32]), dtype=torch.long)) for i in range(0, 70, 32)]
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    assert reestimate_bn(model.train(), loader, images=50) == 50
+    assert model.training  # mode restored
+    with torch.no_grad():
+        h = model[0].eval()(xs[:50])  # mean weights, first 50 images only
+    # cumulative average over batches of 32 and 18 images: batch-size weighted only through the batch means
+    m1, m2 = h[:32].mean(0), h[32:].mean(0)
+    v1, v2 = h[:32].var(0), h[32:].var(0)
+    assert torch.allclose(model[1].running_mean, (m1 + m2) / 2, atol=1e-5)
+    assert torch.allclose(model[1].running_var, (v1 + v2) / 2, atol=1e-4)
+    assert model[1].momentum == 0.1
+    for k, v in model.named_parameters():
+        assert torch.equal(v, params[k]), k
+
+
+def test_procedure_bn_images_option(fashion):
+    torch.manual_seed(0)
+    recipe = _recipe(warmup=0.5, bn_images=256)
+    recipe = recipe.replace(train={"epochs": 1})
+    qmodel, metrics = run_recipe(build_model("lenet5", in_channels=1), fashion, recipe)
+    assert metrics["bn_images"] == 256
+    assert "top1_snap_no_bn" in metrics and metrics["top1"] != metrics["top1_snap_no_bn"]
+    with pytest.raises(ValueError, match="bn_images"):
+        VNQProcedureOptions(bn_images=-1)
