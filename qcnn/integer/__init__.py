@@ -29,8 +29,9 @@ def _first_batch(loader):
 @torch.no_grad()
 def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) -> dict:
     """Top-1 (percent) of ``model`` on ``loader`` with engine ``kind``: ``float`` / ``fakequant`` (PyTorch
-    forward), ``integer`` (:func:`to_integer`), ``onnx`` / ``onnxruntime`` (exported QDQ model in ONNX
-    Runtime). Returns ``{"top1", "images", "engine"}`` (plus ``loss`` for the PyTorch engines)."""
+    forward), ``integer`` (:func:`to_integer`), ``onnx`` / ``onnxruntime`` (the exported model in ONNX
+    Runtime: QLinear form where the graph allows it, else QDQ). Returns ``{"top1", "images", "engine"}`` (plus
+    ``loss`` for the PyTorch engines)."""
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {ENGINES}")
     if kind in ("float", "fakequant"):
@@ -44,7 +45,11 @@ def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) 
     else:
         from qcnn.integer.onnx_export import OrtModel, to_onnx
 
-        ort = OrtModel(to_onnx(im), threads=threads)
+        try:  # the channels-last QLinear form where the graph allows it, else the QDQ form
+            onnx_model = to_onnx(im, form="qlinear")
+        except ValueError:
+            onnx_model = to_onnx(im, form="qdq")
+        ort = OrtModel(onnx_model, threads=threads)
         fn = ort
     correct = seen = 0
     for x, y in loader:

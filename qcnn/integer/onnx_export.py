@@ -1,13 +1,19 @@
-"""ONNX export of an :class:`~qcnn.integer.engine.IntegerModel` in QDQ form, and an ONNX Runtime runner.
+"""ONNX export of an :class:`~qcnn.integer.engine.IntegerModel`, and an ONNX Runtime runner.
 
-The graph is built with ``onnx.helper`` directly from the compiled integer model (opset 13), so what is
-exported is exactly the integer model: activations travel between layers as int8/uint8 codes,
-``QuantizeLinear`` / ``DequantizeLinear`` carry each grid's scale and zero point, weights are int8 initializers
-with per-channel ``DequantizeLinear(axis=0)``, biases are int32 with scale ``s_x s_w``. ONNX Runtime's
-graph optimiser fuses ``DQ -> Conv -> Q`` into ``QLinearConv``, ``DQ -> Add -> Q`` into ``QLinearAdd``,
-``DQ -> Gemm -> Q`` into ``QGemm``, etc. (see :func:`optimized_op_counts`).
+Two forms, both built with ``onnx.helper`` directly from the compiled integer model, so what is exported is
+exactly the integer model (same grids, int8 weights, int32 biases):
 
-Mapping of the integer operations:
+* ``form="qdq"`` (default, portable, opset 13): activations travel between layers as int8/uint8 codes,
+  ``QuantizeLinear`` / ``DequantizeLinear`` carry each grid's scale and zero point, weights are int8
+  initializers with per-channel ``DequantizeLinear(axis=0)``, biases are int32 with scale ``s_x s_w``. ONNX
+  Runtime's graph optimiser fuses ``DQ -> Conv -> Q`` into ``QLinearConv``, ``DQ -> Add -> Q`` into
+  ``QLinearAdd``, ``DQ -> Gemm -> Q`` into ``QGemm``, etc. (see :func:`optimized_op_counts`), but it keeps
+  the graph NCHW and wraps its NHWC int8 kernels in ``Transpose`` nodes wherever a neighbour is not fused.
+* ``form="qlinear"``: the QOperator form of :class:`_QLinearBuilder` for ONNX Runtime's CPU kernels:
+  ``com.microsoft`` QLinearConv (``channels_last=1``) / QLinearAdd / QLinearGlobalAveragePool on uint8 codes
+  in NHWC from the first layer to the last, one ``Transpose`` (of the uint8 input codes) in the whole graph.
+
+Mapping of the integer operations in the QDQ form:
 
 * ``quantize`` -> ``QuantizeLinear`` (a float ``Clip`` first for grids narrower than the 8-bit container);
 * ``conv`` / ``linear`` -> ``DequantizeLinear(x)``, ``Conv`` / ``Gemm`` with ``DequantizeLinear`` weights and
@@ -19,8 +25,9 @@ Mapping of the integer operations:
   ``sumpool`` -> ``AveragePool`` / ``GlobalAveragePool``; ``reshape`` / ``getitem`` / ``pad`` ->
   ``Reshape`` / ``Slice`` / ``Pad``; ``dequantize`` -> ``DequantizeLinear``.
 
-ONNX Runtime computes the bias in accumulator units (int32, as Jacob et al.) and requantizes in float, so
-its codes can differ from the simulation by one LSB where the value is near a rounding tie.
+ONNX Runtime adds the bias in accumulator units (int32, as Jacob et al.) and requantizes in float32, so its
+codes can differ from the simulation by one LSB where the value is near a rounding tie; with
+:func:`qcnn.integer.add_bias_quantizers` the simulation uses the same int32 bias and only float ties remain.
 """
 
 from __future__ import annotations
