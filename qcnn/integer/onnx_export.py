@@ -339,6 +339,8 @@ class _QLinearBuilder(_Builder):
     operand, non-zero weight zero points) raises a ValueError; use the QDQ form for it."""
 
     MS = "com.microsoft"
+    #: input channels of a (non-grouped) conv are zero-padded to a multiple of this (zero weights)
+    CHANNEL_MULTIPLE = 4
 
     def __init__(self, im: IntegerModel):
         super().__init__(im)
@@ -431,6 +433,12 @@ class _QLinearBuilder(_Builder):
         if np.abs(bias).max(initial=0) >= 2**31:
             raise ValueError(f"conv {a['layer']!r}: bias does not fit int32")
         xs, xz = self._sz(x)
+        k = self.CHANNEL_MULTIPLE
+        if a["groups"] == 1 and w.shape[1] % k:  # e.g. an RGB stem: MLAS's u8s8 kernels run faster on 4k channels
+            extra = k - w.shape[1] % k
+            w = np.concatenate([w, np.zeros((w.shape[0], extra) + w.shape[2:], w.dtype)], axis=1)
+            pads = self.const("pads", np.array([0, 0, 0, 0, 0, 0, 0, extra], np.int64))
+            x = self.node("Pad", [x, pads, xz], op.output + "_pad4", mode="constant")  # zero weights there
         ys, yz = self._grid_sz(rq.attrs["grid"])
         p = a["padding"]
         out = self.node("QLinearConv", [x, xs, xz, self.const(a["layer"] + ".weight", w.astype(np.int8)),
