@@ -27,6 +27,11 @@ Backward: ordinary autograd through that expression (reparameterisation), for ``
 Objective (ELBO, :mod:`qcnn.methods.vnq`): ``CE + beta(t) * sum KL / N`` with ``N`` training images and
 ``beta`` warmed up linearly from 0 to 1.
 
+Option ``clip_theta`` (a training detail to check against the paper, off by default): after every optimizer
+step the means are clipped to ``[-r, r]``. The multi-spike KL pulls a weight far outside the codebook only
+weakly (its gradient falls as ``1/|theta - c*|``), so without the clip the few large weights of a pretrained
+layer stay large and lose most in the snap to ``r``; with it they sit on ``+-r`` already.
+
 After training (no fine-tuning): a weight whose ``log alpha`` relative to zero, ``log sigma^2 -
 log theta^2``, exceeds a threshold (2 by default) becomes 0; every other weight snaps to the nearest of
 ``{-r, 0, r}``. The layer is then ternary.
@@ -197,6 +202,8 @@ class VNQOptions:
     learn_r: bool = True
     #: learning rate of log sigma^2 and r (None = the recipe's)
     sigma_lr: float | None = None
+    #: clip every mean weight theta to [-r, r] after each optimizer step (see the module docstring)
+    clip_theta: bool = False
 
 
 class VNQMethod(Method):
@@ -231,6 +238,15 @@ class VNQMethod(Method):
         if self.options.sigma_lr is not None:
             group["lr"] = self.options.sigma_lr
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}, group]
+
+    @torch.no_grad()
+    def step_hook(self, model: nn.Module, step: int) -> None:
+        """With ``clip_theta``: ``theta <- clamp(theta, -r, r)`` in every VNQ layer after each step."""
+        if not self.options.clip_theta:
+            return
+        for _, m in variational_layers(model):
+            r = m.weight_quant.r.detach().abs()
+            m.weight.clamp_(-r, r)
 
 
 register_method(VNQMethod)

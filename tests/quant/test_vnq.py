@@ -107,3 +107,18 @@ def test_prune_and_snap_level_fractions():
     assert fractions == pytest.approx((4 / 8, 1 / 8, 3 / 8))
     # 0.02 (log alpha = log(1e-4 / 4e-4) < 2), -0.2 and 0.1 are zeros as nearest values, not by the threshold
     assert stats["pruned_fraction"] == pytest.approx(1 / 8)
+
+
+def test_clip_theta_step_hook():
+    from qcnn.quant.registry import get_method
+
+    lin = QLinear.from_float(nn.Linear(4, 1, bias=False), weight_quant=None)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.9, -0.7, 0.2, -0.1]]))
+    lin.weight_quant = VNQQuantizer(lin.weight, learn_r=False)
+    lin.weight_quant.r.fill_(0.5)
+    model = nn.Sequential(lin)
+    get_method("vnq", {"clip_theta": False}).step_hook(model, 1)
+    assert model[0].weight.flatten().tolist() == pytest.approx([0.9, -0.7, 0.2, -0.1])
+    get_method("vnq", {"clip_theta": True}).step_hook(model, 1)
+    assert model[0].weight.flatten().tolist() == pytest.approx([0.5, -0.5, 0.2, -0.1])
