@@ -20,7 +20,7 @@ tail); timing: the first test batch. Accuracy and prediction agreement with the 
 measured on the first ``--test-images`` test images (random normal inputs make almost every prediction a
 near-tie, so agreement on noise says little). Writes ``benchmarks/results/int8_speed.{json,md}``.
 
-    python benchmarks/int8_speed.py --threads 2 --reps 5 --warmup 2
+    python benchmarks/int8_speed.py --threads 2 1 --reps 5 --warmup 2
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -87,7 +88,7 @@ def round_robin(fns: dict, x, warmup: int, reps: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2], help="one timing table per thread count")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--engine", action="store_true", help="also time the reference integer engine (slow)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_speed"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     torch.manual_seed(0)
 
     import onnxruntime
@@ -118,23 +119,34 @@ def main(argv=None) -> int:
     model = float_model()
     q = deployment_model(float_model(), calib)
     im = to_integer(q, x)
-    ort_ql = OrtModel(to_onnx(im, form="qlinear"), threads=args.threads)
-    ort_qdq = OrtModel(to_onnx(im, form="qdq"), threads=args.threads)
     tao = torch_ao_model(float_model(), calib)
 
     def ort_fn(o):
         return lambda t: o.session.run(None, {o.input_name: t.numpy()})
 
-    fns = {"fp32 eager (PyTorch)": model, "qcnn int8: ONNX Runtime, QLinear NHWC form": ort_fn(ort_ql),
-           "qcnn int8: ONNX Runtime, QDQ form": ort_fn(ort_qdq), "torch.ao int8 x86 (prepare_fx/convert_fx)": tao}
-    load_before = os.getloadavg()[0]
-    secs = round_robin(fns, x, args.warmup, args.reps)
-    if args.engine:
-        secs.update(round_robin({"qcnn reference integer engine (int64)": im}, x, 1, 2))
-    load_after = os.getloadavg()[0]
-    t_fp32 = secs["fp32 eager (PyTorch)"]
-    rows = [{"engine": k, "seconds": v, "ms_per_batch": round(1000 * v, 2), "images_per_s": round(args.batch / v, 1),
-             "speedup_vs_fp32": round(t_fp32 / v, 2)} for k, v in secs.items()]
+    timings = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        ort_ql = OrtModel(to_onnx(im, form="qlinear"), threads=threads)
+        ort_qdq = OrtModel(to_onnx(im, form="qdq"), threads=threads)
+        fns = {"fp32 eager (PyTorch)": model, "qcnn int8: ONNX Runtime, QLinear NHWC form": ort_fn(ort_ql),
+               "qcnn int8: ONNX Runtime, QDQ form": ort_fn(ort_qdq),
+               "torch.ao int8 x86 (prepare_fx/convert_fx)": tao}
+        load_before = os.getloadavg()[0]
+        secs = round_robin(fns, x, args.warmup, args.reps)
+        if args.engine:
+            secs.update(round_robin({"qcnn reference integer engine (int64)": im}, x, 1, 2))
+        load_after = os.getloadavg()[0]
+        t_fp32 = secs["fp32 eager (PyTorch)"]
+        rows = [{"engine": k, "seconds": v, "ms_per_batch": round(1000 * v, 2),
+                 "images_per_s": round(args.batch / v, 1), "speedup_vs_fp32": round(t_fp32 / v, 2)}
+                for k, v in secs.items()]
+        timings.append({"threads": threads, "load_avg_1min_before": round(load_before, 2),
+                        "load_avg_1min_after": round(load_after, 2), "results": rows})
+        del ort_ql, ort_qdq
+    torch.set_num_threads(args.threads[0])
+    ort_ql = OrtModel(to_onnx(im, form="qlinear"), threads=args.threads[0])
+    ort_qdq = OrtModel(to_onnx(im, form="qdq"), threads=args.threads[0])
 
     accuracy = {}
     if args.test_images > 0:
@@ -158,24 +170,26 @@ def main(argv=None) -> int:
                     "agreement_with_fakequant": {k: round(100 * float((v == pr["fakequant"]).float().mean()), 2)
                                                  for k, v in pr.items() if k != "fakequant"}}
 
-    fused = optimized_op_counts(to_onnx(im, form="qlinear"), threads=args.threads)
-    fused_qdq = optimized_op_counts(to_onnx(im, form="qdq"), threads=args.threads)
-    res = {"model": "resnet20", "batch": args.batch, "threads": args.threads, "reps": args.reps,
-           "warmup": args.warmup, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    fused = optimized_op_counts(to_onnx(im, form="qlinear"), threads=args.threads[0])
+    fused_qdq = optimized_op_counts(to_onnx(im, form="qdq"), threads=args.threads[0])
+    res = {"model": "resnet20", "batch": args.batch, "reps": args.reps, "warmup": args.warmup,
+           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(load_after, 2),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "timings": timings,
            "ort_optimized_ops_qlinear": fused, "ort_optimized_ops_qdq": fused_qdq, "accuracy": accuracy}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = [f"# ResNet-20 int8 inference speed (batch {args.batch}, {args.threads} threads)", "",
+    lines = [f"# ResNet-20 int8 inference speed (batch {args.batch})", "",
              f"{res['date']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}, {res['cpu_count']}-core CPU; "
-             f"median of {args.reps} round-robin rounds after {args.warmup} warm-up rounds; 1-min load average "
-             f"{res['load_avg_1min_before']} before, {res['load_avg_1min_after']} after.", "",
-             "| engine | ms / batch | images / s | speed-up vs fp32 eager |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['engine']} | {r['ms_per_batch']} | {r['images_per_s']} | {r['speedup_vs_fp32']}x |"
-              for r in rows]
+             f"median of {args.reps} round-robin rounds after {args.warmup} warm-up rounds. Command: `python "
+             f"benchmarks/int8_speed.py {' '.join(argv) if argv is not None else ' '.join(sys.argv[1:])}`."]
+    for t in timings:
+        lines += ["", f"{t['threads']} thread(s), 1-min load average {t['load_avg_1min_before']} before, "
+                  f"{t['load_avg_1min_after']} after:", "",
+                  "| engine | ms / batch | images / s | speed-up vs fp32 eager |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['engine']} | {r['ms_per_batch']} | {r['images_per_s']} | {r['speedup_vs_fp32']}x |"
+                  for r in t["results"]]
     lines += ["", "ONNX Runtime's optimised graph, QLinear form: " + ", ".join(f"{k} x{v}" for k, v in fused.items()),
               "", "QDQ form: " + ", ".join(f"{k} x{v}" for k, v in fused_qdq.items())]
     if accuracy:
