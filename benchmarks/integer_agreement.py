@@ -233,9 +233,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     if args.merge is not None:
+        cmds = []
         for f in args.merge:
-            rows += json.loads(Path(f).read_text())["results"]
-        return write(rows, Path(args.out))
+            part = json.loads(Path(f).read_text())
+            rows += part["results"]
+            cmds.append(f"{part.get('command')} ({part['date']}, 1-min load average {part.get('load_avg_1min')})")
+        return write(rows, Path(args.out), "; ".join(cmds))
     for name, fn in (("lenet5", lenet), ("resnet20", resnet20), ("mobilenet_v2", mobilenet)):
         if name in args.models:
             rows += fn(args)
@@ -258,7 +261,7 @@ def write(rows: list[dict], out: Path, command: str | None = None) -> int:
         return "-" if c is None else f"{pct(c['equal'])} ({c['max_diff']})"
 
     lines = ["# Integer engine / ONNX Runtime vs fake-quant simulation", "",
-             f"{res['date']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}.", "",
+             f"{res['date']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}. Command(s): {command}", "",
              "Codes: fraction equal to the simulation's (max |difference| in LSB). Top-1 in percent; "
              "agreement = predictions equal to the simulation's.", "",
              "| model | images | ORT form | engine per layer | ORT per layer | engine end to end | ORT end to end | "
