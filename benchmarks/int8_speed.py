@@ -1,8 +1,9 @@
 """CPU inference speed of ResNet-20 (batch 128): fp32 eager vs qcnn's int8 deployment vs torch.ao int8 (x86).
 
-All engines run in one process with the same number of threads (``--threads``, reported), timed round-robin
-(one call of each engine per round, ``--reps`` rounds after ``--warmup``; median per engine) so that a change
-of machine load hits every engine alike. The 1-minute load average before and after is recorded.
+All engines run in one process with the same number of threads (``--threads``, one table each), timed
+round-robin (one call of each engine per round, ``--reps`` rounds after ``--warmup``; median per engine) so
+that a change of machine load hits every engine alike; each timed call follows a pause and an untimed call of
+the same engine (see :func:`round_robin`). The 1-minute load average before and after is recorded.
 
 * ``fp32 eager``: the float ``torch.nn`` model;
 * ``qcnn int8, ONNX Runtime QLinear NHWC``: the deployment model (uniform W8A8, per-channel symmetric weights,
@@ -71,8 +72,13 @@ def torch_ao_model(model, calib):
         return convert_fx(prepared)
 
 
-def round_robin(fns: dict, x, warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each engine, timed one call per engine per round."""
+def round_robin(fns: dict, x, warmup: int, reps: int, pause: float = 0.5) -> dict[str, float]:
+    """Median seconds per call of each engine, one timed call per engine per round.
+
+    Before each timed call the engine sleeps ``pause`` seconds (so that the worker threads of the engine timed
+    before it, e.g. ONNX Runtime's spinning intra-op threads, have gone idle: they slow the next engine down
+    by up to 2x otherwise) and then runs one untimed call (its own threads are awake, as in steady-state
+    serving)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -80,6 +86,8 @@ def round_robin(fns: dict, x, warmup: int, reps: int) -> dict[str, float]:
                 fn(x)
         for _ in range(reps):
             for k, fn in fns.items():
+                time.sleep(pause)
+                fn(x)
                 t = time.perf_counter()
                 fn(x)
                 times[k].append(time.perf_counter() - t)
