@@ -13,6 +13,8 @@ the same engine (see :func:`round_robin`). The 1-minute load average before and 
   :func:`qcnn.integer.to_integer` and exported with ``to_onnx(form="qlinear")``: com.microsoft QLinearConv /
   QLinearAdd on channels-last uint8 codes end to end;
 * ``qcnn int8, ONNX Runtime QDQ``: the same model in the portable QDQ form (ORT fuses what it can);
+* ``qcnn int8, PyTorch quantized kernels``: the same integer model lowered by
+  :func:`qcnn.integer.torch_backend.to_torch_quantized` onto ``torch.ops.quantized`` (x86: fbgemm);
 * ``torch.ao int8 x86``: ``prepare_fx`` / ``convert_fx``, default x86 qconfig, same calibration images;
 * ``qcnn reference integer engine`` (``--engine``): int64 tensors, exactness not speed.
 
@@ -72,8 +74,8 @@ def torch_ao_model(model, calib):
         return convert_fx(prepared)
 
 
-def round_robin(fns: dict, x, warmup: int, reps: int, pause: float = 0.5) -> dict[str, float]:
-    """Median seconds per call of each engine, one timed call per engine per round.
+def round_robin(fns: dict, x, warmup: int, reps: int, pause: float = 0.5) -> dict[str, list[float]]:
+    """Seconds per call of each engine (one list per engine), one timed call per engine per round.
 
     Before each timed call the engine sleeps ``pause`` seconds (so that the worker threads of the engine timed
     before it, e.g. ONNX Runtime's spinning intra-op threads, have gone idle: they slow the next engine down
@@ -91,7 +93,7 @@ def round_robin(fns: dict, x, warmup: int, reps: int, pause: float = 0.5) -> dic
                 t = time.perf_counter()
                 fn(x)
                 times[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return times
 
 
 def main(argv=None) -> int:
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
     from qcnn.data import get_data
     from qcnn.integer import to_integer
     from qcnn.integer.onnx_export import OrtModel, optimized_op_counts, to_onnx
+    from qcnn.integer.torch_backend import to_torch_quantized
     from qcnn.models import build_model
 
     def float_model():
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
     model = float_model()
     q = deployment_model(float_model(), calib)
     im = to_integer(q, x)
+    tq = to_torch_quantized(im)
     tao = torch_ao_model(float_model(), calib)
 
     def ort_fn(o):
@@ -139,16 +143,20 @@ def main(argv=None) -> int:
         ort_qdq = OrtModel(to_onnx(im, form="qdq"), threads=threads)
         fns = {"fp32 eager (PyTorch)": model, "qcnn int8: ONNX Runtime, QLinear NHWC form": ort_fn(ort_ql),
                "qcnn int8: ONNX Runtime, QDQ form": ort_fn(ort_qdq),
+               "qcnn int8: PyTorch quantized kernels (to_torch_quantized)": tq,
                "torch.ao int8 x86 (prepare_fx/convert_fx)": tao}
         load_before = os.getloadavg()[0]
         secs = round_robin(fns, x, args.warmup, args.reps)
         if args.engine:
             secs.update(round_robin({"qcnn reference integer engine (int64)": im}, x, 1, 2))
         load_after = os.getloadavg()[0]
-        t_fp32 = secs["fp32 eager (PyTorch)"]
-        rows = [{"engine": k, "seconds": v, "ms_per_batch": round(1000 * v, 2),
-                 "images_per_s": round(args.batch / v, 1), "speedup_vs_fp32": round(t_fp32 / v, 2)}
-                for k, v in secs.items()]
+        med = {k: sorted(v)[len(v) // 2] for k, v in secs.items()}
+        t_fp32 = med["fp32 eager (PyTorch)"]
+        rows = [{"engine": k, "seconds": v, "ms_per_batch": round(1000 * v, 2), "ms_min": round(1000 * min(secs[k]), 2),
+                 "ms_all": [round(1000 * t, 2) for t in secs[k]], "images_per_s": round(args.batch / v, 1),
+                 "speedup_vs_fp32": round(t_fp32 / v, 2),
+                 "speedup_vs_fp32_min": round(min(secs["fp32 eager (PyTorch)"]) / min(secs[k]), 2)}
+                for k, v in med.items()]
         timings.append({"threads": threads, "load_avg_1min_before": round(load_before, 2),
                         "load_avg_1min_after": round(load_after, 2), "results": rows})
         del ort_ql, ort_qdq
@@ -158,7 +166,8 @@ def main(argv=None) -> int:
 
     accuracy = {}
     if args.test_images > 0:
-        preds: dict[str, list] = {k: [] for k in ("fp32", "fakequant", "ort_qlinear", "ort_qdq", "torch_ao")}
+        preds: dict[str, list] = {k: [] for k in ("fp32", "fakequant", "ort_qlinear", "ort_qdq", "torch_quantized",
+                                                  "torch_ao")}
         labels, seen = [], 0
         with torch.inference_mode():
             for xb, yb in data.test:
@@ -166,6 +175,7 @@ def main(argv=None) -> int:
                 preds["fakequant"].append(q(xb).argmax(1))
                 preds["ort_qlinear"].append(ort_ql(xb).argmax(1))
                 preds["ort_qdq"].append(ort_qdq(xb).argmax(1))
+                preds["torch_quantized"].append(tq(xb).argmax(1))
                 preds["torch_ao"].append(tao(xb).argmax(1))
                 labels.append(yb)
                 seen += yb.numel()
@@ -195,9 +205,10 @@ def main(argv=None) -> int:
     for t in timings:
         lines += ["", f"{t['threads']} thread(s), 1-min load average {t['load_avg_1min_before']} before, "
                   f"{t['load_avg_1min_after']} after:", "",
-                  "| engine | ms / batch | images / s | speed-up vs fp32 eager |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['engine']} | {r['ms_per_batch']} | {r['images_per_s']} | {r['speedup_vs_fp32']}x |"
-                  for r in t["results"]]
+                  "| engine | ms / batch (median) | images / s | speed-up vs fp32 eager | fastest call (ms) | "
+                  "speed-up, fastest calls |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['engine']} | {r['ms_per_batch']} | {r['images_per_s']} | {r['speedup_vs_fp32']}x | "
+                  f"{r['ms_min']} | {r['speedup_vs_fp32_min']}x |" for r in t["results"]]
     lines += ["", "ONNX Runtime's optimised graph, QLinear form: " + ", ".join(f"{k} x{v}" for k, v in fused.items()),
               "", "QDQ form: " + ", ".join(f"{k} x{v}" for k, v in fused_qdq.items())]
     if accuracy:
