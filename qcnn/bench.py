@@ -11,7 +11,9 @@ Cells a method does not define (e.g. a weight-only method at 4/4, Bi-Real at 4/4
 (``results.json``, atomically) so an interrupted run resumes where it stopped; finished cells are
 skipped. ``results.md`` holds the table; ``accuracy_vs_bits.png`` and ``accuracy_vs_size.png`` the plots.
 
-Bits are written ``W/A``; ``A = fp`` keeps activations in float (weight-only methods).
+Bits are written ``W/A``; ``A = fp`` keeps activations in float (``a_bits: null``: the method's weight
+quantizer alone; residual adds stay float too). Methods whose activations are quantized by design
+(WAGE, Bi-Real, FQN) do not define ``A = fp``.
 
 Parallel cells (``workers > 1``): the cells, and the fine-tuned float reference, run in that many
 processes (``spawn``), each with ``threads`` intra-op threads; the parent alone writes ``results.json``, as
@@ -329,7 +331,7 @@ class Bench:
             return undefined
         w, a = parse_bits(bits)
         recipe = load_recipe(name)
-        recipe = recipe.replace(w_bits=w, a_bits=a if a is not None else recipe.a_bits,
+        recipe = recipe.replace(w_bits=w, a_bits=a,
                                 first_last=self.suite.first_last)
         if recipe.train.epochs > 0:
             recipe = recipe.replace(train={"epochs": self.suite.epochs})

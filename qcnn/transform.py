@@ -115,7 +115,7 @@ def _layer_bits(name: str, role: str, recipe: Recipe) -> tuple[int, int] | None:
         if recipe.first_last == "fp32":
             return None
         if recipe.first_last == "8bit":
-            w, a = 8, 8
+            w, a = 8, (8 if a is not None else None)
     for o in recipe.overrides:
         if fnmatch.fnmatchcase(name, o.pattern):
             if o.skip:
@@ -180,13 +180,16 @@ def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> 
             e_bits=recipe.e_bits,
             options=method.options,
         )
-        aq = method.input_quantizer(ctx) if role == "first" else method.act_quantizer(ctx)
+        if bits[1] is None:  # float activations (a_bits: null)
+            aq = None
+        else:
+            aq = method.input_quantizer(ctx) if role == "first" else method.act_quantizer(ctx)
         qcls = QUANT_LAYERS[type(float_mod)] if type(float_mod) in QUANT_LAYERS else (
             QConv2d if isinstance(float_mod, nn.Conv2d) else QLinear)
         q = qcls.from_float(float_mod, aq, method.weight_quantizer(ctx), method.grad_quantizer(ctx))
         _set_module(root, name, q)
 
-    if gm is not None and recipe.quantize_adds:
+    if gm is not None and recipe.quantize_adds and recipe.a_bits is not None:
         _quantize_adds(gm, method, recipe)
         gm.recompile()
     return root

@@ -122,6 +122,34 @@ def test_first_last_policies():
     assert q.get_submodule("0").input_quant.signed and not q.get_submodule("2").input_quant.signed
 
 
+def test_float_activations_weight_only_recipe():
+    """``a_bits: None``: the method's weight quantizer alone; no activation or residual-add quantizer."""
+    from qcnn.quant.registry import get_method
+
+    model = build_model("resnet20").eval()
+    q = quantize(model, Recipe(method="lsq", w_bits=2, a_bits=None, first_last="8bit")).eval()
+    layers = [m for m in q.modules() if isinstance(m, (QConv2d, QLinear))]
+    assert len(layers) == 20 and all(m.input_quant is None for m in layers)
+    assert [m.weight_quant.bits for m in layers] == [8] + [2] * 18 + [8]
+    assert not any(isinstance(m, QAdd) for m in q.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with calibrating(q):
+        q(x)
+    # only the weights differ from the float model: the same forward with the weights replaced by their codes
+    ref = build_model("resnet20").eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, (QConv2d, QLinear)):
+                ref.get_submodule(name).weight.copy_(m.weight_quant(m.weight))
+        assert torch.allclose(q(x), ref(x), atol=1e-5)
+    assert get_method("lsq").defines(2, None) is None
+    assert "by design" in get_method("fqn").defines(4, None)
+    assert "by design" in get_method("bireal").defines(1, None)
+    with pytest.raises(ValueError, match="a_bits=0"):
+        Recipe(a_bits=0)
+
+
 def test_overrides_by_pattern():
     model = _net()
     recipe = Recipe(method="qcode", w_bits=8, a_bits=8, first_last="same",

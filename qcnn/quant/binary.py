@@ -127,6 +127,7 @@ class BiRealMethod(Method):
     linear layer; 1x1 downsample convs stay real (option ``binarize_1x1``), residual adds stay real. First
     and last layers follow the recipe's ``first_last`` policy (Bi-Real keeps them real: ``fp32``)."""
 
+    requires_quantized_activations = True
     name = "bireal"
     Options = BiRealOptions
     weight_bits = (1,)

@@ -52,6 +52,7 @@ class FQNOptions:
 class FQNMethod(Method):
     """FQN quantizers: asymmetric per-channel min/max weights, asymmetric EMA activation ranges."""
 
+    requires_quantized_activations = True
     name = "fqn"
     Options = FQNOptions
 

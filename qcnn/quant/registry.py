@@ -88,6 +88,8 @@ class Method:
     act_bits: ClassVar[tuple[int, ...] | None] = None
     #: False for weight-only methods (activations stay float whatever a_bits says)
     quantizes_activations: ClassVar[bool] = True
+    #: True where quantized activations are part of the method itself (float activations undefined)
+    requires_quantized_activations: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -99,6 +101,8 @@ class Method:
             return f"{cls.name} defines weights of {_bits_text(cls.weight_bits)} bits only"
         if a_bits is not None and not cls.quantizes_activations:
             return f"{cls.name} quantizes weights only"
+        if a_bits is None and cls.requires_quantized_activations:
+            return f"{cls.name} quantizes activations by design (float activations are not this method)"
         if a_bits is not None and cls.act_bits is not None and a_bits not in cls.act_bits:
             return f"{cls.name} defines activations of {_bits_text(cls.act_bits)} bits only"
         return None

@@ -261,6 +261,7 @@ class WageMethod(Method):
     """WAGE (module docstring): W, A and E quantizers on every layer; G lives in :class:`WageSGD` (procedure
     ``wage`` in :mod:`qcnn.methods.wage`)."""
 
+    requires_quantized_activations = True
     name = "wage"
     Options = WageOptions
 

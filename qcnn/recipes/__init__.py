@@ -69,7 +69,7 @@ class TrainSpec:
 class Recipe:
     method: str = "uniform"
     w_bits: int = 8
-    a_bits: int = 8
+    a_bits: int | None = 8  #: None = activations stay float (weight-only quantization with this method)
     g_bits: int | None = None  #: gradient bits (DoReFa G, WAGE G)
     e_bits: int | None = None  #: error bits (WAGE E)
     first_last: str = "8bit"  #: fp32 | 8bit | same
@@ -86,7 +86,8 @@ class Recipe:
 
     def __post_init__(self):
         check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
         if self.g_bits is not None:
             check_bits(self.g_bits, "g_bits")
         if self.e_bits is not None:
