@@ -23,7 +23,7 @@ tail); timing: the first test batch. Accuracy and prediction agreement with the 
 measured on the first ``--test-images`` test images (random normal inputs make almost every prediction a
 near-tie, so agreement on noise says little). Writes ``benchmarks/results/int8_speed.{json,md}``.
 
-    python benchmarks/int8_speed.py --threads 2 1 --reps 5 --warmup 2
+    python benchmarks/int8_speed.py --threads 2 1 --reps 15 --warmup 2
 """
 
 from __future__ import annotations
