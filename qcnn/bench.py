@@ -24,6 +24,7 @@ same ``out_dir`` resumes them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -333,6 +334,8 @@ class Bench:
         recipe = load_recipe(name)
         recipe = recipe.replace(w_bits=w, a_bits=a,
                                 first_last=self.suite.first_last)
+        if a is None:  # replace() skips None values: float activations are set explicitly
+            recipe = dataclasses.replace(recipe, a_bits=None)
         if recipe.train.epochs > 0:
             recipe = recipe.replace(train={"epochs": self.suite.epochs})
         out = self.out / "cells" / cell_key(name, bits).replace("/", "-")

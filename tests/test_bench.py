@@ -46,6 +46,14 @@ def test_bench_cells_resume_and_report(tmp_path, float_lenet):
     assert res["cells"]["no_such_recipe@8/8"]["status"] == "undefined"
     c2 = res["cells"]["uniform_qat@2/fp"]
     assert c2["status"] == "ok" and c2["size_bytes"] < c88["size_bytes"]
+    # W/Afp means float activations: no activation quantizer in the saved cell, and no bit-ops at 8 bits
+    from qcnn.checkpoint import load_model
+    from qcnn.nn.layers import QConv2d, QLinear
+
+    cell, _ = load_model(tmp_path / "cells" / "uniform_qat@2-fp" / "model.pt")
+    layers = [m for m in cell.modules() if isinstance(m, (QConv2d, QLinear))]
+    assert layers and all(m.input_quant is None for m in layers)
+    assert c2["bops"] > c88["bops"]  # 2 x 32-bit products cost more bit-ops than 8 x 8
     md = (tmp_path / "results.md").read_text()
     assert "| uniform_qat |" in md and "n/a" in md
     assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 1000

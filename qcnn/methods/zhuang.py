@@ -34,6 +34,7 @@ calibration at every stage; weights and BatchNorm statistics carry over.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -182,7 +183,8 @@ def progressive_bits(recipe: Recipe, bits) -> list[tuple[int, int]]:
     stages = []
     for b in (bits if bits is not None else [8, 4]):
         w, a = (b, b) if isinstance(b, int) else tuple(b)
-        stages.append((int(w), int(a)))
+        # float activations (a_bits None): every stage quantizes the weights only
+        stages.append((int(w), None if recipe.a_bits is None else int(a)))
     final = (recipe.w_bits, recipe.a_bits)
     stages = [s for s in stages if s != final] + [final]
     return stages
@@ -196,7 +198,8 @@ def progressive(model: nn.Module, bundle, recipe: Recipe, out_dir=None, resume: 
     budgets = split_budget(recipe, len(bundle.train), p.get("split"), len(stages))
     current, metrics, qmodel = model, [], None
     for i, ((w, a), budget) in enumerate(zip(stages, budgets)):
-        qmodel, m = _run_stage(i, current, bundle, recipe.replace(w_bits=w, a_bits=a), budget, out_dir, resume)
+        qmodel, m = _run_stage(i, current, bundle, dataclasses.replace(recipe, w_bits=w, a_bits=a), budget, out_dir,
+                               resume)
         metrics.append(m)
         current = float_from(qmodel, model)
     return qmodel, _summary(qmodel, metrics)
