@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                                    "ONNX QDQ or as .npz + .json.")
     p.add_argument("--checkpoint", required=True, help="quantized qcnn checkpoint (model.pt)")
     p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--onnx-form", choices=("qdq", "qlinear"), default="qdq",
+                   help="qdq: QuantizeLinear/DequantizeLinear around float ops (any runtime); qlinear: ONNX "
+                        "Runtime's integer operators end to end, uint8 NHWC (fastest in ONNX Runtime)")
     p.add_argument("--out", required=True, help="output file (.onnx, or the stem of .npz/.json)")
     p.add_argument("--model", default=None, help="(checked against the checkpoint)")
     p.add_argument("--dataset", default=None, help="dataset whose image shape to use")
@@ -81,8 +84,9 @@ def run(args) -> int:
 
         if out.suffix != ".onnx":
             out = out.with_suffix(".onnx")
-        to_onnx(im, out)
+        to_onnx(im, out, form=args.onnx_form)
         figures["files"] = [str(out)]
+        figures["onnx_form"] = args.onnx_form
     else:
         npz, js = im.save(out)
         figures["files"] = [str(npz), str(js)]

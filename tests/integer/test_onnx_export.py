@@ -128,6 +128,12 @@ def test_run_engine_and_export_command(tmp_path):
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "l.onnx")]) == 0
     ort = OrtModel(onnx.load(str(tmp_path / "l.onnx")), threads=1)
     assert (ort(x).argmax(1) == im(x).argmax(1)).float().mean() >= 0.95
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--onnx-form", "qlinear",
+                 "--out", str(tmp_path / "q.onnx")]) == 0
+    qlin = onnx.load(str(tmp_path / "q.onnx"))
+    assert any(n.op_type == "QLinearConv" for n in qlin.graph.node)
+    ort_q = OrtModel(qlin, threads=1)
+    assert (ort_q(x).argmax(1) == im(x).argmax(1)).float().mean() >= 0.95
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--input-shape", "1,28"]) == 2
 
 
