@@ -71,6 +71,14 @@ class _Builder:
         self.inits.append(self.nph.from_array(np.asarray(arr), n))
         return n
 
+    def input_clip(self, a: dict, x: str) -> str:
+        """The float input clipped to the quantize op's real range, where it has one."""
+        if a.get("lo_real") is None and a.get("hi_real") is None:
+            return x
+        lo = np.float32(a["lo_real"] if a.get("lo_real") is not None else -3.0e38)
+        hi = np.float32(a["hi_real"] if a.get("hi_real") is not None else 3.0e38)
+        return self.node("Clip", [x, self.const("lo", lo), self.const("hi", hi)], "input_clip")
+
     def node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
         out = self.name(base)
         self.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
@@ -112,10 +120,7 @@ class _Builder:
     # ops
     def op_quantize(self, op: Op, x: str) -> str:
         a = op.attrs
-        if a.get("lo_real") is not None or a.get("hi_real") is not None:
-            lo = np.float32(a["lo_real"] if a.get("lo_real") is not None else -3.0e38)
-            hi = np.float32(a["hi_real"] if a.get("hi_real") is not None else 3.0e38)
-            x = self.node("Clip", [x, self.const("lo", lo), self.const("hi", hi)], "input_clip")
+        x = self.input_clip(a, x)
         return self.quant(x, a["grid"], a["qmin"], a["qmax"], op.output)
 
     def op_linear(self, op: Op, x: str) -> str:
@@ -395,10 +400,7 @@ class _QLinearBuilder(_Builder):
     # ops
     def op_quantize(self, op: Op, x: str) -> str:
         a = op.attrs
-        if a.get("lo_real") is not None or a.get("hi_real") is not None:
-            lo = np.float32(a["lo_real"] if a.get("lo_real") is not None else -3.0e38)
-            hi = np.float32(a["hi_real"] if a.get("hi_real") is not None else 3.0e38)
-            x = self.node("Clip", [x, self.const("lo", lo), self.const("hi", hi)], "input_clip")
+        x = self.input_clip(a, x)
         s, z = self._grid_sz(a["grid"])
         q = self._codes(self.node("QuantizeLinear", [x, s, z], op.output + "_nchw"), a["grid"], "nchw")
         q = self._clip(q, a["qmin"], a["qmax"], op.output + "_clip")
