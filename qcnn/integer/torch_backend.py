@@ -72,13 +72,14 @@ class _Lowering:
         return out
 
     def clamp(self, v: str, grid: dict, lo: int, hi: int, out: str) -> str:
+        """``out`` = ``v`` clamped to codes [lo, hi] of ``grid`` (an alias when uint8 already bounds it)."""
         sh = _shift(grid)
         lo_u, hi_u = max(lo + sh, 0), min(hi + sh, 255)
+        self.grid[out] = grid
         if lo_u == 0 and hi_u == 255:
-            return v
+            return v if v == out else self.emit(out, lambda t: t, [v])
         s, z = grid["scale"], grid["zero_point"]
         lo_r, hi_r = s * (lo - z), s * (hi - z)
-        self.grid[out] = grid
         return self.emit(out, lambda t: torch.clamp(t, lo_r, hi_r), [v])
 
     def op_quantize(self, op: Op) -> None:
@@ -93,12 +94,9 @@ class _Lowering:
             return torch.quantize_per_tensor(x.float().contiguous(memory_format=torch.channels_last)
                                              if x.dim() == 4 else x.float(), s, z, torch.quint8)
 
-        self.grid[op.output] = g
         q = self.emit(op.output + "@q", quant, op.inputs)
         self.grid[q] = g
-        res = self.clamp(q, g, a["qmin"], a["qmax"], op.output)
-        if res != op.output:
-            self.emit(op.output, lambda t: t, [res])
+        self.clamp(q, g, a["qmin"], a["qmax"], op.output)
 
     def op_conv(self, op: Op) -> None:
         if self.users.get(op.output, 0) != 1:
@@ -160,10 +158,7 @@ class _Lowering:
             out = self.emit(op.output + "@q", lambda a: torch.quantize_per_tensor(a.dequantize(), s, z, torch.quint8),
                             [x])
             self.grid[out] = g
-        res = self.clamp(out, g, op.attrs["lo"], op.attrs["hi"], op.output)
-        self.grid[op.output] = g
-        if res != op.output:
-            self.emit(op.output, lambda t: t, [res])
+        self.clamp(out, g, op.attrs["lo"], op.attrs["hi"], op.output)
 
     def post_maxpool(self, op: Op, x: str) -> str:
         a = op.attrs
@@ -206,10 +201,7 @@ class _Lowering:
         s, z = float(np.float32(g["scale"])), g["zero_point"] + _shift(g)
         out = self.emit(op.output + "@a", lambda a, b: torch.ops.quantized.add(a, b, s, z), op.inputs)
         self.grid[out] = g
-        res = self.clamp(out, g, op.attrs["lo"], op.attrs["hi"], op.output)
-        self.grid[op.output] = g
-        if res != op.output:
-            self.emit(op.output, lambda t: t, [res])
+        self.clamp(out, g, op.attrs["lo"], op.attrs["hi"], op.output)
 
     def op_clamp(self, op: Op) -> None:
         x = op.inputs[0]
@@ -219,10 +211,7 @@ class _Lowering:
         sh = _shift(g)
         lo = int(op.tensors["lo"]) if "lo" in op.tensors else -sh
         hi = int(op.tensors["hi"]) if "hi" in op.tensors else 255 - sh
-        res = self.clamp(x, g, lo, hi, op.output)
-        self.grid[op.output] = g
-        if res != op.output:
-            self.emit(op.output, lambda t: t, [res])
+        self.clamp(x, g, lo, hi, op.output)
 
     def op_sumpool(self, op: Op) -> None:
         x = op.inputs[0]
