@@ -27,8 +27,11 @@ quantizing the input and dequantizing the output only integer arithmetic runs (i
   next requantization divides by ``K``); flatten / reshape / slicing / zero padding (by ``z``) move codes.
 
 The fake-quant simulation (the quantized model in eval mode) defines the expected codes. The engine rounds
-exactly once per quantizer where the simulation does, so the codes agree except at rounding ties of the
-float simulation (measured: >= 99.9 % equal, never more than 1 LSB apart per layer; see docs/integer.md).
+exactly once per quantizer where the simulation does, with the simulation's own rule (``x * fl32(1/s)``)
+and 31-bit multipliers on int64 products (``requant="int64"``), so it reproduces the simulation evaluated in
+float64 (:func:`qcnn.integer.agreement.simulation_codes` with ``dtype=torch.float64``) code for code, end to
+end on ResNet-20; the float32 simulation differs from both where its own rounding error crosses a tie (see
+docs/integer.md).
 """
 
 from __future__ import annotations
@@ -51,12 +54,16 @@ from qcnn.integer.requant import (
     quantize_multiplier,
     rounding_divide_by_pot,
     unpack_int4,
+    wide_multipliers,
+    wide_requantize,
 )
 from qcnn.nn.layers import QAdd, QConv2d, QLinear
 from qcnn.quant.base import GradientQuantizer, Quantizer
 
-#: extra fractional bits of the residual add's intermediate sum (reduced automatically to avoid overflow)
+#: extra fractional bits of the int32 (gemmlowp) scheme's intermediate sums (reduced to avoid overflow)
 ADD_FRAC_BITS = 16
+#: requantization schemes: ``int64`` one rounding of int64 products (default); ``int32`` gemmlowp's MBQM
+REQUANT_SCHEMES = ("int64", "int32")
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _MAXPOOL_FUNCS = {F.max_pool2d, torch.max_pool2d}
 _AVGPOOL_FUNCS = {F.avg_pool2d, torch._C._nn.avg_pool2d}
@@ -203,6 +210,9 @@ def _run_requant(op: Op, x: Tensor, cache: dict) -> Tensor:
     t = op.tensors
     if "input_zero_point" in op.attrs:
         x = x - op.attrs["input_zero_point"]
+    if op.attrs.get("scheme") == "int64":
+        y = wide_requantize([x], [t["multiplier"]], t["rshift"], t["offset"])
+        return torch.clamp(y + op.attrs["zero_point"], op.attrs["lo"], op.attrs["hi"])
     y = multiply_by_quantized_multiplier(x, t["multiplier"].to(x.device), t["shift"].to(x.device))
     if "offset" in t:  # bias in output units with frac_bits fractional bits, one rounding at the end
         y = rounding_divide_by_pot(y + t["offset"].to(x.device), op.attrs["frac_bits"])
@@ -211,15 +221,20 @@ def _run_requant(op: Op, x: Tensor, cache: dict) -> Tensor:
 
 def _run_quantize(op: Op, x: Tensor, cache: dict) -> Tensor:
     a = op.attrs
-    xf = x.float()
+    xf = x.double()  # the exact product x * fl32(1/s), as the float64 simulation rounds it
     if a.get("lo_real") is not None or a.get("hi_real") is not None:
         xf = torch.clamp(xf, a.get("lo_real"), a.get("hi_real"))
-    q = torch.round(xf * torch.tensor(a["inv_scale"], dtype=torch.float32)).to(torch.int64) + a["zero_point"]
+    q = torch.round(xf * a["inv_scale"]).to(torch.int64) + a["zero_point"]
     return torch.clamp(q, a["qmin"], a["qmax"])
 
 
 def _run_add(op: Op, *xs: Tensor, cache: dict) -> Tensor:
     a, t = op.attrs, op.tensors
+    if a.get("scheme") == "int64":
+        xs = [x - a["input_zero_points"][i] for i, x in enumerate(xs)]
+        y = wide_requantize(xs, [t[f"multiplier{i}"] for i in range(len(xs))], t["rshift"], t["offset"],
+                            [t[f"lshift{i}"] for i in range(len(xs))])
+        return torch.clamp(y + a["zero_point"], a["lo"], a["hi"])
     total = 0
     for i, x in enumerate(xs):
         x = x - a["input_zero_points"][i]
@@ -463,10 +478,13 @@ def _frac_bits(terms, cap: int = ADD_FRAC_BITS) -> int:
 
 
 class _Compiler:
-    def __init__(self, gm: fx.GraphModule, bias_mode: str = "output"):
+    def __init__(self, gm: fx.GraphModule, bias_mode: str = "output", requant: str = "int64"):
         if bias_mode not in ("output", "accumulator"):
             raise ValueError(f"bias_mode={bias_mode!r} must be 'output' or 'accumulator'")
+        if requant not in REQUANT_SCHEMES:
+            raise ValueError(f"requant={requant!r} must be one of {REQUANT_SCHEMES}")
         self.bias_mode = bias_mode
+        self.requant = requant
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.ops: list[Op] = []
@@ -504,9 +522,11 @@ class _Compiler:
         scale = v.scale
         if v.offset is not None:
             # keep k extra fractional bits so the rounded offset (and a ReLU at 0) stay exact to 2^-k acc units
+            # (int32 scheme: the shifted value stays below 2^30; int64: below 2^40, the multiplier keeps >= 21 bits)
             off = v.offset / v.scale
-            k = max(0, min(12, int(math.floor(30 - math.log2(max((bound + float(off.abs().max())) * headroom,
-                                                                     1.0))))))
+            top, cap = (40, 24) if self.requant == "int64" else (30, 12)
+            k = max(0, min(cap, int(math.floor(top - math.log2(max((bound + float(off.abs().max())) * headroom,
+                                                                       1.0))))))
             if k:
                 tensors["pre_shift"] = torch.tensor(k)
                 scale = v.scale / 2.0**k
@@ -541,23 +561,29 @@ class _Compiler:
                               "qmin": g.qmin, "qmax": g.qmax, "lo_real": v.lo, "hi_real": v.hi, "grid": g.to_json()}))
             else:
                 if v.kind == "q":
-                    m = torch.tensor(v.grid.scale / g.scale, dtype=torch.float64)
+                    m = torch.tensor(v.grid.scale * g.inv_scale, dtype=torch.float64)
                     extra = {"input_zero_point": v.grid.zero_point, "input_grid": v.grid.to_json()}
                 else:
-                    m = v.scale / g.scale
+                    m = v.scale * g.inv_scale
                     extra = {}
-                    if v.bound >= 2**32:  # int64 products x * M0 stay exact for |x| < 2^32
+                    if v.bound >= 2**32 and self.requant == "int32":  # x * M0 exact in int64 for |x| < 2^32
                         raise ValueError(f"accumulator {v.name!r} may exceed 32 bits (bound {v.bound:.3g}); "
                                          "use fewer bits or a smaller fan-in")
                 tensors = {"real_multiplier": m.to(torch.float64)}
-                if self.bias_mode == "output":  # F extra fractional bits, one final rounding
-                    frac = _frac_bits([(m, v.bound)])
-                    extra["frac_bits"] = frac
-                    off = v.offset / g.scale if v.offset is not None else torch.zeros(m.shape, dtype=torch.float64)
-                    tensors["offset"] = torch.round(off * 2.0**frac).to(torch.int64)
-                    m = m * 2.0**frac
-                m0, e = quantize_multiplier(m)
-                tensors.update(multiplier=m0, shift=e)
+                off = v.offset * g.inv_scale if v.offset is not None and self.bias_mode == "output" else None
+                if self.requant == "int64":  # one rounding of the int64 sum x K + offset
+                    (k,), _, n, o = wide_multipliers([(m, v.bound)], off)
+                    extra["scheme"] = "int64"
+                    tensors.update(multiplier=k, rshift=n, offset=o)
+                else:
+                    if self.bias_mode == "output":  # F extra fractional bits, one final rounding
+                        frac = _frac_bits([(m, v.bound)])
+                        extra["frac_bits"] = frac
+                        off = off if off is not None else torch.zeros(m.shape, dtype=torch.float64)
+                        tensors["offset"] = torch.round(off * 2.0**frac).to(torch.int64)
+                        m = m * 2.0**frac
+                    m0, e = quantize_multiplier(m)
+                    tensors.update(multiplier=m0, shift=e)
                 self.emit(Op("requant", [v.name], name,
                              {"zero_point": g.zero_point, "lo": lo, "hi": hi, "grid": g.to_json(), **extra},
                              tensors))
@@ -597,7 +623,11 @@ class _Compiler:
             raise ValueError(f"layer {name!r}: the weight quantizer's output is not on its reported grid")
         dtype = torch.int8 if wg.qmin >= -128 and wg.qmax <= 127 else (
             torch.uint8 if wg.qmin >= 0 and wg.qmax <= 255 else torch.int16 if wg.bits <= 16 else torch.int32)
-        b = mod.quantized_bias() if hasattr(mod, "quantized_bias") else mod.bias
+        bq = getattr(mod, "bias_quant", None)
+        if bq is not None and mod.bias is not None:  # the bias grid's exact values (float32 would round them)
+            b = bq(mod.bias.detach().to(torch.float64), mod)
+        else:
+            b = mod.bias
         bias = b.detach().to(torch.float64) if b is not None else torch.zeros(co, dtype=torch.float64)
         is_conv = isinstance(mod, nn.Conv2d)
         if is_conv and mod.padding_mode != "zeros":
@@ -720,28 +750,36 @@ class _Compiler:
         for v in (a, b):
             v = self.materialize(v)
             if v.kind == "a" and v.offset is not None:
-                o = v.offset / g.scale
+                o = v.offset * g.inv_scale
                 offset = o if offset is None else offset + o
             if v.kind == "f":
                 raise ValueError(f"add {node.target!r} consumes the float network input")
             names.append(v.name)
             if v.kind == "q":
                 zps.append(v.grid.zero_point)
-                mults.append((torch.tensor(v.grid.scale / g.scale, dtype=torch.float64), v.bound))
+                mults.append((torch.tensor(v.grid.scale * g.inv_scale, dtype=torch.float64), v.bound))
             else:
                 zps.append(0)
-                mults.append((v.scale / g.scale, v.bound))
-        frac = _frac_bits(mults)
+                mults.append((v.scale * g.inv_scale, v.bound))
         tensors = {}
-        if offset is not None:
-            tensors["offset"] = torch.round(offset * 2.0**frac).to(torch.int64)
-        for i, (m, _) in enumerate(mults):
-            m0, e = quantize_multiplier(m * 2.0**frac)
-            tensors[f"multiplier{i}"], tensors[f"shift{i}"] = m0, e
+        attrs = {"layer": node.target, "input_zero_points": zps, "zero_point": g.zero_point, "lo": g.qmin,
+                 "hi": g.qmax, "grid": g.to_json()}
+        if self.requant == "int64":  # sum_i x_i K_i + offset on int64, rounded once
+            ks, ls, n, o = wide_multipliers(mults, offset)
+            for i, (k, sh) in enumerate(zip(ks, ls)):
+                tensors[f"multiplier{i}"], tensors[f"lshift{i}"] = k, sh
+            tensors.update(rshift=n, offset=o)
+            attrs["scheme"] = "int64"
+        else:
+            frac = _frac_bits(mults)
+            attrs["frac_bits"] = frac
+            if offset is not None:
+                tensors["offset"] = torch.round(offset * 2.0**frac).to(torch.int64)
+            for i, (m, _) in enumerate(mults):
+                m0, e = quantize_multiplier(m * 2.0**frac)
+                tensors[f"multiplier{i}"], tensors[f"shift{i}"] = m0, e
         out = self.fresh(node.target)
-        self.emit(Op("add", names, out, {"layer": node.target, "input_zero_points": zps, "frac_bits": frac,
-                                         "zero_point": g.zero_point, "lo": g.qmin, "hi": g.qmax,
-                                         "grid": g.to_json()}, tensors))
+        self.emit(Op("add", names, out, attrs, tensors))
         self.points[f"{node.target}.out_quant"] = out
         return self.q_val(out, g, self._shape(node))
 
@@ -750,7 +788,8 @@ class _Compiler:
             self.visit(node)
         for op in self.ops:
             op.attrs.pop("_real", None)
-        meta = {"layers": sum(op.kind in ("conv", "linear") for op in self.ops), "bias_mode": self.bias_mode}
+        meta = {"layers": sum(op.kind in ("conv", "linear") for op in self.ops), "bias_mode": self.bias_mode,
+                "requant": self.requant}
         return IntegerModel(self.ops, self.input_name, self.outputs, self.points, self.input_shape, meta)
 
     def arg(self, node: fx.Node, i: int = 0) -> _Val:
@@ -935,14 +974,21 @@ class _Compiler:
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module, example_input: Tensor, bias_mode: str = "output") -> IntegerModel:
+def to_integer(model: nn.Module, example_input: Tensor, bias_mode: str = "output",
+               requant: str = "int64") -> IntegerModel:
     """Compile a quantized ``torch.fx`` model into an :class:`IntegerModel` for inputs shaped like
     ``example_input`` (any batch size). Unsupported nodes are named in a ValueError.
 
     ``bias_mode``: ``accumulator`` adds ``round(b / (s_x s_w))`` (int32) to the accumulator as in Jacob et al.
-    (and as ONNX Runtime's QLinearConv does); ``output`` (default) keeps the bias exact to ``2^-F`` output LSB
-    by adding ``round(b / s_out * 2^F)`` after the multiplier and rounding once (``F`` fractional bits, as the
-    residual add does), so the engine rounds exactly where the float simulation does."""
+    (and as ONNX Runtime's QLinearConv does); ``output`` (default) keeps the bias exact by adding it in output
+    units, with the fractional bits of the requantization, before its one rounding.
+
+    ``requant``: ``int64`` (default) rounds once, ``y = RDBPOT(sum_i x_i K_i + offset, n)`` with int32
+    multipliers ``K_i`` and int64 products (:func:`~qcnn.integer.requant.wide_multipliers`: 31-bit multipliers,
+    the residual add's operands summed before the rounding); ``int32`` is gemmlowp's ``MBQM`` with int32
+    intermediates (``F <= 16`` extra fractional bits, two roundings in a residual add), bit-exact with
+    TFLite's int8 kernels. Both round where the simulation does; ``int64`` keeps ~2^-31 instead of ~2^-16 of
+    an LSB of intermediate error, which is what lets deep networks agree with the simulation end to end."""
     if not isinstance(model, fx.GraphModule):
         raise ValueError(f"{type(model).__name__} is not a torch.fx GraphModule: integer inference needs the graph "
                          "produced by qcnn.quantize (models torch.fx cannot trace are not supported)")
@@ -951,7 +997,7 @@ def to_integer(model: nn.Module, example_input: Tensor, bias_mode: str = "output
     try:
         x = example_input[:1].to(next(model.parameters()).device)
         ShapeProp(model).propagate(x)
-        im = _Compiler(model, bias_mode).compile()
+        im = _Compiler(model, bias_mode, requant).compile()
     finally:
         model.train(was_training)
     return im

@@ -16,6 +16,16 @@ A real multiplier ``M > 0`` (``s_in * s_w / s_out``) is stored as an int32 ``M0`
 * ``RoundingDivideByPOT(x, n) = (x >> n) + (remainder > threshold)`` with ``remainder = x & (2^n - 1)``,
   ``threshold = (2^n - 1) >> 1`` plus one for negative ``x``: ``round(x / 2^n)``, ties away from zero.
 
+**Single-rounding form** (``wide_multipliers`` / ``wide_requantize``, the engine's default): the same int32
+multipliers applied to int64 products, with one rounding at the end, as TFLite's 16x8 kernels do with
+their int64 ``MultiplyByQuantizedMultiplier``::
+
+    y = RoundingDivideByPOT(sum_i (x_i * K_i) << l_i + offset, n)    K_i = round(M_i 2^n_i) in [2^30, 2^31)
+
+with ``n = max_i n_i`` and ``l_i = n - n_i`` (per channel), lowered only where the int64 sum could reach
+2^62. So ``y = round(sum_i x_i M_i + o)`` to the 31-bit precision of every multiplier (ties away from zero),
+and a residual add rounds once instead of once per operand.
+
 Everything runs on int64 torch tensors (the int32 products of the paper need 64 bits), so the functions are
 bit-exact with the reference C++ for int32 inputs. ``pack_int4`` / ``unpack_int4`` store codes of grids with
 at most 4 bits two per byte (low nibble first, codes offset by ``qmin`` to ``0..15``).
@@ -93,6 +103,60 @@ def requantize(acc: Tensor, m0: Tensor, e: Tensor, zero_point: int, qmin: int, q
     return torch.clamp(multiply_by_quantized_multiplier(acc, m0, e) + zero_point, qmin, qmax)
 
 
+def wide_multipliers(terms: list[tuple[Tensor, float]], offset: Tensor | None = None,
+                     limit: float = 2.0**62) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    """Int32 multipliers ``K_i``, left shifts ``l_i``, right shift ``n`` and int64 offset such that
+    ``RDBPOT(sum_i (x_i K_i) << l_i + offset, n) = round(sum_i x_i M_i + o)`` to 31 bits of each multiplier.
+
+    ``terms`` are ``(M_i, bound_i)``: real multipliers (broadcastable float64 tensors, >= 0) and the largest
+    ``|x_i|``; ``offset`` is ``o`` in output units. Per element of the broadcast shape each term gets its own
+    exponent ``n_i`` (``K_i = round(M_i 2^n_i) in [2^30, 2^31)``), ``n = max_i n_i`` and ``l_i = n - n_i``;
+    where ``sum_i bound_i K_i 2^l_i + |offset| + 2^n`` would reach ``limit``, ``n`` is lowered (and the
+    ``n_i`` above it with it) until it fits.
+    """
+    ms = [torch.as_tensor(m, dtype=torch.float64) for m, _ in terms]
+    bounds = [max(float(b), 1.0) for _, b in terms]
+    for m in ms:
+        if bool((m < 0).any()) or not bool(torch.isfinite(m).all()):
+            raise ValueError(f"requantization multipliers must be finite and >= 0, got {m.flatten()[:8].tolist()}")
+    shape = torch.broadcast_shapes(*(m.shape for m in ms), *(() if offset is None else (offset.shape,)))
+    ms = [m.expand(shape) for m in ms]
+    off = torch.zeros(shape, dtype=torch.float64) if offset is None else offset.to(torch.float64).expand(shape)
+    own = []
+    for m in ms:  # largest exponent with round(m 2^e) < 2^31
+        mant, e = torch.frexp(torch.where(m > 0, m, torch.ones_like(m)))
+        ni = 31 - e.to(torch.int64) - (torch.round(mant * 2.0**31) >= 2.0**31).to(torch.int64)
+        own.append(ni.clamp(min=0, max=62))
+    n = torch.stack(own).amax(0)
+    for _ in range(64):
+        nis = [torch.minimum(ni, n) for ni in own]
+        ks = [torch.round(m * torch.pow(2.0, ni.to(torch.float64))) for m, ni in zip(ms, nis)]
+        total = sum(b * k * torch.pow(2.0, (n - ni).to(torch.float64)) for b, k, ni in zip(bounds, ks, nis))
+        scale = torch.pow(2.0, n.to(torch.float64))
+        bad = total + torch.round(off * scale).abs() + scale >= limit
+        if not bool(bad.any()):
+            break
+        if bool((bad & (n == 0)).any()):
+            raise ValueError("requantization does not fit in 64 bits: multipliers or operands too large")
+        n = torch.where(bad, n - 1, n)
+    scale = torch.pow(2.0, n.to(torch.float64))
+    return ([k.to(torch.int64) for k in ks], [n - ni for ni in nis], n, torch.round(off * scale).to(torch.int64))
+
+
+def wide_requantize(xs: list[Tensor], ks: list[Tensor], n: Tensor, offset: Tensor | None = None,
+                    lshifts: list[Tensor] | None = None) -> Tensor:
+    """``RoundingDivideByPOT(sum_i (x_i K_i) << l_i + offset, n)`` on int64 (one rounding, ties away from 0)."""
+    total = None
+    for i, (x, k) in enumerate(zip(xs, ks)):
+        t = x.to(torch.int64) * k.to(x.device)
+        if lshifts is not None:
+            t = torch.bitwise_left_shift(t, lshifts[i].to(x.device))
+        total = t if total is None else total + t
+    if offset is not None:
+        total = total + offset.to(total.device)
+    return rounding_divide_by_pot(total, n.to(total.device))
+
+
 # -- int4 storage --------------------------------------------------------------------------------------------
 def pack_int4(codes: Tensor | np.ndarray, qmin: int) -> np.ndarray:
     """Pack integer codes in ``[qmin, qmin + 15]`` two per byte (low nibble = even index) as uint8."""
@@ -124,4 +188,6 @@ __all__ = [
     "rounding_divide_by_pot",
     "saturating_rounding_doubling_high_mul",
     "unpack_int4",
+    "wide_multipliers",
+    "wide_requantize",
 ]

@@ -42,6 +42,10 @@ def fl_from_amax(amax: Tensor, bits: int, signed: bool) -> Tensor:
 def fixed_point_quant(x: Tensor, fl: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """``clip(round(x 2^fl), qmin, qmax) 2^-fl`` with the masked straight-through gradient."""
     scale = torch.exp2(-fl.float())
+    if x.dtype == torch.float64:
+        from qcnn.quant.uniform import fake_quant_float64
+
+        return fake_quant_float64(x, scale, torch.zeros((), dtype=torch.int32), qmin, qmax, axis)
     if fl.dim() == 0 or axis is None:
         zp = torch.zeros(1, dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zp, qmin, qmax)

@@ -48,8 +48,28 @@ def qparams_from_range(
     return scale, zp
 
 
+def fake_quant_float64(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                       axis: int | None) -> Tensor:
+    """The fused kernels' rule evaluated in float64: codes ``clamp(round(x * fl32(1/s)) + z)`` with the
+    kernels' float32 reciprocal of the scale, dequantized exactly as ``(q - z) s`` (the float32 kernels round
+    that product to float32). Same masked straight-through gradient."""
+    shape = [1] * x.dim()
+    if scale.dim() > 0 and axis is not None and scale.numel() > 1:
+        shape[axis] = -1
+    s32 = scale.detach().to(torch.float32)
+    inv = (1.0 / s32).to(torch.float64).reshape(shape)
+    zp = zero_point.detach().to(torch.float64).reshape(shape if zero_point.numel() > 1 else [1] * x.dim())
+    v = torch.round(x.detach() * inv) + zp
+    keep = (v >= qmin) & (v <= qmax)
+    y = (torch.clamp(v, qmin, qmax) - zp) * s32.to(torch.float64).reshape(shape)
+    return y + (x - x.detach()) * keep
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
-    """Fake-quantize with torch's fused kernels (per tensor when ``scale`` is 0-d, else per channel)."""
+    """Fake-quantize with torch's fused kernels (per tensor when ``scale`` is 0-d, else per channel);
+    float64 tensors are quantized exactly by :func:`fake_quant_float64`."""
+    if x.dtype == torch.float64:
+        return fake_quant_float64(x, scale, zero_point, qmin, qmax, axis)
     if scale.dim() == 0 or axis is None:
         return torch.fake_quantize_per_tensor_affine(
             x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax

@@ -102,6 +102,38 @@ def test_fuzzed_nets_match_simulation_per_layer(seed, bits, method):
     assert torch.allclose(forced_out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("bits,method", [(8, "uniform"), (4, "fqn")])
+def test_fuzzed_nets_equal_the_float64_simulation_end_to_end(seed, bits, method):
+    """The int64 requantization reproduces the simulation evaluated in float64 code for code, end to end;
+    gemmlowp's int32 form keeps the per-layer bound (<= 1 LSB, >= 99.9 %)."""
+    torch.manual_seed(seed)
+    net = _RandNet(seed)
+    x = torch.randn(8, 3, 16, 16)
+    if not net.head_avg:
+        with torch.no_grad():
+            net.fc = nn.Linear(net.blocks(torch.relu(net.bn(net.stem(x))))[0].numel(), 5)
+    recipe = {"method": method, "w_bits": bits, "a_bits": bits, "first_last": "same",
+              "fold_bn": seed % 2 == 0 and method == "uniform"}
+    q = _calibrated(net, recipe, torch.randn(32, 3, 16, 16))
+    ref64, sim64 = simulation_codes(q, x, dtype=torch.float64)
+    out, codes = to_integer(q, x).run(x, record=True)
+    cmp = compare_codes(codes, sim64)
+    assert cmp["equal"] == 1.0 and cmp["max_diff"] == 0, cmp
+    assert torch.allclose(out.double(), ref64, rtol=1e-5, atol=1e-5 * float(ref64.abs().max()))
+    im32 = to_integer(q, x, requant="int32")
+    assert im32.meta["requant"] == "int32"
+    _, forced = im32.run(x, force=sim64, record=True)
+    cmp32 = compare_codes(forced, sim64)
+    assert cmp32["max_diff"] <= 1 and cmp32["equal"] >= 0.999, cmp32
+
+
+def test_requant_scheme_is_checked():
+    q = _calibrated(_RandNet(0), {"method": "uniform", "first_last": "same"}, torch.randn(4, 3, 16, 16))
+    with pytest.raises(ValueError, match="requant='int16'"):
+        to_integer(q, torch.randn(1, 3, 16, 16), requant="int16")
+
+
 def test_accumulator_bias_mode_is_classic_int32():
     torch.manual_seed(0)
     net = _RandNet(1)

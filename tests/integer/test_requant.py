@@ -19,6 +19,8 @@ from qcnn.integer.requant import (
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
     unpack_int4,
+    wide_multipliers,
+    wide_requantize,
 )
 
 
@@ -116,3 +118,48 @@ def test_int4_pack_roundtrip():
     assert pack_int4(np.array([-8, 7]), -8).tolist() == [0xF0]
     with pytest.raises(ValueError, match="4-bit range"):
         pack_int4(np.array([9]), -8)
+
+
+def _round_away(f: Fraction) -> int:
+    """Round half away from zero, exactly."""
+    q = (abs(f) + Fraction(1, 2)).__floor__()
+    return q if f >= 0 else -q
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_wide_requantize_is_one_exact_rounding(seed):
+    """One term (a conv requantization) and two terms of very different size (a residual add of an
+    accumulator and codes): the int64 form equals round(sum x_i K_i 2^-n_i + offset 2^-n) exactly, each K_i
+    is a 31-bit int32 multiplier, and the result is round(sum x_i M_i + o) except within 2^-25 of a tie."""
+    g = torch.Generator().manual_seed(seed)
+    c = 5
+    m_acc = torch.rand(1, c, 1, 1, generator=g, dtype=torch.float64) * 1e-3 + 1e-5
+    m_codes = torch.rand((), generator=g, dtype=torch.float64) * 2 + 0.1
+    off = (torch.rand(1, c, 1, 1, generator=g, dtype=torch.float64) - 0.5) * 40
+    bound_acc, bound_codes = 2**22, 255
+    for terms in ([(m_acc, bound_acc)], [(m_acc, bound_acc), (m_codes, bound_codes)]):
+        ks, ls, n, o = wide_multipliers(terms, off)
+        xs = [torch.randint(-b, b + 1, (64, c, 2, 2), generator=g) for _, b in terms]
+        y = wide_requantize(xs, ks, n, o, ls)
+        for k in ks:
+            assert int(k.max()) < 2**31 and int(k.min()) >= 2**30  # full 31-bit multipliers
+        for idx in [(i, ch, 0, 1) for i in range(64) for ch in range(c)]:
+            ch = idx[1]
+            nn_ = int(n.reshape(-1)[ch])
+            exact = sum(Fraction(int(x[idx]) * int(k.reshape(-1)[ch]) * 2 ** int(sh.reshape(-1)[ch]), 2**nn_)
+                        for x, k, sh in zip(xs, ks, ls)) + Fraction(int(o.reshape(-1)[ch]), 2**nn_)
+            assert int(y[idx]) == _round_away(exact)
+            real = sum(Fraction(int(x[idx])) * Fraction(float(m.expand(1, c, 1, 1).reshape(-1)[ch]))
+                       for x, (m, _) in zip(xs, terms)) + Fraction(float(off.reshape(-1)[ch]))
+            frac = real - real.__floor__()
+            if abs(frac - Fraction(1, 2)) > Fraction(1, 2**25):
+                assert int(y[idx]) == _round_away(real)
+
+
+def test_wide_multipliers_lower_the_shift_to_stay_in_64_bits():
+    m = torch.tensor([0.75], dtype=torch.float64)
+    (k,), _, n, _ = wide_multipliers([(m, 2.0**40)])
+    assert float(k) * 2.0**40 + 2.0 ** float(n) < 2.0**62
+    assert abs(float(k) / 2.0 ** float(n) - 0.75) < 1e-9
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        wide_multipliers([(torch.tensor([-1.0]), 10)])

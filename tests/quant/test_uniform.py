@@ -60,3 +60,30 @@ def test_masked_ste_gradient():
     x = torch.tensor([0.2, 3.9, -4.4, -1.0], requires_grad=True)  # codes round to 0, 8 (>7), -9 (<-8), -2
     q(x).sum().backward()
     assert x.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_float64_fake_quant_keeps_the_kernel_rule_and_dequantizes_exactly():
+    """float64 tensors: the fused kernels' codes round(x * fl32(1/s)) + z (per tensor and per channel),
+    dequantized as (q - z) s without float32 rounding, masked straight-through gradient."""
+    from qcnn.quant.uniform import fake_quant
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 3) * 3
+    s = torch.rand(5) * 0.05 + 0.01
+    z = torch.randint(-20, 20, (5,), dtype=torch.int32)
+    for scale, zp, axis in ((s[0], z[0], None), (s, z, 1)):
+        y32 = fake_quant(x, scale, zp, -128, 127, axis)
+        x64 = x.double().requires_grad_(True)
+        y64 = fake_quant(x64, scale, zp, -128, 127, axis)
+        shape = [1, -1, 1] if axis == 1 else [1, 1, 1]
+        s64, z64 = scale.double().reshape(shape), zp.double().reshape(shape)
+        inv = (1.0 / scale.float()).double().reshape(shape)
+        v = torch.round(x.double() * inv) + z64
+        want = (v.clamp(-128, 127) - z64) * s64
+        assert y64.dtype == torch.float64
+        assert torch.equal(y64.detach(), want)  # exact dequantization
+        codes32 = torch.round(y32.double() / s64) + z64
+        codes64 = torch.round(y64.detach() / s64) + z64
+        assert torch.equal(codes32, codes64)  # same codes as the float32 kernel on these values
+        y64.sum().backward()
+        assert torch.equal(x64.grad, ((v >= -128) & (v <= 127)).double())
