@@ -3,13 +3,16 @@
 For each model the quantized network (fake-quant simulation, eval mode) defines the expected codes of
 every quantizer (layer inputs, residual sums). Reported per model:
 
-* ``per_layer``: codes of each layer computed by the engine (resp. ONNX Runtime) from exactly the
-  simulation's input codes (teacher forcing): fraction equal and max |difference| in LSB (first
-  ``--layer-batches`` batches);
-* ``end_to_end``: the same with the engine (resp. ONNX Runtime) running on its own codes (differences spread
-  with depth);
-* ``top1``: simulation, integer engine and ONNX Runtime on the test images, and the prediction agreement of
-  each engine with the simulation.
+* ``per_layer``: codes of each layer computed by a runtime from exactly the simulation's input codes (teacher
+  forcing): fraction equal and max |difference| in LSB (first ``--layer-batches`` batches);
+* ``end_to_end``: the same with the runtime on its own codes (differences spread with depth);
+* ``top1``: simulations and runtimes on the test images, and the prediction agreement of each with the
+  simulation.
+
+The reference is the simulation evaluated in float64 (:func:`qcnn.integer.agreement.simulation_codes`,
+``dtype=torch.float64``); the float32 simulation, as it runs in training, is reported beside it (its own
+rounding flips codes near ties). Runtimes: the integer engine, ONNX Runtime on the integer ONNX form
+(``form="integer"``), ONNX Runtime on the fast QLinear/QDQ form (float32 requantization).
 
 The simulations are the deployable ones: uniform W8A8 PTQ, per-channel symmetric weights, BN folded, biases
 on the int32 accumulator grid (:func:`qcnn.integer.add_bias_quantizers`; ``--no-bias-quant`` for the plain
@@ -74,9 +77,16 @@ def _final(acc):
     return acc
 
 
+RUNTIMES = ("engine", "ort_integer", "ort_fast")
+
+
 @torch.no_grad()
 def measure(name: str, q, batches, labelled: bool, layer_batches: int = 1, threads: int = 2) -> dict:
-    """Agreement figures of quantized model ``q`` over ``batches`` of (x, y) (y may be None)."""
+    """Agreement figures of quantized model ``q`` over ``batches`` of (x, y) (y may be None).
+
+    References: the simulation evaluated in float64 (``sim64``, exact arithmetic on the same grids) and as it
+    runs in training (float32, ``sim32``). Runtimes: the integer engine, ONNX Runtime on the integer form
+    (``ort_integer``) and on the fast form (``ort_fast``: QLinear where the graph allows it, else QDQ)."""
     from qcnn.integer import to_integer
     from qcnn.integer.agreement import compare_codes, simulation_codes
     from qcnn.integer.onnx_export import OrtModel, ort_codes, to_onnx
@@ -84,42 +94,50 @@ def measure(name: str, q, batches, labelled: bool, layer_batches: int = 1, threa
     t0 = time.time()
     im = to_integer(q, batches[0][0])
     try:
-        form, model = "qlinear", to_onnx(im, form="qlinear")
+        fast_form, fast = "qlinear", to_onnx(im, form="qlinear")
     except ValueError:
-        form, model = "qdq", to_onnx(im, form="qdq")
-    ort = OrtModel(model, threads=threads)
-    forced_model = to_onnx(im, with_codes=True, forced=True, form=form)
-    free_model = to_onnx(im, with_codes=True, form=form)
-    acc = {k: None for k in ("engine_per_layer", "engine_end_to_end", "ort_per_layer", "ort_end_to_end")}
-    n = sim_ok = int_ok = ort_ok = agree_int = agree_ort = 0
+        fast_form, fast = "qdq", to_onnx(im, form="qdq")
+    forms = {"ort_integer": "integer", "ort_fast": fast_form}
+    sessions = {"ort_integer": OrtModel(to_onnx(im, form="integer"), threads=threads),
+                "ort_fast": OrtModel(fast, threads=threads)}
+    coded = {k: (to_onnx(im, with_codes=True, forced=True, form=f), to_onnx(im, with_codes=True, form=f))
+             for k, f in forms.items()}
+    acc: dict[str, dict | None] = {}
+    n = 0
+    correct = {k: 0 for k in ("sim32", "sim64") + RUNTIMES}
+    agree = {f"{k}_vs_{r}": 0 for k in RUNTIMES + ("sim32",) for r in ("sim64", "sim32")}
     for i, (x, y) in enumerate(batches):
-        ref, sim = simulation_codes(q, x)
+        ref32, sim32 = simulation_codes(q, x)
+        ref64, sim64 = simulation_codes(q, x, dtype=torch.float64)
         if i < layer_batches:
             out, codes = im.run(x, record=True)
-            _, forced = im.run(x, force=sim, record=True)
-            acc["engine_per_layer"] = _merge(acc["engine_per_layer"], compare_codes(forced, sim))
-            acc["engine_end_to_end"] = _merge(acc["engine_end_to_end"], compare_codes(codes, sim))
-            got = ort_codes(*forced_model, x, force=sim, threads=threads)[1]
-            acc["ort_per_layer"] = _merge(acc["ort_per_layer"], compare_codes(got, sim))
-            got = ort_codes(*free_model, x, threads=threads)[1]
-            acc["ort_end_to_end"] = _merge(acc["ort_end_to_end"], compare_codes(got, sim))
+            _, forced = im.run(x, force=sim64, record=True)
+            got = {"engine": (forced, codes)}
+            for k, (forced_m, free_m) in coded.items():
+                got[k] = (ort_codes(*forced_m, x, force=sim64, threads=threads)[1],
+                          ort_codes(*free_m, x, threads=threads)[1])
+            for k, (per_layer, e2e) in got.items():
+                for key, g, ref in ((f"{k}_per_layer", per_layer, sim64), (f"{k}_end_to_end", e2e, sim64),
+                                    (f"{k}_end_to_end_sim32", e2e, sim32)):
+                    acc[key] = _merge(acc.get(key), compare_codes(g, ref))
+            acc["sim32_end_to_end"] = _merge(acc.get("sim32_end_to_end"), compare_codes(sim32, sim64))
         else:
             out = im(x)
-        o = ort(x)
-        p_sim, p_int, p_ort = ref.argmax(1), out.argmax(1), o.argmax(1)
-        agree_int += int((p_int == p_sim).sum())
-        agree_ort += int((p_ort == p_sim).sum())
+        preds = {"sim32": ref32.argmax(1), "sim64": ref64.argmax(1), "engine": out.argmax(1)}
+        for k, sess in sessions.items():
+            preds[k] = sess(x).argmax(1)
+        for k in RUNTIMES + ("sim32",):
+            for r in ("sim64", "sim32"):
+                agree[f"{k}_vs_{r}"] += int((preds[k] == preds[r]).sum())
         if labelled:
-            sim_ok += int((p_sim == y).sum())
-            int_ok += int((p_int == y).sum())
-            ort_ok += int((p_ort == y).sum())
+            for k, p_ in preds.items():
+                correct[k] += int((p_ == y).sum())
         n += x.shape[0]
     res = {"model": name, "images": n, "integer_ops": len(im.ops), "quantizer_points": len(im.points),
-           "ort_form": form, **{k: _final(v) for k, v in acc.items()},
-           "prediction_agreement_engine": agree_int / n, "prediction_agreement_ort": agree_ort / n,
-           "seconds": round(time.time() - t0, 1)}
+           "ort_fast_form": fast_form, "codes": {k: _final(v) for k, v in acc.items()},
+           "prediction_agreement": {k: v / n for k, v in agree.items()}, "seconds": round(time.time() - t0, 1)}
     if labelled:
-        res.update(top1_fakequant=100 * sim_ok / n, top1_integer=100 * int_ok / n, top1_ort=100 * ort_ok / n)
+        res["top1"] = {k: 100 * v / n for k, v in correct.items()}
     print(json.dumps(res), flush=True)
     return res
 
@@ -257,23 +275,36 @@ def write(rows: list[dict], out: Path, command: str | None = None) -> int:
         return f"{100 * v:.4f} %"
 
     def cell(r, k):
-        c = r.get(k)
+        c = r["codes"].get(k)
         return "-" if c is None else f"{pct(c['equal'])} ({c['max_diff']})"
 
-    lines = ["# Integer engine / ONNX Runtime vs fake-quant simulation", "",
+    lines = ["# Integer engine / ONNX Runtime vs the fake-quant simulation", "",
              f"{res['date']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}. Command(s): {command}", "",
-             "Codes: fraction equal to the simulation's (max |difference| in LSB). Top-1 in percent; "
-             "agreement = predictions equal to the simulation's.", "",
-             "| model | images | ORT form | engine per layer | ORT per layer | engine end to end | ORT end to end | "
-             "float top-1 | fake-quant top-1 | integer top-1 | ORT top-1 | agreement engine / ORT |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Codes: fraction of the quantizer codes equal to the reference's (max |difference| in LSB), per layer "
+             "(each layer fed the reference's input codes) and end to end (each runtime on its own codes), over "
+             "the first batches. References: the simulation evaluated in float64 (same grids, exact arithmetic) "
+             "and in float32 (as in training). Runtimes: the integer engine (int64 requantization), ONNX Runtime "
+             "on the integer ONNX form, ONNX Runtime on the fast form (QLinear, or QDQ where noted: float32 "
+             "requantization). Top-1 in percent on all the images; agreement = predictions equal to the "
+             "reference's.", "",
+             "| model | images | runtime | per layer vs float64 sim | end to end vs float64 sim | "
+             "end to end vs float32 sim | top-1 | top-1 float64 / float32 sim | agreement with float64 / float32 sim |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"engine": "integer engine", "ort_integer": "ORT integer form", "ort_fast": "ORT {form}",
+             "sim32": "float32 simulation"}
     for r in rows:
-        tops = [f"{r[k]:.2f}" if k in r else "-" for k in ("float_top1", "top1_fakequant", "top1_integer",
-                                                             "top1_ort")]
-        lines.append(f"| {r['model']} | {r['images']} | {r.get('ort_form', 'qdq')} | {cell(r, 'engine_per_layer')} | "
-                     f"{cell(r, 'ort_per_layer')} | {cell(r, 'engine_end_to_end')} | {cell(r, 'ort_end_to_end')} | "
-                     + " | ".join(tops) + f" | {pct(r['prediction_agreement_engine'])} / "
-                     f"{pct(r['prediction_agreement_ort'])} |")
+        t = r.get("top1", {})
+        sims = f"{t['sim64']:.2f} / {t['sim32']:.2f}" if t else "-"
+        for k in RUNTIMES + ("sim32",):
+            label = names[k].format(form=r["ort_fast_form"])
+            per = "-" if k == "sim32" else cell(r, f"{k}_per_layer")
+            e64 = cell(r, f"{k}_end_to_end")
+            e32 = "-" if k == "sim32" else cell(r, f"{k}_end_to_end_sim32")
+            a = r["prediction_agreement"]
+            ag = f"{pct(a[f'{k}_vs_sim64'])} / {pct(a[f'{k}_vs_sim32'])}"
+            top = f"{t[k]:.2f}" if t else "-"
+            model = r["model"] + (f", float {r['float_top1']:.2f}" if "float_top1" in r else "")
+            lines.append(f"| {model} | {r['images']} | {label} | {per} | {e64} | {e32} | {top} | {sims} | {ag} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -19,7 +19,7 @@ from qcnn.commands.common import (
 )
 
 TORCH_ENGINES = ("float", "fakequant")
-OTHER_ENGINES = ("integer", "onnx", "onnxruntime")
+OTHER_ENGINES = ("integer", "onnx", "onnxruntime", "onnxruntime-integer")
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     add_data_args(p)
     p.add_argument("--engine", default=None, choices=TORCH_ENGINES + OTHER_ENGINES,
                    help="float (default for float models), fakequant (default for quantized checkpoints), "
-                        "integer, onnx / onnxruntime (integer-only inference, qcnn.integer)")
+                        "integer, onnx / onnxruntime (integer-only inference, qcnn.integer; onnxruntime-integer: the "
+                        "integer ONNX form, bit-exact with integer)")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images only")
     add_output_args(p)
     p.set_defaults(func=run)

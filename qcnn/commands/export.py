@@ -1,7 +1,9 @@
 """``qcnn export``: write a quantized checkpoint as an integer model users can run and read.
 
 * ``--format onnx``: ONNX (opset 13) in QDQ form, int8 weights with per-channel ``DequantizeLinear(axis=0)``
-  and int32 biases; ONNX Runtime fuses it to QLinearConv / QLinearAdd / QGemm.
+  and int32 biases; ONNX Runtime fuses it to QLinearConv / QLinearAdd / QGemm. ``--onnx-form qlinear``:
+  ONNX Runtime's channels-last integer operators; ``--onnx-form integer``: the engine's own integer arithmetic
+  (ConvInteger, MatMulInteger, int64 requantization), bit-exact with ``qcnn eval --engine integer``.
 * ``--format int``: ``FILE.npz`` (integer weight codes, int4 bit-packed for <= 4-bit weights, int32 biases,
   requantization multipliers and shifts, scales) and ``FILE.json`` (the graph: one entry per integer
   operation with its attributes and the npz keys of its tensors); :meth:`qcnn.integer.IntegerModel.load`
@@ -27,9 +29,14 @@ def add_parser(sub) -> None:
                                    "ONNX QDQ or as .npz + .json.")
     p.add_argument("--checkpoint", required=True, help="quantized qcnn checkpoint (model.pt)")
     p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--onnx-form", choices=("qdq", "qlinear"), default="qdq",
+    p.add_argument("--onnx-form", choices=("qdq", "qlinear", "integer"), default="qdq",
                    help="qdq: QuantizeLinear/DequantizeLinear around float ops (any runtime); qlinear: ONNX "
-                        "Runtime's integer operators end to end, uint8 NHWC (fastest in ONNX Runtime)")
+                        "Runtime's integer operators end to end, uint8 NHWC (fastest in ONNX Runtime); integer: "
+                        "ConvInteger/MatMulInteger and the int64 requantization in standard operators (bit-exact "
+                        "with the integer engine)")
+    p.add_argument("--requant", choices=("int64", "int32"), default="int64",
+                   help="requantization arithmetic of the integer model: int64 (one rounding of int64 products, "
+                        "31-bit multipliers) or int32 (gemmlowp / TFLite MultiplyByQuantizedMultiplier)")
     p.add_argument("--out", required=True, help="output file (.onnx, or the stem of .npz/.json)")
     p.add_argument("--model", default=None, help="(checked against the checkpoint)")
     p.add_argument("--dataset", default=None, help="dataset whose image shape to use")
@@ -75,10 +82,10 @@ def run(args) -> int:
     if args.model and args.model != arch["name"]:
         raise ValueError(f"checkpoint {args.checkpoint!r} holds a {arch['name']!r} model, not {args.model!r}")
     shape = _input_shape(args, arch)
-    im = to_integer(model, torch.zeros((1,) + shape))
+    im = to_integer(model, torch.zeros((1,) + shape), requant=args.requant)
     out = Path(args.out)
     figures = {"format": args.format, "model": arch["name"], "input_shape": list(shape),
-               "integer_ops": len(im.ops), "layers": im.meta.get("layers")}
+               "integer_ops": len(im.ops), "layers": im.meta.get("layers"), "requant": args.requant}
     if args.format == "onnx":
         from qcnn.integer.onnx_export import to_onnx
 

@@ -17,7 +17,7 @@ from qcnn.integer.bias import AccumulatorBias, add_bias_quantizers
 from qcnn.integer.engine import ActGrid, IntegerModel, Op, int_conv2d, to_integer
 from qcnn.integer.requant import multiply_by_quantized_multiplier, quantize_multiplier
 
-ENGINES = ("float", "fakequant", "integer", "onnx", "onnxruntime")
+ENGINES = ("float", "fakequant", "integer", "onnx", "onnxruntime", "onnxruntime-integer")
 
 
 def _first_batch(loader):
@@ -30,7 +30,8 @@ def _first_batch(loader):
 def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) -> dict:
     """Top-1 (percent) of ``model`` on ``loader`` with engine ``kind``: ``float`` / ``fakequant`` (PyTorch
     forward), ``integer`` (:func:`to_integer`), ``onnx`` / ``onnxruntime`` (the exported model in ONNX
-    Runtime: QLinear form where the graph allows it, else QDQ). Returns ``{"top1", "images", "engine"}`` (plus
+    Runtime: QLinear form where the graph allows it, else QDQ), ``onnxruntime-integer`` (the integer ONNX form,
+    bit-exact with ``integer``). Returns ``{"top1", "images", "engine"}`` (plus
     ``loss`` for the PyTorch engines)."""
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {ENGINES}")
@@ -45,10 +46,13 @@ def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) 
     else:
         from qcnn.integer.onnx_export import OrtModel, to_onnx
 
-        try:  # the channels-last QLinear form where the graph allows it, else the QDQ form
-            onnx_model = to_onnx(im, form="qlinear")
-        except ValueError:
-            onnx_model = to_onnx(im, form="qdq")
+        if kind == "onnxruntime-integer":
+            onnx_model = to_onnx(im, form="integer")
+        else:
+            try:  # the channels-last QLinear form where the graph allows it, else the QDQ form
+                onnx_model = to_onnx(im, form="qlinear")
+            except ValueError:
+                onnx_model = to_onnx(im, form="qdq")
         ort = OrtModel(onnx_model, threads=threads)
         fn = ort
     correct = seen = 0

@@ -28,6 +28,43 @@ from qcnn.quant.base import Quantizer
 
 
 @torch.no_grad()
+def float64_simulation(model: nn.Module) -> nn.Module:
+    """A float64 copy of a quantized model with exactly the float32 model's grids: weights and biases frozen
+    to their exact grid values ``(q_w - z_w) s_w`` and ``round(b / (s_x s_w)) s_x s_w`` (codes and scales as the
+    float32 model computes them; its FQN conv+BN pairs folded first, as the engine compiles them), activation
+    quantizers with the float32 scales (:func:`qcnn.quant.uniform.fake_quant_float64`)."""
+    from qcnn.nn.layers import QConv2d, QLinear
+    from qcnn.quant.fqn import fold_conv_bn
+
+    m = fold_conv_bn(copy.deepcopy(model))
+    frozen = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, (QConv2d, QLinear)) and isinstance(mod.weight_quant, Quantizer):
+            g = mod.weight_quant.grid()
+            if not g.is_uniform or g.scale is None:
+                continue
+            w = mod.quantized_weight().detach()
+            shape = [-1] + [1] * (w.dim() - 1) if g.scale.numel() > 1 else [1] * w.dim()
+            z = g.zero_point.to(torch.float64).reshape(shape) if g.zero_point is not None else 0.0
+            w64 = (g.to_codes(w).to(torch.float64) - z) * g.scale.to(torch.float32).to(torch.float64).reshape(shape)
+            b = mod.bias
+            bq = getattr(mod, "bias_quant", None)
+            b64 = None if b is None else (bq(b.detach().to(torch.float64), mod) if bq is not None else
+                                          b.detach().to(torch.float64))
+            frozen[name] = (w64, b64)
+    m = m.double()
+    for name, mod in m.named_modules():
+        if name in frozen:
+            w64, b64 = frozen[name]
+            mod.weight.data = w64
+            mod.weight_quant = None
+            if b64 is not None:
+                mod.bias.data = b64
+                mod.bias_quant = None
+    return m
+
+
+@torch.no_grad()
 def simulation_codes(model: nn.Module, x: Tensor, dtype: torch.dtype = torch.float32
                      ) -> tuple[Tensor, dict[str, Tensor]]:
     """(float output, codes of every ``<module>.input_quant`` / ``<module>.out_quant``) of ``model`` on ``x``;
@@ -35,7 +72,7 @@ def simulation_codes(model: nn.Module, x: Tensor, dtype: torch.dtype = torch.flo
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype={dtype} must be torch.float32 or torch.float64")
     if dtype == torch.float64:
-        model = copy.deepcopy(model).double()
+        model = float64_simulation(model)
         x = x.double()
     codes: dict[str, Tensor] = {}
     hooks = []
@@ -76,4 +113,4 @@ def compare_codes(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict:
             "worst_point": worst_p, "worst_equal": worst}
 
 
-__all__ = ["compare_codes", "simulation_codes"]
+__all__ = ["compare_codes", "float64_simulation", "simulation_codes"]

@@ -41,6 +41,7 @@ import torch
 from qcnn.integer.engine import IntegerModel, Op
 
 OPSET = 13
+_TENSOR_TYPES = {np.uint8: 2, np.int8: 3, np.int64: 7}  # onnx.TensorProto UINT8, INT8, INT64
 
 
 def _onnx():
@@ -284,7 +285,7 @@ class _Builder:
                 produced[op.output] = v
                 k = self.kind[v]
                 name = "force:" + force_keys[op.output]
-                dt = TP.UINT8 if k[1] is np.uint8 else TP.INT8
+                dt = _TENSOR_TYPES[k[1]]
                 inputs.append(helper.make_tensor_value_info(name, dt, self._shape(op.output)))
                 self.kind[name] = k
                 env[op.output] = self.forced_input(name, v)
@@ -303,7 +304,7 @@ class _Builder:
                 continue
             if v not in exposed:
                 ov = self.extra_output(v, key)
-                dt = TP.UINT8 if self.kind[v][1] is np.uint8 else TP.INT8
+                dt = _TENSOR_TYPES[self.kind[v][1]]
                 outputs.append(helper.make_tensor_value_info(ov, dt, self._shape(key)))
                 exposed[v] = ov
                 offsets[ov] = self.code_offset(v)
@@ -591,7 +592,7 @@ class _QLinearBuilder(_Builder):
         return self._copy_meta(out, v, "nhwc")
 
 
-FORMS = ("qdq", "qlinear")
+FORMS = ("qdq", "qlinear", "integer")
 
 
 def to_onnx(im: IntegerModel, path: str | Path | None = None, with_codes: bool = False, forced: bool = False,
@@ -601,6 +602,8 @@ def to_onnx(im: IntegerModel, path: str | Path | None = None, with_codes: bool =
     ``form="qdq"`` (default): portable QDQ graph (opset 13) that any runtime can fuse. ``form="qlinear"``: the
     QOperator form for ONNX Runtime's CPU kernels (``com.microsoft`` QLinearConv/QLinearAdd, channels-last
     uint8 activations, no transposes between layers; see :class:`_QLinearBuilder`), the fastest on x86.
+    ``form="integer"``: the engine's own integer arithmetic in standard operators (``ConvInteger``,
+    ``MatMulInteger``, int64 requantization; :mod:`qcnn.integer.onnx_integer`), bit-exact with the engine.
 
     ``with_codes`` adds the codes of every quantizer point as extra graph outputs and returns
     ``(model, point -> output name)``. ``forced`` (with ``with_codes``) also makes every point's consumers read
@@ -609,7 +612,12 @@ def to_onnx(im: IntegerModel, path: str | Path | None = None, with_codes: bool =
     are stored with an offset (signed grids as uint8)."""
     if form not in FORMS:
         raise ValueError(f"form={form!r}: choose one of {FORMS}")
-    builder = _QLinearBuilder(im) if form == "qlinear" else _Builder(im)
+    if form == "integer":
+        from qcnn.integer.onnx_integer import IntegerBuilder
+
+        builder = IntegerBuilder(im)
+    else:
+        builder = _QLinearBuilder(im) if form == "qlinear" else _Builder(im)
     model, names = builder.build(im.points if with_codes else None, forced=forced and with_codes)
     if path is not None:
         path = Path(path)
@@ -633,7 +641,7 @@ def ort_codes(model, names: dict[str, str], x: torch.Tensor, force: dict[str, to
         if i.name.startswith("force:"):
             if force is None or i.name[6:] not in force:
                 raise ValueError(f"the model reads forced codes for {i.name[6:]!r}; pass them in force")
-            dt = np.uint8 if "uint8" in i.type else np.int8
+            dt = np.uint8 if "uint8" in i.type else np.int64 if "int64" in i.type else np.int8
             feeds[i.name] = (force[i.name[6:]].cpu().numpy() + offsets.get(i.name, 0)).astype(dt)
     outs = ort.session.run(None, feeds)
     got = {p: torch.from_numpy(outs[ort.output_names.index(n)].astype(np.int64) - offsets.get(n, 0))

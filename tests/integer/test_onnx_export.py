@@ -134,6 +134,12 @@ def test_run_engine_and_export_command(tmp_path):
     assert any(n.op_type == "QLinearConv" for n in qlin.graph.node)
     ort_q = OrtModel(qlin, threads=1)
     assert (ort_q(x).argmax(1) == im(x).argmax(1)).float().mean() >= 0.95
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--onnx-form", "integer",
+                 "--out", str(tmp_path / "i.onnx")]) == 0
+    assert torch.equal(OrtModel(onnx.load(str(tmp_path / "i.onnx")), threads=1)(x), im(x))  # bit-exact
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "int", "--requant", "int32",
+                 "--out", str(tmp_path / "l32")]) == 0
+    assert IntegerModel.load(tmp_path / "l32.json").meta["requant"] == "int32"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--input-shape", "1,28"]) == 2
 
 
