@@ -15,7 +15,12 @@
 #   3. when the QAT-I table is done: the whole equal-bit-width grid (`qcnn bench --suite cifar10`) at a
 #      shorter budget until the time runs out (cells not started stay pending; the bench resumes).
 # Every job ends by RUN_SECONDS (default 540); then the results are packed into $OUT.
+# PHASES (default "1 2 3") picks the phases: PHASES=3 runs the whole grid alone with every worker (WORKERS,
+# default 15) for the whole budget; a bench directory carried in $GPU_INPUTS/bench_grid (results.json of an
+# earlier run) is resumed, its finished cells skipped.
 set -u
+PHASES=${PHASES:-1 2 3}
+has_phase() { case " $PHASES " in *" $1 "*) return 0 ;; esac; return 1; }
 T0=$(date +%s)
 RUN_SECONDS=${RUN_SECONDS:-540}
 OUT=${OUT:-gpu_out}
@@ -61,13 +66,17 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" 2>&1 
 $PY -c "from qcnn.data import get_data; b = get_data('cifar10', data_dir='$DATA', device='$DEVICE')
 print('cifar10 cached:', len(b.train), 'train batches,', len(b.test), 'test batches')" 2>&1 | tee -a "$OUT/log.txt"
 
+if has_phase 1; then
 log "phase 1: kernels and step time"
 timeout 60 $PY benchmarks/quantizer_kernels.py --device "$DEVICE" --min-run 0.1 "${K_X[@]}" --out "$R/kernels" >"$R/kernels.log" 2>&1
 log "kernels rc=$?"
 timeout 75 $PY benchmarks/qat_step_time.py --device "$DEVICE" --batch 128 --threads 1 --steps 5 --rounds 3 --warmup 3 \
     "${S_X[@]}" --out "$R/step_time" >"$R/step_time.log" 2>&1
 log "step time rc=$?"
+fi
 
+QAT_PID=
+if has_phase 2; then
 log "phase 2: training jobs"
 job qat_table $PY -m qcnn bench --suite cifar10 --init "$FLOAT" --data-dir "$DATA" --epochs "$EPOCHS_QAT" \
     --workers "${WORKERS:-11}" --threads 1 --methods zhuang_guided,zhuang_progressive,pact,dorefa,lsq --bits 4/4,2/2 \
@@ -85,12 +94,17 @@ job wage $PY -m qcnn qat --recipe benchmarks/gpu/wage_vgg7.yaml --model vgg7 "${
     --device "$DEVICE" "${Q_X[@]}" --out "$R/wage_vgg7" --json
 job vgg7_float $PY -m qcnn train --model vgg7 "${COMMON[@]}" --epochs 12 --optimizer sgd --lr 0.05 \
     --momentum 0.9 --schedule onecycle --wd 5e-4 --batch-size 128 --device "$DEVICE" "${T_X[@]}" --out "$R/vgg7_float" --json
+fi
 
-wait "$QAT_PID"
-log "phase 3: the whole grid, $(left) s left"
-if [ "$(left)" -gt 90 ]; then
+[ -n "$QAT_PID" ] && wait "$QAT_PID"
+if has_phase 3 && [ "$(left)" -gt 90 ]; then
+    log "phase 3: the whole grid, $(left) s left"
+    if [ -d "$G/bench_grid" ] && [ ! -d "$R/bench_grid" ]; then
+        cp -r "$G/bench_grid" "$R/bench_grid" && log "resuming $G/bench_grid"
+    fi
+    has_phase 2 && GRID_WORKERS=${WORKERS:-10} || GRID_WORKERS=${WORKERS:-15}
     job grid $PY -m qcnn bench --suite cifar10 --init "$FLOAT" --data-dir "$DATA" --epochs "$EPOCHS_GRID" \
-        --workers "${WORKERS:-10}" --threads 1 --time-limit $(($(left) - 75)) \
+        --workers "$GRID_WORKERS" --threads 1 --time-limit $(($(left) - 75)) \
         --methods qcode,uniform,uniform_qat,pact,lsq,dorefa,wrpn,hwgq,zhuang_progressive,zhuang_guided,bireal,elq,nonuniform,vnq,fqn \
         --bits 4/4,2/2,8/8,1/2,2/fp --device "$DEVICE" "${B_X[@]}" --out "$R/bench_grid"
 fi

@@ -522,9 +522,9 @@ class _Compiler:
         scale = v.scale
         if v.offset is not None:
             # keep k extra fractional bits so the rounded offset (and a ReLU at 0) stay exact to 2^-k acc units
-            # (int32 scheme: the shifted value stays below 2^30; int64: below 2^40, the multiplier keeps >= 21 bits)
+            # (the shifted value stays below 2^30, so its multiplier keeps 31 bits; int64 allows up to 24 bits)
             off = v.offset / v.scale
-            top, cap = (40, 24) if self.requant == "int64" else (30, 12)
+            top, cap = (30, 24) if self.requant == "int64" else (30, 12)
             k = max(0, min(cap, int(math.floor(top - math.log2(max((bound + float(off.abs().max())) * headroom,
                                                                        1.0))))))
             if k:

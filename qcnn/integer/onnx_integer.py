@@ -177,6 +177,7 @@ class IntegerBuilder(_Builder):
     def op_clamp(self, op: Op, x: str) -> str:
         t = op.tensors
         ndim = self.ndim.get(op.output, 4)
+        kind, grid = self.kind[x], self.grid_of.get(x)  # codes stay codes (a ReLU on a grid holding 0)
         if "pre_shift" in t:
             x = self.node("Mul", [x, self.i64("pot", np.left_shift(np.int64(1), int(t["pre_shift"])))],
                           op.output + "_shift")
@@ -187,7 +188,9 @@ class IntegerBuilder(_Builder):
         if "hi" in t:
             x = self.node("Min", [x, self.i64("hi", self._bcast(t["hi"], ndim))], op.output + "_hi")
         out = self.node("Identity", [x], op.output)
-        self.kind[out] = ("a", np.int64)
+        self.kind[out] = kind if not ("pre_shift" in t or "add" in t) else ("a", np.int64)
+        if grid is not None and self.kind[out][0] == "q":
+            self.grid_of[out] = grid
         return out
 
     def op_maxpool(self, op: Op, x: str) -> str:

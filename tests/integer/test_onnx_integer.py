@@ -70,3 +70,19 @@ def test_integer_form_needs_the_int64_scheme_and_run_engine_uses_it():
     loader = [(x[:4], y[:4]), (x[4:], y[4:])]
     assert run_engine("onnxruntime-integer", q, loader, threads=1)["top1"] == 100.0
     assert torch.equal(OrtModel(to_onnx(to_integer(q, x), form="integer"), threads=1)(x), to_integer(q, x)(x))
+
+
+def test_int8_deployment_model_runs_bit_exact():
+    """Residual operands quantized and ReLU'd sums on shared grids (ReLU clamps then act on codes)."""
+    from qcnn.integer import share_relu_grids
+    from tests.integer.test_onnx_export import _model
+
+    q = share_relu_grids(_model(residual_int8=True))
+    x = torch.randn(8, 3, 12, 12)
+    im = to_integer(q, x)
+    assert any(op.kind == "clamp" for op in im.ops) or any(op.kind == "add" for op in im.ops)
+    out, codes = im.run(x, record=True)
+    logits, got = ort_codes(*to_onnx(im, with_codes=True, form="integer"), x, threads=1)
+    assert compare_codes(got, codes)["equal"] == 1.0
+    assert torch.equal(logits, out)
+    assert compare_codes(codes, simulation_codes(q, x, dtype=torch.float64)[1])["equal"] == 1.0
