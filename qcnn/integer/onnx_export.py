@@ -234,16 +234,20 @@ class _Builder:
         self.kind[out] = self.kind[x]
         return out
 
-    def op_pad(self, op: Op, x: str) -> str:
-        pad = op.attrs["pad"]
-        nd = 4
+    @staticmethod
+    def onnx_pads(pad: list[int], nd: int = 4) -> list[int]:
+        """ONNX ``Pad`` pads (all begins, then all ends) of a ``F.pad`` spec (last dimension first)."""
         begins, ends = [0] * nd, [0] * nd
         for i in range(len(pad) // 2):
             begins[nd - 1 - i] = pad[2 * i]
             ends[nd - 1 - i] = pad[2 * i + 1]
+        return begins + ends
+
+    def op_pad(self, op: Op, x: str) -> str:
         k = self.kind[x]
         val = k[1](op.attrs["value"]) if k[0] == "q" else np.float32(0.0)
-        out = self.node("Pad", [x, self.const("pads", np.array(begins + ends, np.int64)), self.const("v", val)],
+        pads = np.array(self.onnx_pads(op.attrs["pad"]), np.int64)
+        out = self.node("Pad", [x, self.const("pads", pads), self.const("v", val)],
                         op.output, mode="constant")
         self.kind[out] = k
         return out

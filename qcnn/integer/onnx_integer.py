@@ -228,14 +228,8 @@ class IntegerBuilder(_Builder):
         return self._codes(self.node("Identity", [total], op.output))
 
     def op_pad(self, op: Op, x: str) -> str:
-        pad = op.attrs["pad"]
-        nd = 4
-        begins, ends = [0] * nd, [0] * nd
-        for i in range(len(pad) // 2):
-            begins[nd - 1 - i] = pad[2 * i]
-            ends[nd - 1 - i] = pad[2 * i + 1]
-        out = self.node("Pad", [x, self.i64("pads", begins + ends), self.i64("v", op.attrs["value"])], op.output,
-                        mode="constant")
+        out = self.node("Pad", [x, self.i64("pads", self.onnx_pads(op.attrs["pad"])), self.i64("v", op.attrs["value"])],
+                        op.output, mode="constant")
         self.kind[out] = self.kind[x]
         if x in self.grid_of:
             self.grid_of[out] = self.grid_of[x]

@@ -71,6 +71,19 @@ def _calibrated(model, recipe, x):
     return q
 
 
+def fuzzed_net(seed: int, bits: int, method: str):
+    """A calibrated random net (``_RandNet(seed)``) and an input batch."""
+    torch.manual_seed(seed)
+    net = _RandNet(seed)
+    x = torch.randn(8, 3, 16, 16)
+    if not net.head_avg:
+        with torch.no_grad():
+            net.fc = nn.Linear(net.blocks(torch.relu(net.bn(net.stem(x))))[0].numel(), 5)
+    recipe = {"method": method, "w_bits": bits, "a_bits": bits, "first_last": "same",
+              "fold_bn": seed % 2 == 0 and method == "uniform"}
+    return _calibrated(net, recipe, torch.randn(32, 3, 16, 16)), x
+
+
 def _per_layer(q, x, bias_mode="output"):
     im = to_integer(q, x, bias_mode=bias_mode)
     ref, sim = simulation_codes(q, x)
@@ -107,15 +120,7 @@ def test_fuzzed_nets_match_simulation_per_layer(seed, bits, method):
 def test_fuzzed_nets_equal_the_float64_simulation_end_to_end(seed, bits, method):
     """The int64 requantization reproduces the simulation evaluated in float64 code for code, end to end;
     gemmlowp's int32 form keeps the per-layer bound (<= 1 LSB, >= 99.9 %)."""
-    torch.manual_seed(seed)
-    net = _RandNet(seed)
-    x = torch.randn(8, 3, 16, 16)
-    if not net.head_avg:
-        with torch.no_grad():
-            net.fc = nn.Linear(net.blocks(torch.relu(net.bn(net.stem(x))))[0].numel(), 5)
-    recipe = {"method": method, "w_bits": bits, "a_bits": bits, "first_last": "same",
-              "fold_bn": seed % 2 == 0 and method == "uniform"}
-    q = _calibrated(net, recipe, torch.randn(32, 3, 16, 16))
+    q, x = fuzzed_net(seed, bits, method)
     ref64, sim64 = simulation_codes(q, x, dtype=torch.float64)
     out, codes = to_integer(q, x).run(x, record=True)
     cmp = compare_codes(codes, sim64)

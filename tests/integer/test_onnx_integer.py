@@ -5,24 +5,11 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from qcnn.integer import run_engine, to_integer
 from qcnn.integer.agreement import compare_codes, simulation_codes
 from qcnn.integer.onnx_export import OrtModel, ort_codes, to_onnx
-from tests.integer.test_engine import _calibrated, _RandNet
-
-
-def _net(seed: int, bits: int, method: str):
-    torch.manual_seed(seed)
-    net = _RandNet(seed)
-    x = torch.randn(8, 3, 16, 16)
-    if not net.head_avg:
-        with torch.no_grad():
-            net.fc = nn.Linear(net.blocks(torch.relu(net.bn(net.stem(x))))[0].numel(), 5)
-    recipe = {"method": method, "w_bits": bits, "a_bits": bits, "first_last": "same",
-              "fold_bn": seed % 2 == 0 and method == "uniform"}
-    return _calibrated(net, recipe, torch.randn(32, 3, 16, 16)), x
+from tests.integer.test_engine import fuzzed_net as _net
 
 
 @pytest.mark.parametrize("seed", range(4))
