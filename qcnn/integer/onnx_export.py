@@ -61,7 +61,8 @@ class _Builder:
         self.inits = []
         self.kind: dict[str, tuple] = {}  # value -> ("q", np dtype, scale, zp) | ("f",)
         self.n = 0
-        self.ndim = {k: len(v) for k, v in im.value_shapes().items()}
+        self.shapes = im.value_shapes()  # engine value -> shape for a batch of one
+        self.ndim = {k: len(v) for k, v in self.shapes.items()}
 
     def name(self, base: str) -> str:
         self.n += 1

@@ -34,8 +34,9 @@ from qcnn.integer.onnx_export import _Builder
 
 
 class IntegerBuilder(_Builder):
-    """Builds the integer form: values are int64 tensors (``kind`` ``("q", np.int64, s, z)`` for codes,
-    ``("a", np.int64)`` for accumulators), the network input and output float32."""
+    """Builds the integer form: values are int64 tensors (``kind`` ``("q", np.int64, s, z, (lo, hi))`` for codes
+    in ``[lo, hi]``, ``("a", np.int64)`` for accumulators), the network input and output float32. Reshapes,
+    slices, pads, max pools and ReLU clamps on codes keep their input's kind."""
 
     def __init__(self, im: IntegerModel):
         if im.meta.get("requant", "int32") != "int64":
@@ -58,8 +59,8 @@ class IntegerBuilder(_Builder):
             return a[None]
         return a.reshape([1, -1] + [1] * (ndim - 2))
 
-    def _codes(self, out: str, grid: dict | None = None) -> str:
-        self.kind[out] = ("q", np.int64, grid["scale"], grid["zero_point"]) if grid else ("a", np.int64)
+    def _codes(self, out: str, grid: dict | None = None, rng: tuple[int, int] | None = None) -> str:
+        self.kind[out] = ("q", np.int64, grid["scale"], grid["zero_point"], rng) if grid else ("a", np.int64)
         return out
 
     def _round_shift(self, t: str, n, ndim: int, base: str) -> str:
@@ -87,8 +88,7 @@ class IntegerBuilder(_Builder):
                                           op.output + "_mul")], op.output + "_round")
         q = self.node("Cast", [r], op.output + "_i64", to=self.TP.INT64)
         out = self._finish(q, {"zero_point": a["zero_point"], "lo": a["qmin"], "hi": a["qmax"]}, op.output)
-        self.grid_of[out] = (a["qmin"], a["qmax"])
-        return self._codes(out, a["grid"])
+        return self._codes(out, a["grid"], (a["qmin"], a["qmax"]))
 
     def op_linear(self, op: Op, x: str) -> str:
         a, t = op.attrs, op.tensors
@@ -107,7 +107,7 @@ class IntegerBuilder(_Builder):
         k = self.kind[x]
         if k[0] != "q":
             raise ValueError(f"layer {a['layer']!r} reads an accumulator, not codes")
-        dt = self.container(*self.grid_of[x], a["layer"])
+        dt = self.container(*k[4], a["layer"])
         xc = self.node("Cast", [x], op.output + "_x8", to=self.TP.UINT8 if dt is np.uint8 else self.TP.INT8)
         xzc = self.const("xz", dt(xz))
         if op.kind == "conv":
@@ -161,8 +161,7 @@ class IntegerBuilder(_Builder):
             total = self.node("Add", [total, self.i64("off", self._bcast(t["offset"], ndim))], op.output + "_off")
         y = self._round_shift(total, t["rshift"], ndim, op.output)
         out = self._finish(y, a, op.output)
-        self.grid_of[out] = (a["lo"], a["hi"])
-        return self._codes(out, a["grid"])
+        return self._codes(out, a["grid"], (a["lo"], a["hi"]))
 
     def op_requant(self, op: Op, x: str) -> str:
         if op.attrs.get("scheme") != "int64":
@@ -177,7 +176,7 @@ class IntegerBuilder(_Builder):
     def op_clamp(self, op: Op, x: str) -> str:
         t = op.tensors
         ndim = self.ndim.get(op.output, 4)
-        kind, grid = self.kind[x], self.grid_of.get(x)  # codes stay codes (a ReLU on a grid holding 0)
+        kind = self.kind[x]  # codes stay codes (a ReLU on a grid holding 0)
         if "pre_shift" in t:
             x = self.node("Mul", [x, self.i64("pot", np.left_shift(np.int64(1), int(t["pre_shift"])))],
                           op.output + "_shift")
@@ -189,8 +188,6 @@ class IntegerBuilder(_Builder):
             x = self.node("Min", [x, self.i64("hi", self._bcast(t["hi"], ndim))], op.output + "_hi")
         out = self.node("Identity", [x], op.output)
         self.kind[out] = kind if not ("pre_shift" in t or "add" in t) else ("a", np.int64)
-        if grid is not None and self.kind[out][0] == "q":
-            self.grid_of[out] = grid
         return out
 
     def op_maxpool(self, op: Op, x: str) -> str:
@@ -201,8 +198,6 @@ class IntegerBuilder(_Builder):
                       pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"])
         out = self.node("Cast", [m], op.output, to=self.TP.INT64)
         self.kind[out] = self.kind[x]
-        if x in self.grid_of:
-            self.grid_of[out] = self.grid_of[x]
         return out
 
     def op_sumpool(self, op: Op, x: str) -> str:
@@ -215,7 +210,7 @@ class IntegerBuilder(_Builder):
         if p[0] or p[1]:
             x = self.node("Pad", [x, self.i64("pads", [0, 0, p[0], p[1], 0, 0, p[0], p[1]]), self.i64("v", 0)],
                           op.output + "_pad", mode="constant")
-        shape = self.im_shapes[op.inputs[0]]
+        shape = self.shapes[op.inputs[0]]
         h, w = shape[-2] + 2 * p[0], shape[-1] + 2 * p[1]
         ho, wo = (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
         total = None
@@ -231,20 +226,6 @@ class IntegerBuilder(_Builder):
         out = self.node("Pad", [x, self.i64("pads", self.onnx_pads(op.attrs["pad"])), self.i64("v", op.attrs["value"])],
                         op.output, mode="constant")
         self.kind[out] = self.kind[x]
-        if x in self.grid_of:
-            self.grid_of[out] = self.grid_of[x]
-        return out
-
-    def op_reshape(self, op: Op, x: str) -> str:
-        out = super().op_reshape(op, x)
-        if x in self.grid_of:
-            self.grid_of[out] = self.grid_of[x]
-        return out
-
-    def op_getitem(self, op: Op, x: str) -> str:
-        out = super().op_getitem(op, x)
-        if x in self.grid_of:
-            self.grid_of[out] = self.grid_of[x]
         return out
 
     def op_dequantize(self, op: Op, x: str) -> str:
@@ -262,16 +243,6 @@ class IntegerBuilder(_Builder):
         out = self.node("Cast", [y], op.output, to=self.TP.FLOAT)
         self.kind[out] = ("f",)
         return out
-
-    def build(self, extra_outputs=None, forced=False):
-        self.grid_of: dict[str, tuple[int, int]] = {}
-        self.im_shapes = self.im.value_shapes()
-        return super().build(extra_outputs, forced)
-
-    def forced_input(self, name: str, v: str) -> str:
-        if v in self.grid_of:
-            self.grid_of[name] = self.grid_of[v]
-        return name
 
 
 __all__ = ["IntegerBuilder"]
