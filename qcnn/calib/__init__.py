@@ -6,9 +6,11 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from qcnn.calib.batchnorm import batchnorm_in_train_mode, batchnorms, reestimate_bn
 from qcnn.calib.observers import OBSERVERS, EMAObserver, MinMaxObserver, Observer, make_observer
 
-__all__ = ["OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "calibrating", "make_observer"]
+__all__ = ["OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "batchnorm_in_train_mode", "batchnorms",
+           "calibrating", "make_observer", "reestimate_bn"]
 
 
 @contextmanager

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qcnn.calib import calibrating
+from qcnn.calib import batchnorm_in_train_mode, calibrating, reestimate_bn
 from qcnn.quant.registry import get_method
 from qcnn.recipes import Recipe
 from qcnn.transform import quantize
@@ -68,12 +69,18 @@ def get_procedure(name: str | None) -> Procedure:
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, loader, max_images: int | None = None) -> nn.Module:
-    """Run ``loader`` batches through ``qmodel`` in calibration mode (eval mode, no gradients)."""
+def calibrate(qmodel: nn.Module, loader, max_images: int | None = None, bn_train: bool = False) -> nn.Module:
+    """Run ``loader`` batches through ``qmodel`` in calibration mode (no gradients).
+
+    ``bn_train=False`` (post-training quantization): the whole model in eval mode, BatchNorm with its float
+    running statistics. ``bn_train=True`` (before quantization-aware training): BatchNorm normalises with
+    each batch's statistics, so the ranges observed are those of the quantized network that will be
+    trained (see :mod:`qcnn.calib.batchnorm`); everything else stays in eval mode.
+    """
     was_training = qmodel.training
     qmodel.eval()
     seen = 0
-    with calibrating(qmodel):
+    with batchnorm_in_train_mode(qmodel) if bn_train else nullcontext(), calibrating(qmodel):
         for x, _ in loader:
             qmodel(x)
             seen += x.shape[0]
@@ -84,10 +91,23 @@ def calibrate(qmodel: nn.Module, loader, max_images: int | None = None) -> nn.Mo
     return qmodel.train(was_training)
 
 
+def calibrate_for_training(qmodel: nn.Module, loader, images: int) -> nn.Module:
+    """Calibration before QAT: ranges observed with train-mode BatchNorm, then every BatchNorm's running
+    statistics re-estimated with the quantized weights and quantizers (:func:`~qcnn.calib.reestimate_bn`),
+    so that the first evaluation already sees the quantized network's own statistics."""
+    calibrate(qmodel, loader, images, bn_train=True)
+    reestimate_bn(qmodel, loader, images)
+    return qmodel
+
+
 def quantize_and_calibrate(model: nn.Module, recipe: Recipe, bundle) -> nn.Module:
-    """``quantize`` then calibrate on the bundle's held-out calibration split."""
+    """``quantize`` then calibrate on the bundle's held-out calibration split: for training
+    (:func:`calibrate_for_training`) when ``recipe.train.epochs > 0``, else as post-training quantization
+    (eval mode, float BatchNorm statistics)."""
     device = next(model.parameters()).device
     qmodel = quantize(model, recipe).to(device)
+    if recipe.train.epochs > 0:
+        return calibrate_for_training(qmodel, bundle.calib, recipe.calib_images)
     return calibrate(qmodel, bundle.calib, recipe.calib_images)
 
 
@@ -124,5 +144,5 @@ def run_recipe(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | N
     return get_procedure(recipe.procedure)(model, bundle, recipe, out_dir, resume)
 
 
-__all__ = ["PROCEDURES", "calibrate", "get_procedure", "qat", "quantize_and_calibrate",
+__all__ = ["PROCEDURES", "calibrate", "calibrate_for_training", "get_procedure", "qat", "quantize_and_calibrate",
            "register_procedure", "run_recipe", "train_quantized"]

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qcnn.calib.batchnorm import reestimate_bn
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
 from qcnn.quant.base import check_bits
 from qcnn.quant.codebook import ClipQQuantizer, check_p
@@ -309,6 +310,8 @@ def clipq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None =
         records = {n: [{k: t[k] for k in ("p", "bits", "err", "bpw")} for t in recs]
                    for n, recs in res["records"].items()}
     if recipe.train.epochs > 0:
+        if bundle.calib is not None and not resume:  # BN statistics of the searched (p, b) grids
+            reestimate_bn(qmodel, bundle.calib, recipe.calib_images)
         ft = bundle
         if opts.train_images is not None:
             ft = dataclasses.replace(bundle, train=bundle.train.take(opts.train_images))

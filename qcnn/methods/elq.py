@@ -2,7 +2,9 @@
 
 1. ``quantize(model, recipe)`` (method ``elq``): binary/ternary weight quantizers, activations float.
 2. :func:`elq_start`: every ELQ layer fixes its closed-form ``alpha``/``delta`` from the float weights, and
-   the gradient running mean is seeded from ``grad_batches`` batches of the calibration split.
+   the gradient running mean is seeded from ``grad_batches`` batches of the calibration split; before
+   training, every BatchNorm's running statistics are re-estimated with the quantized weights
+   (:func:`~qcnn.calib.reestimate_bn`, ``recipe.calib_images`` images of the calibration split).
 3. Training with ``recipe.train`` for ``recipe.train.epochs`` epochs, split into ``len(schedule)`` stages of
    equal length (in optimizer steps). At the start of stage ``i`` every layer freezes its least important
    free weights until ``schedule[i]`` of it is frozen (default 50%, 75%, 87.5%, 100%); the last stage, with
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcnn.calib.batchnorm import reestimate_bn
 from qcnn.methods import register_procedure
 from qcnn.methods.wage import _check_params
 from qcnn.quant.elq import elq_layers, elq_penalty
@@ -95,6 +98,8 @@ def elq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = N
     elq_start(qmodel, bundle.calib, int(params.get("grad_batches", 4)))
 
     total = recipe.train.epochs * len(bundle.train)
+    if total > 0 and bundle.calib is not None:  # BN statistics of the binary/ternary network, not the float one
+        reestimate_bn(qmodel, bundle.calib, recipe.calib_images)
     if total == 0:
         stages = [{"step": 0, "fraction": 1.0, "frozen": freeze_all(qmodel, 1.0)}]
         res = evaluate(qmodel, bundle.test)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcnn.calib.batchnorm import reestimate_bn
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
 from qcnn.quant.vnq import kl_total, prune_and_snap, to_variational
 from qcnn.recipes import Recipe
@@ -112,40 +113,6 @@ def n_images(loader) -> int:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, loader, images: int) -> int:
-    """Recompute every BatchNorm's running mean and variance with the model's current (snapped) weights.
-
-    Forward passes in evaluation mode (mean weights, no noise) with only the BatchNorm layers collecting
-    statistics, as an equal-weight average over the first ``images`` images of ``loader``. No parameter changes.
-    Returns the number of images used (0 when the model has no BatchNorm).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or images <= 0:
-        return 0
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    device = next(model.parameters()).device
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    seen = 0
-    try:
-        for x, _ in loader:
-            model(x[: images - seen].to(device))
-            seen += min(len(x), images - seen)
-            if seen >= images:
-                break
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("bn_images: the loader gave no images")
-    return seen
-
-
 @register_procedure("vnq")
 def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
         resume: bool = False) -> tuple[nn.Module, dict]:

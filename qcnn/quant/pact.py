@@ -180,6 +180,8 @@ class PACTOptions:
     signed_variant: bool = True
     #: DoReFa weights multiplied by max|w| (see qcnn.quant.dorefa; keeps BatchNorm statistics valid)
     weight_rescale: bool = False
+    #: learning rate of the alpha group (None: the recipe's lr)
+    alpha_lr: float | None = None
 
 
 @register_method
@@ -199,12 +201,23 @@ class PACTMethod(EdgeUniformMethod):
                              init_mean=o.init_mean)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer)]
+        """The default groups (decay on conv/linear kernels only) with every alpha in a group of its own,
+        decayed by ``alpha_decay`` (the paper's L2 on alpha) and optionally on its own learning rate
+        (``alpha_lr``)."""
+        from qcnn.train import default_param_groups
+
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer) and m.alpha.requires_grad]
         ids = {id(p) for p in alphas}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": rest, "weight_decay": weight_decay}]
+        groups = []
+        for g in default_param_groups(model, weight_decay):
+            rest = [p for p in g["params"] if id(p) not in ids]
+            if rest:
+                groups.append({**g, "params": rest})
         if alphas:
-            groups.append({"params": alphas, "weight_decay": self.options.alpha_decay})
+            alpha_group = {"params": alphas, "weight_decay": self.options.alpha_decay}
+            if self.options.alpha_lr is not None:
+                alpha_group["lr"] = self.options.alpha_lr
+            groups.append(alpha_group)
         return groups
 
 

@@ -13,7 +13,12 @@ Parameters from a range ``[lo, hi]`` (extended to contain 0 so that zero is exac
 
 ``s`` is never below ``eps`` so a constant tensor gives a valid grid, never NaN.
 Weights (``dynamic=True``) take their range from the tensor itself at every call; activations take it
-from an observer (see :mod:`qcnn.calib`), during calibration or, with ``track_in_training``, during QAT.
+from an observer (see :mod:`qcnn.calib`) during calibration. With ``track_in_training`` the range keeps
+following the data during QAT as an exponential moving average of the batch min/max, starting from the
+calibrated range: ``r <- m r + (1 - m) r_batch`` with ``m = track_momentum`` (0.99, torch.ao's
+moving-average observer; an ``ema`` observer goes on with its own ``gamma``, FQN's 0.999). Whatever the
+calibration estimator (``minmax``, ``mse``, ``kl``, ...), training never keeps a running max, so one bad
+range at the start is forgotten within a few hundred steps.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qcnn.calib.observers import make_observer, reduce_minmax
+from qcnn.calib.observers import EMAObserver, make_observer, reduce_minmax
 from qcnn.quant.base import Grid, Quantizer, qrange
 
 EPS = 1e-8
@@ -77,6 +82,28 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.to(torch.int32), axis, qmin, qmax)
 
 
+class _RangeTracker(EMAObserver):
+    """EMA of batch ranges during training, seeded with the calibrated range (:meth:`seed`).
+
+    Its buffers are part of the quantizer's state (exact resume); a state saved without them loads, and
+    the tracker is then seeded from the quantizer's current grid at the first training step.
+    """
+
+    @torch.no_grad()
+    def seed(self, lo: Tensor, hi: Tensor) -> None:
+        self.min_val, self.max_val = lo.detach().float().clone(), hi.detach().float().clone()
+        self.count.fill_(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not any(k.startswith(prefix) for k in state_dict):  # saved before trackers existed: not an error
+            missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
+            self.count.zero_()
+            self.min_val, self.max_val = torch.zeros(0), torch.zeros(0)
+
+
 class UniformQuantizer(Quantizer):
     """Uniform affine quantizer (see module docstring).
 
@@ -87,7 +114,8 @@ class UniformQuantizer(Quantizer):
         per_channel: one scale per slice along ``axis`` (0 = conv/linear output channels).
         observer: range estimator name (``minmax``, ``ema``, ``percentile``, ``mse``, ``kl``).
         dynamic: take the range from the input at every call (weights); no calibration needed.
-        track_in_training: keep updating the observer in training mode (EMA activation ranges in QAT).
+        track_in_training: keep the range up to date in training mode (EMA of the batch ranges in QAT).
+        track_momentum: the EMA's momentum ``m`` when the observer is not itself an EMA.
         pot: power-of-two scale (fixed-point QCode).
         narrow: drop the most negative signed code (symmetric int8 as in TensorRT/ONNX weight ranges).
     """
@@ -104,6 +132,7 @@ class UniformQuantizer(Quantizer):
         track_in_training: bool = False,
         pot: bool = False,
         narrow: bool = False,
+        track_momentum: float = 0.99,
         **observer_kwargs,
     ):
         super().__init__(bits, signed)
@@ -119,6 +148,10 @@ class UniformQuantizer(Quantizer):
         self.narrow = narrow
         self.qmin, self.qmax = qrange(bits, signed, narrow)
         self.observer = None if dynamic else make_observer(observer, axis=self.axis, **observer_kwargs)
+        #: training-time range: the observer itself when it is an EMA, else an EMA seeded with its range
+        self.tracker = None
+        if track_in_training and self.observer is not None and not isinstance(self.observer, EMAObserver):
+            self.tracker = _RangeTracker(axis=self.axis, gamma=track_momentum)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(bool(dynamic)))
@@ -140,8 +173,24 @@ class UniformQuantizer(Quantizer):
 
     def finish_calibration(self) -> None:
         if self.observer is not None and self.observer.is_initialized():
-            self._set_qparams(*self.observer.compute_range(self.bits, self.signed))
+            lo, hi = self.observer.compute_range(self.bits, self.signed)
+            self._set_qparams(lo, hi)
             self.initialized.fill_(True)
+            if self.tracker is not None:
+                self.tracker.seed(lo, hi)
+
+    def _implied_range(self) -> tuple[Tensor, Tensor]:
+        """The real interval the current (scale, zero point) covers."""
+        z = self.zero_point.float()
+        return (self.qmin - z) * self.scale, (self.qmax - z) * self.scale
+
+    def _track(self, x: Tensor) -> None:
+        obs = self.tracker if self.tracker is not None else self.observer
+        if self.tracker is not None and not self.tracker.is_initialized() and bool(self.initialized):
+            self.tracker.seed(*self._implied_range())  # a calibrated state saved before trackers existed
+        obs.update(x)
+        self._set_qparams(*obs.compute_range(self.bits, self.signed))
+        self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dynamic:
@@ -155,9 +204,7 @@ class UniformQuantizer(Quantizer):
             return x
         elif self.training and self.track_in_training:
             with torch.no_grad():
-                self.observer.update(x)
-                self._set_qparams(*self.observer.compute_range(self.bits, self.signed))
-                self.initialized.fill_(True)
+                self._track(x)
         elif not self._ready:
             self._require_initialized()  # checked once, so no host sync per call afterwards
             self._ready = True

@@ -173,3 +173,35 @@ def test_guided_trains_both_nets():
     assert not torch.equal(q.fc.weight.detach(), w0)
     with pytest.raises(ValueError, match="procedure_params"):
         run_recipe(_Net(), bundle, _recipe("guided", lamda=1.0))
+
+
+@pytest.mark.parametrize("procedure", ["two_step", "progressive"])
+def test_each_stage_starts_from_the_previous_stage_weights(monkeypatch, procedure):
+    """Stage k+1 is quantized from stage k's trained weights, never from the float model again."""
+    import qcnn.methods.zhuang as zh
+
+    starts, ends = [], []
+    real_qc, real_train = zh.quantize_and_calibrate, zh.train_quantized
+
+    def spy_qc(model, recipe, bundle):
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")})
+        return real_qc(model, recipe, bundle)
+
+    def spy_train(qmodel, *a, **kw):
+        out = real_train(qmodel, *a, **kw)
+        ends.append({k: v.detach().clone() for k, v in qmodel.state_dict().items() if k.endswith("weight")})
+        return out
+
+    monkeypatch.setattr(zh, "quantize_and_calibrate", spy_qc)
+    monkeypatch.setattr(zh, "train_quantized", spy_train)
+    torch.manual_seed(0)
+    net = _Net()
+    float_w = {k: v.detach().clone() for k, v in net.state_dict().items() if k.endswith("weight")}
+    pp = {"bits": [8, 4]} if procedure == "progressive" else {}
+    run_recipe(net, _bundle(), _recipe(procedure, **pp))
+    assert len(starts) == len(ends) >= 2
+    assert all(torch.equal(starts[0][k], float_w[k]) for k in float_w)
+    for k in range(1, len(starts)):
+        for name, w in starts[k].items():
+            assert torch.equal(w, ends[k - 1][name]), (k, name)
+        assert any(not torch.equal(starts[k][n], float_w[n]) for n in float_w), k

@@ -87,3 +87,59 @@ def test_float64_fake_quant_keeps_the_kernel_rule_and_dequantizes_exactly():
         assert torch.equal(codes32, codes64)  # same codes as the float32 kernel on these values
         y64.sum().backward()
         assert torch.equal(x64.grad, ((v >= -128) & (v <= 127)).double())
+
+
+def test_training_range_is_an_ema_seeded_by_calibration_never_a_running_max():
+    """minmax calibration, then training: one outlier batch is forgotten (EMA, m = 0.99)."""
+    from qcnn.calib import calibrating
+
+    q = UniformQuantizer(8, signed=False, symmetric=True, observer="minmax", track_in_training=True)
+    with calibrating(q):
+        q(torch.tensor([0.0, 1.0]))
+    assert torch.isclose(q.scale, torch.tensor(1.0 / 255))
+    q.train()
+    q(torch.tensor([0.0, 100.0]))  # outlier: hi = 0.99 * 1 + 0.01 * 100
+    assert torch.isclose(q.scale, torch.tensor(1.99 / 255))
+    for _ in range(500):
+        q(torch.tensor([0.0, 1.0]))
+    hi = 1.0 + 0.99 * 0.99**500  # the EMA decays back towards 1 (a running max would stay at 100)
+    assert torch.isclose(q.scale, torch.tensor(hi / 255), rtol=1e-4)
+    q.eval()
+    s = q.scale.clone()
+    q(torch.tensor([0.0, 50.0]))  # eval mode: the range stays
+    assert torch.equal(q.scale, s)
+
+
+def test_tracker_state_round_trips_and_old_states_load():
+    from qcnn.calib import calibrating
+
+    q = UniformQuantizer(4, signed=True, symmetric=False, observer="mse", track_in_training=True)
+    with calibrating(q):
+        q(torch.randn(1000))
+    q.train()
+    for _ in range(3):
+        q(torch.randn(1000) * 2)
+    sd = q.state_dict()
+    assert "tracker.min_val" in sd
+    r = UniformQuantizer(4, signed=True, symmetric=False, observer="mse", track_in_training=True)
+    r.load_state_dict(sd)
+    r.train()
+    x = torch.randn(1000) * 3
+    assert torch.equal(q(x), r(x)) and torch.equal(q.scale, r.scale)
+    # a state saved before trackers existed: loads, and training continues from its grid
+    old = {k: v for k, v in sd.items() if not k.startswith("tracker.")}
+    o = UniformQuantizer(4, signed=True, symmetric=False, observer="mse", track_in_training=True)
+    o.load_state_dict(old)
+    lo, hi = o._implied_range()
+    o.train()
+    o(torch.zeros(10))
+    assert torch.isclose(o.tracker.max_val, 0.99 * hi) and torch.isclose(o.tracker.min_val, 0.99 * lo)
+
+
+def test_ema_observer_keeps_its_own_gamma_in_training():
+    q = UniformQuantizer(8, signed=False, observer="ema", track_in_training=True, gamma=0.9)
+    assert q.tracker is None
+    q.train()
+    q(torch.tensor([0.0, 1.0]))
+    q(torch.tensor([0.0, 2.0]))
+    assert torch.isclose(q.scale, torch.tensor((0.9 * 1 + 0.1 * 2) / 255))
