@@ -111,8 +111,8 @@ def test_qat_recipe_calibrates_with_train_bn_ptq_with_float_bn(monkeypatch):
 
     seen = []
     real = methods.calibrate
-    monkeypatch.setattr(methods, "calibrate", lambda q, l, n=None, bn_train=False: seen.append(bn_train) or
-                        real(q, l, n, bn_train))
+    monkeypatch.setattr(methods, "calibrate", lambda q, loader, n=None, bn_train=False: seen.append(bn_train) or
+                        real(q, loader, n, bn_train))
     torch.manual_seed(0)
     bundle = type("B", (), {"calib": [(torch.randn(8, 1, 5, 5), None)]})()
     methods.quantize_and_calibrate(_Net(), Recipe(w_bits=4, a_bits=4, train={"epochs": 1}), bundle)
