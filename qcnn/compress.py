@@ -20,7 +20,11 @@ Each quantized conv/linear weight (a ``QConv2d``/``QLinear`` with a weight quant
     is bridged by filler entries holding an explicit zero; ``g`` in 1..8 is chosen per layer.
 
 * ``affine``: a uniform grid ``value = scale * (code - zero_point)`` (per tensor or per channel): dense
-  ``b``-bit codes plus the fp32 scales and int32 zero points.
+  ``b``-bit codes plus the fp32 scales and int32 zero points. A grid whose codes are a sparse integer set
+  (``Grid.int_levels``, e.g. the binary ``{-1, +1}`` of Bi-Real / ELQ / WAGE) stores each code as its
+  index into that set, ``ceil(log2 |int_levels|)`` bits (1 bit for ``{-1, +1}``: ``index = (code + 1) / 2``),
+  the set itself in the description (``int_levels``) and no zero-point section when every zero point is 0:
+  a binary conv of ``n`` weights and ``C`` output channels takes ``ceil(n / 8) + 4 C`` bytes.
 
 The layer bytes are ``codebook + pattern + codes`` (``affine``: ``codes + scales + zero points``) rounded
 up to whole bytes per section. Decoding gives back the quantized weights bit for bit; the file is written
@@ -182,11 +186,24 @@ def encode_affine(w: torch.Tensor, grid) -> tuple[dict, bytes] | None:
     scale = grid.scale.detach().cpu().float().reshape(-1).numpy()
     zp = (grid.zero_point.detach().cpu().to(torch.int32).reshape(-1).numpy() if grid.zero_point is not None
           else np.zeros(1, np.int32))
-    parts = [pack_bits(codes.reshape(-1).numpy().astype(np.int64) - grid.qmin, bits).tobytes(),
-             scale.tobytes(), zp.tobytes()]
+    flat = codes.reshape(-1).numpy().astype(np.int64)
+    extra = {}
+    if grid.int_levels is not None:  # sparse code set (binary {-1, +1}): pack the index into the set
+        lv = np.unique(grid.int_levels.detach().cpu().numpy().astype(np.int64))
+        idx = np.clip(np.searchsorted(lv, flat), 0, lv.size - 1)
+        if not np.array_equal(lv[idx], flat):
+            return None
+        bits = max(1, _nbits(lv.size))
+        packed = pack_bits(idx, bits)
+        if not zp.any():
+            zp = np.zeros(0, np.int32)  # decoded as all-zero zero points
+        extra = {"int_levels": [int(v) for v in lv], "n_levels": int(lv.size)}
+    else:
+        packed = pack_bits(flat - grid.qmin, bits)
+    parts = [packed.tobytes(), scale.tobytes(), zp.tobytes()]
     desc = {"kind": "affine", "encoding": "dense", "numel": w.numel(), "nnz": int((w != 0).sum()),
             "code_bits": bits, "qmin": int(grid.qmin), "axis": grid.axis if scale.size > 1 else None,
-            "sections": [len(p) for p in parts], "codebook_bytes": len(parts[1]) + len(parts[2])}
+            "sections": [len(p) for p in parts], "codebook_bytes": len(parts[1]) + len(parts[2]), **extra}
     return desc, b"".join(parts)
 
 
@@ -195,9 +212,15 @@ def decode_affine(desc: dict, payload: np.ndarray) -> torch.Tensor:
 
     secs = np.cumsum([0] + list(desc["sections"]))
     part = [payload[secs[i]:secs[i + 1]] for i in range(3)]
-    codes = unpack_bits(part[0], desc["code_bits"], desc["numel"]) + desc["qmin"]
+    raw = unpack_bits(part[0], desc["code_bits"], desc["numel"])
+    if desc.get("int_levels") is not None:  # index into the stored code set
+        codes = np.asarray(desc["int_levels"], dtype=np.int64)[raw]
+    else:
+        codes = raw + desc["qmin"]
     scale = torch.from_numpy(np.frombuffer(part[1].tobytes(), dtype=np.float32).copy())
     zp = torch.from_numpy(np.frombuffer(part[2].tobytes(), dtype=np.int32).copy())
+    if zp.numel() == 0:  # zero-point section left out: all zero
+        zp = torch.zeros_like(scale, dtype=torch.int32)
     axis = desc["axis"]
     if axis is None:
         scale, zp = scale.reshape(()), zp.reshape(())

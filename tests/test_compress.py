@@ -130,3 +130,81 @@ def test_compress_command(tmp_path, capsys):
     assert "fc1" in out and "weight_ratio" in out
     back, _ = load_compressed(tmp_path / "m.qcz")
     assert torch.equal(back.fc1.quantized_weight(), q.fc1.quantized_weight())
+
+
+def _bireal_model():
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    r = Recipe.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "bireal.yaml")
+    q = quantize(build_model("bireal_resnet20"), r)
+    with torch.no_grad():  # trained-looking BN statistics and affine parameters
+        for m in q.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return q.eval(), r
+
+
+def test_magnitude_aware_binary_weight_is_a_projection():
+    # Q(Q(W)) = Q(W) bit for bit (s_o accumulated in float64): a model rebuilt from W_b alone is exact
+    from qcnn.quant.binary import MagnitudeAwareBinaryWeight
+
+    torch.manual_seed(0)
+    for shape in [(16, 16, 3, 3), (64, 64, 3, 3), (120, 400), (84, 120), (6, 1, 5, 5)]:
+        q = MagnitudeAwareBinaryWeight()
+        wb = q(torch.randn(shape) * 0.05)
+        assert torch.equal(q(wb), wb)
+
+
+def test_bireal_model_packs_one_bit_per_binary_weight(tmp_path):
+    from qcnn.quant.binary import MagnitudeAwareBinaryWeight
+
+    q, r = _bireal_model()
+    arch = {"name": "bireal_resnet20"}
+    stats = compress_model(q, tmp_path / "b.qcz", arch=arch, recipe=r.to_dict())
+    binary = {n: m for n, m in q.named_modules() if isinstance(getattr(m, "weight_quant", None),
+                                                               MagnitudeAwareBinaryWeight)}
+    assert len(binary) == 18
+    rows = {row["name"]: row for row in stats["layers"]}
+    n_bin = sum(m.weight.numel() for m in binary.values())
+    code_bytes = 0
+    for name, m in binary.items():
+        row, n, c = rows[name], m.weight.numel(), m.weight.shape[0]
+        assert (row["kind"], row["code_bits"], row["levels"]) == ("affine", 1, 2), row
+        assert row["bytes"] == (n + 7) // 8 + 4 * c  # 1-bit codes + one fp32 scale per output channel
+        code_bytes += row["bytes"]
+    assert n_bin / 8 <= code_bytes < 1.1 * n_bin / 8
+    # on disk: the binary layers take their code bytes instead of 4 bytes per weight, the rest is as in fp32
+    rest_fp32 = stats["fp32_bytes"] - 4 * n_bin
+    assert stats["file_bytes"] == (tmp_path / "b.qcz").stat().st_size
+    assert stats["file_bytes"] < rest_fp32 + code_bytes + 8192
+    assert stats["model_ratio"] > 10
+    back, info = load_compressed(tmp_path / "b.qcz")
+    assert info["arch"]["name"] == "bireal_resnet20"
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for name, m in binary.items():
+            wb = back.get_submodule(name).quantized_weight()
+            assert torch.equal(wb, m.quantized_weight())
+            assert torch.allclose(wb.abs(), m.weight.abs().mean(dim=(1, 2, 3), keepdim=True).expand_as(wb),
+                                  rtol=1e-6, atol=0)  # +-mean|W| per output channel
+        assert torch.equal(back(x), q(x))
+
+
+def test_compress_command_takes_a_bireal_checkpoint(tmp_path, capsys):
+    from qcnn.checkpoint import load_model, save_model
+    from qcnn.cli import main
+
+    q, r = _bireal_model()
+    save_model(tmp_path / "model.pt", q, {"name": "bireal_resnet20"}, recipe=r)
+    assert main(["compress", "--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "b.qcz"),
+                 "--json", "--quiet"]) == 0
+    assert "weight_ratio" in capsys.readouterr().out
+    ref, _ = load_model(tmp_path / "model.pt")
+    back, _ = load_compressed(tmp_path / "b.qcz")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), ref(x))

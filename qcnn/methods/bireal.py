@@ -1,21 +1,35 @@
 """Bi-Real Net two-step training (Liu et al., ECCV 2018; quantizers in :mod:`qcnn.quant.binary`).
 
-1. **Network.** A Bi-Real model from the zoo (``bireal_resnet20``, ``bireal_resnet18``, ``lenet5_bireal``) is
-   used as is. A real-valued zoo model is mapped to its Bi-Real variant of the same width and classes and
-   its weights are *transferred by name*: every parameter and buffer whose qualified name and shape are
-   the same in both networks is copied (``resnet20`` -> ``bireal_resnet20``: stem, all 3x3 convs and their
-   BNs, classifier; the new 1x1 downsample convs keep their init; ``lenet5`` -> ``lenet5_bireal``: every
-   conv/linear and BN1/BN2, the new BN3/BN4 start at identity). The copied and the freshly initialised
-   names are returned in the metrics (``transferred``, ``initialised``).
+1. **Network.** A Bi-Real model from the zoo (``bireal_resnet20/32/44/56``, ``bireal_resnet18``,
+   ``lenet5_bireal``) is used as is. A real-valued zoo model is mapped to its Bi-Real variant of the same
+   depth, width and classes and its weights are *transferred by name*: every parameter and buffer whose
+   qualified name and shape are the same in both networks is copied (``resnet<d>`` -> ``bireal_resnet<d>``
+   for ``d`` in 20/32/44/56: stem, all 3x3 convs and their BNs, classifier; the new 1x1 downsample convs keep
+   their init; ``lenet5`` -> ``lenet5_bireal``: every conv/linear and BN1/BN2, the new BN3/BN4 start at
+   identity; ``tv:resnet18`` -> ``bireal_resnet18``). The copied and the freshly initialised names are
+   returned in the metrics (``transferred``, ``initialised``). The Bi-Real network is built by its zoo
+   factory, which records the arguments that rebuild it (:func:`qcnn.models.bireal.arch_record`); that
+   record is returned as ``metrics["arch"]``, so ``qcnn qat`` saves ``model.pt`` under the true architecture
+   and :func:`qcnn.checkpoint.load_model` rebuilds it, whatever the depth.
 2. **Real-valued pretraining** with ``clip(-1, x, 1)`` activations (the Bi-Real networks' ``Hardtanh``)
-   for ``pretrain_epochs`` epochs (cross-entropy, ``recipe.train`` optimizer settings).
+   for ``pretrain_epochs`` epochs (cross-entropy, ``recipe.train`` optimizer settings). The paper
+   initialises the binary network from a real-valued network *trained to convergence* with these
+   activations; from a ReLU checkpoint this stage is what adapts the weights to the clip (and trains the new
+   BN/1x1 layers), so by default it gets as many epochs as the binary stage (below).
 3. **Binarization**: ``quantize(net, recipe)`` (sign/ApproxSign activations, magnitude-aware binary
    weights), calibration of any non-binary first/last layer, then ``binary_epochs`` epochs of training.
-4. **BN-only retraining** (the official recipe's last stage): every parameter except BatchNorm weight/bias
-   is frozen and ``bn_epochs`` epochs re-fit BN (statistics and affine) to the binary network.
+4. **BN-only retraining** (the official recipe's last stage, one epoch there): every parameter except
+   BatchNorm weight/bias is frozen and ``bn_epochs`` epochs re-fit BN (statistics and affine) to the binary
+   network.
 
-``procedure_params``: ``pretrain_epochs``, ``binary_epochs``, ``bn_epochs`` (default: ``recipe.train.epochs``
-split as evenly as possible, remainder to the binary step), ``bn_lr`` (default ``recipe.train.lr``).
+``procedure_params``: ``pretrain_epochs``, ``binary_epochs``, ``bn_epochs``, ``bn_lr`` (default
+``recipe.train.lr``). The stages not given share ``T = recipe.train.epochs`` (:func:`split_epochs`)::
+
+    bn_epochs       = 1 if T >= 3 else 0                  (the official single BN epoch)
+    pretrain_epochs = floor((T - bn_epochs) / 2)          (half of what BN leaves; 0 only for T <= 1)
+    binary_epochs   = T - pretrain_epochs - bn_epochs     (the rest, >= 0)
+
+e.g. ``T = 3 -> 1/1/1``, ``T = 5 -> 2/2/1``, ``T = 9 -> 4/4/1``, ``T = 2 -> 1/1/0``.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from pathlib import Path
 from torch import nn
 
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
-from qcnn.methods.wage import _check_params, arch_of
+from qcnn.methods.wage import _check_params
 from qcnn.recipes import Recipe
 
 _PARAMS = {"pretrain_epochs", "binary_epochs", "bn_epochs", "bn_lr"}
@@ -50,11 +64,25 @@ def transfer_weights(dst: nn.Module, src: nn.Module) -> tuple[list[str], list[st
     return copied, kept
 
 
+def _is_tv_resnet18(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision ResNet-18 (BasicBlocks, two per stage)."""
+    try:
+        from torchvision.models.resnet import BasicBlock, ResNet
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return False
+    layers = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
+    return isinstance(model, ResNet) and all(
+        layer is not None and len(layer) == 2 and isinstance(layer[0], BasicBlock) for layer in layers)
+
+
 def bireal_network(model: nn.Module, bundle=None) -> tuple[nn.Module, list[str], list[str]]:
-    """(Bi-Real network, transferred names, initialised names) for ``model`` (see module docstring)."""
-    import qcnn.models.bireal  # noqa: F401  (registers the bireal_* models)
-    from qcnn.models import build_model
-    from qcnn.models.bireal import BiRealCifarResNet, BiRealResNet18, LeNet5BiReal
+    """(Bi-Real network, transferred names, initialised names) for ``model`` (see module docstring).
+
+    A network built here comes from its zoo factory and carries its ``arch`` record
+    (:func:`qcnn.models.bireal.arch_record`).
+    """
+    from qcnn.models import MODELS, build_model
+    from qcnn.models.bireal import CIFAR_DEPTHS, BiRealCifarResNet, BiRealResNet18, LeNet5BiReal
     from qcnn.models.lenet import LeNet5
     from qcnn.models.resnet_cifar import CifarResNet
 
@@ -68,10 +96,14 @@ def bireal_network(model: nn.Module, bundle=None) -> tuple[nn.Module, list[str],
             kw["image_size"] = bundle.image_size
         net = build_model("lenet5_bireal", width=conv.out_channels / 6, **kw)
     elif isinstance(model, CifarResNet):
-        blocks = sum(1 for _ in model.layer1)
-        net = BiRealCifarResNet(6 * blocks + 2, width=conv.out_channels / 16, **kw)
-    elif type(model).__name__ == "ResNet" and hasattr(model, "layer4") and len(model.layer1) == 2:
-        net = build_model("bireal_resnet18", width=conv.out_channels / 64, **kw)  # torchvision resnet18
+        depth = 6 * sum(1 for _ in model.layer1) + 2
+        name = f"bireal_resnet{depth}"
+        if name not in MODELS:
+            raise ValueError(f"no Bi-Real variant of a depth-{depth} CIFAR ResNet; the zoo has "
+                             f"{', '.join(f'bireal_resnet{d}' for d in CIFAR_DEPTHS)}")
+        net = build_model(name, width=conv.out_channels / 16, **kw)
+    elif _is_tv_resnet18(model):
+        net = build_model("bireal_resnet18", width=conv.out_channels / 64, **kw)
     else:
         raise ValueError(
             f"no Bi-Real variant of {type(model).__name__}; use lenet5, resnet20/32/44/56, tv:resnet18 or a "
@@ -83,18 +115,18 @@ def bireal_network(model: nn.Module, bundle=None) -> tuple[nn.Module, list[str],
 
 
 def split_epochs(total: int, params: dict) -> tuple[int, int, int]:
-    """(pretrain, binary, bn) epochs from ``procedure_params`` or an even split of ``total``."""
+    """(pretrain, binary, bn) epochs: ``procedure_params`` where given, the rest of ``total`` shared as in the
+    module docstring (``bn = 1 if total >= 3 else 0``, ``pretrain = (total - bn) // 2``, binary the rest)."""
     keys = ("pretrain_epochs", "binary_epochs", "bn_epochs")
-    if all(k in params for k in keys):
-        out = tuple(int(params[k]) for k in keys)
-    else:
-        base, rem = divmod(int(total), 3)
-        default = {"pretrain_epochs": base, "binary_epochs": base + rem, "bn_epochs": base}
-        out = tuple(int(params.get(k, default[k])) for k in keys)
-    for k, v in zip(keys, out):
+    given = {k: int(params[k]) for k in keys if k in params}
+    for k, v in given.items():
         if v < 0:
             raise ValueError(f"{k}={v} must be >= 0")
-    return out  # type: ignore[return-value]
+    total = int(total)
+    bn = given.get("bn_epochs", 1 if total >= 3 else 0)
+    pre = given.get("pretrain_epochs", max(0, total - bn) // 2)
+    binary = given.get("binary_epochs", max(0, total - pre - bn))
+    return pre, binary, bn
 
 
 def _bn_params(model: nn.Module) -> list[nn.Parameter]:
@@ -106,6 +138,7 @@ def _bn_params(model: nn.Module) -> list[nn.Parameter]:
 def bireal(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
            resume: bool = False) -> tuple[nn.Module, dict]:
     """Bi-Real two-step training (module docstring); returns (binary model, metrics)."""
+    from qcnn.models.bireal import arch_record
     from qcnn.train import evaluate, fit
 
     params = dict(recipe.procedure_params)
@@ -115,17 +148,8 @@ def bireal(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None 
     sub = (lambda name: out / name) if out is not None else (lambda name: None)
 
     net, copied, kept = bireal_network(model, bundle)
-    arch = None
-    if net is not model:
-        from qcnn.models.bireal import BiRealCifarResNet, LeNet5BiReal
-
-        conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
-        if isinstance(net, LeNet5BiReal):
-            arch = arch_of(net, "lenet5_bireal", conv.out_channels / 6, bundle)
-        elif isinstance(net, BiRealCifarResNet) and len(net.layer1) == 3:
-            arch = arch_of(net, "bireal_resnet20", conv.out_channels / 16)
-        elif not isinstance(net, BiRealCifarResNet):
-            arch = arch_of(net, "bireal_resnet18", conv.out_channels / 64)
+    # the network trained is not the one passed in: save it under the record its zoo factory left on it
+    arch = arch_record(net) if net is not model else None
     metrics: dict = {"transferred": len(copied), "initialised": kept,
                      "stage_epochs": {"pretrain": pre_ep, "binary": bin_ep, "bn": bn_ep}}
     if pre_ep > 0:
@@ -157,7 +181,7 @@ def bireal(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None 
     final = evaluate(qmodel, bundle.test)
     metrics.update(top1=final["top1"], loss=final["loss"])
     if arch is not None:
-        metrics["arch"] = arch  # the network trained is not the one passed in
+        metrics["arch"] = arch  # qcnn qat saves model.pt under this architecture
     return qmodel, metrics
 
 

@@ -10,14 +10,20 @@ each conv, which gives the binary network ``x -> sign -> bconv -> BN -> + x``. W
 shortcut is ``AvgPool2d(2) -> conv1x1 -> BN`` (real-valued). The stem convolution and the classifier are
 ordinary real layers.
 
-* ``bireal_resnet20`` (and :class:`BiRealCifarResNet` for other 6n+2 depths): the CIFAR ResNet-20 layout
-  (16/32/64 channels, three blocks of two units per stage); names ``conv1, bn1, layer{1,2,3}.{i}.{conv1, bn1,
-  conv2, bn2, downsample}, linear`` match the zoo's ``resnet20`` so its weights transfer by name.
+* ``bireal_resnet20/32/44/56`` (:class:`BiRealCifarResNet`, depth ``6n + 2``, the depths of the zoo's
+  ``resnet20/32/44/56``): the CIFAR ResNet layout (16/32/64 channels, ``n`` blocks of two units per stage);
+  names ``conv1, bn1, layer{1,2,3}.{i}.{conv1, bn1, conv2, bn2, downsample}, linear`` match the zoo's
+  ``resnet<depth>`` so its weights transfer by name.
 * ``bireal_resnet18``: the ImageNet Bi-Real-18 (7x7 stem + max-pool, 64/128/256/512, two blocks of two units
   per stage = 16 binary convs, ``fc`` classifier; names as torchvision ``resnet18`` plus ``downsample``).
 * ``lenet5_bireal``: the zoo's ``lenet5`` with BN after every hidden layer and clip activations; LeNet's
   layers change shape at every step, so it has no shortcuts (a binary LeNet trained the Bi-Real way).
   Names ``conv1, bn1, conv2, bn2, fc1, bn3, fc2, bn4, fc3``: the ``lenet5`` weights transfer by name.
+
+Every factory here records on the model it returns the zoo arguments that rebuild it (:func:`arch_record`:
+``{"name", "num_classes", "in_channels", "width", "kwargs"}``, the ``arch`` of a ``qcnn-model/1`` file), so a
+procedure that builds one of these networks saves it under its true architecture whatever its depth:
+``build_model(**record)`` gives the same network.
 """
 
 from __future__ import annotations
@@ -131,20 +137,59 @@ class LeNet5BiReal(nn.Module):
         return self.fc3(x)
 
 
-@register_model("bireal_resnet20")
-def bireal_resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> BiRealCifarResNet:
-    """Bi-Real ResNet-20 for CIFAR-size input (real-valued form)."""
-    return BiRealCifarResNet(20, num_classes, in_channels, width)
+#: attribute under which a model built by a factory of this module carries its ``arch`` record
+ARCH_ATTR = "arch_record"
+#: depths with a ``bireal_resnet<depth>`` zoo entry (those of the zoo's plain CIFAR ``resnet<depth>``)
+CIFAR_DEPTHS = (20, 32, 44, 56)
+
+
+def _recorded(model: nn.Module, name: str, num_classes: int, in_channels: int, width: float, **kwargs) -> nn.Module:
+    """``model`` carrying the record with which ``build_model(name, num_classes, in_channels, width, **kwargs)``
+    rebuilds it (stored as attribute :data:`ARCH_ATTR`; not part of the state_dict)."""
+    setattr(model, ARCH_ATTR, {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
+                               "width": float(width), "kwargs": dict(kwargs)})
+    return model
+
+
+def arch_record(model: nn.Module) -> dict | None:
+    """A copy of the ``arch`` record of a model built by a factory of this module (None for any other model)."""
+    rec = getattr(model, ARCH_ATTR, None)
+    return None if rec is None else {**rec, "kwargs": dict(rec["kwargs"])}
+
+
+def _cifar_factory(depth: int):
+    name = f"bireal_resnet{depth}"
+
+    def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> BiRealCifarResNet:
+        return _recorded(BiRealCifarResNet(depth, num_classes, in_channels, width), name, num_classes, in_channels,
+                         width)
+
+    factory.__name__ = name
+    factory.__doc__ = f"Bi-Real ResNet-{depth} for CIFAR-size input (real-valued form)."
+    return register_model(name)(factory)
+
+
+bireal_resnet20 = _cifar_factory(20)
+bireal_resnet32 = _cifar_factory(32)
+bireal_resnet44 = _cifar_factory(44)
+bireal_resnet56 = _cifar_factory(56)
 
 
 @register_model("bireal_resnet18")
 def bireal_resnet18(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> BiRealResNet18:
     """Bi-Real ResNet-18 for ImageNet-size input (real-valued form)."""
-    return BiRealResNet18(num_classes, in_channels, width)
+    return _recorded(BiRealResNet18(num_classes, in_channels, width), "bireal_resnet18", num_classes, in_channels,
+                     width)
 
 
 @register_model("lenet5_bireal")
 def lenet5_bireal(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size=None) -> LeNet5BiReal:
     """LeNet-5 for Bi-Real binarization (BN after every hidden layer, clip activations)."""
     side = default_image_size(in_channels) if image_size is None else image_side(image_size)
-    return LeNet5BiReal(num_classes, in_channels, width, side)
+    return _recorded(LeNet5BiReal(num_classes, in_channels, width, side), "lenet5_bireal", num_classes, in_channels,
+                     width, image_size=side)
+
+
+__all__ = ["ARCH_ATTR", "CIFAR_DEPTHS", "BiRealBlock", "BiRealCifarResNet", "BiRealResNet18", "LeNet5BiReal",
+           "arch_record", "bireal_resnet18", "bireal_resnet20", "bireal_resnet32", "bireal_resnet44",
+           "bireal_resnet56", "lenet5_bireal"]

@@ -9,10 +9,17 @@ Activations (:class:`ApproxSignQuantizer`)
                       0        otherwise
 
 Weights (:class:`MagnitudeAwareBinaryWeight`)
-    Forward ``W_b = mean|W_r| * sign(W_r)`` with the mean over each output channel (``sign(0) = +1``).
-    Backward, the magnitude-aware gradient of the paper (eq. 7, with ``mean|W_r|`` treated as a constant)::
+    Forward ``W_b = s_o * sign(W_r)`` with ``s_o = mean|W_r|`` over output channel ``o`` (``sign(0) = +1``).
+    Backward, the magnitude-aware gradient of the paper (eq. 7, with ``s_o`` treated as a constant)::
 
-        dL/dW_r = dL/dW_b * mean|W_r| * 1{|W_r| < 1}
+        dL/dW_r[o, ...] = dL/dW_b[o, ...] * s_o * 1{|W_r[o, ...]| < 1}
+
+    The factor ``s_o`` differs between output channels, so under SGD (``dW = -lr dL/dW``, momentum keeps the
+    ratio) channel ``o`` moves ``s_o`` times as far as with the plain STE; Adam's per-element normalisation
+    ``m / sqrt(v)`` divides any per-channel constant out again, which is why the recipe trains with SGD.
+    ``s_o`` is accumulated in float64 and rounded to the weight's dtype, so ``Q(Q(W)) = Q(W)`` exactly
+    (``|W_b|`` is ``s_o`` everywhere in its channel and the float64 mean of equal float32 values is exact):
+    a model rebuilt from its binary weights alone (``qcnn compress``) computes bit for bit the same.
 
 Architecture and training (real-valued shortcut around every binary conv, two-step training) live in
 :mod:`qcnn.models.bireal` and :mod:`qcnn.methods.bireal`.
@@ -56,8 +63,9 @@ def approx_sign(x: Tensor) -> Tensor:
 
 
 def _channel_mean_abs(w: Tensor) -> Tensor:
+    """``s_o = mean|W[o, ...]|`` per output channel (keepdim), accumulated in float64, in ``w``'s dtype."""
     dims = tuple(range(1, w.dim()))
-    return w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
+    return w.abs().double().mean(dim=dims, keepdim=True).to(w.dtype) if dims else w.abs()
 
 
 class _MagBinaryFn(torch.autograd.Function):
