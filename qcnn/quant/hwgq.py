@@ -19,10 +19,37 @@ More bits use the numerical solution.
 Weights: binary ``w_q = sign(w) mean|w|`` with one mean per output channel (XNOR-style), identity
 backward (``dL/dw = dL/dw_q``). ``w_bits > 1`` (not in the paper) uses the symmetric uniform grid.
 
-BatchNorm: the levels assume a standard normal input, so :meth:`HWGQMethod.prepare` turns off the
-affine part (gamma, beta) of every BatchNorm layer of the model (``bn_affine=False``, default); the
-running statistics are kept. ``bn_affine=True`` keeps gamma and beta (then the levels apply to
-``N(beta, gamma^2)`` inputs). First/last layers at 8 bits use the uniform int8 grid
+BatchNorm and which inputs get the fixed levels. The levels are optimal for a standard normal
+pre-activation, so they are applied as they are only to a *normalised* input: the output of a BatchNorm
+without affine part, seen through operations that commute with the quantizer (ReLU/ReLU6: ``Q`` is 0 on
+``x <= 0`` and saturates far below 6; max pooling: ``Q`` is monotone, so ``Q(maxpool(x)) = maxpool(Q(x))``;
+flatten/view/reshape/identity). This is the placement of the official Caffe code (zhaoweicai/hwgq,
+``examples/*/train_val.prototxt``): every BatchNorm directly in front of a ``Quant`` layer has no ``Scale``
+layer (it only normalises), while the BatchNorm at the end of each residual branch and of each projection
+shortcut, i.e. in front of an ``Eltwise`` add, has one (``scale*_branch2b_end``, ``scale*_branch1``), and so
+does the last BatchNorm of the CIFAR VGG, in front of the float classifier (``bn3`` + ``scale3``).
+:meth:`HWGQMethod.prepare` traces the model (``torch.fx``) and, with ``bn_affine: auto`` (default):
+
+* a BatchNorm whose output reaches the HWGQ quantizer of a hidden layer through the operations above loses
+  gamma and beta (``affine=False``, running statistics kept): that quantizer sees ``N(0, 1)``. A BatchNorm
+  that also feeds a residual add loses them as well, as ``bn1`` of the official ResNet-18 (it feeds
+  ``qt2a_branch2a`` and the ``res2a`` shortcut) does;
+* every other BatchNorm keeps gamma and beta: one whose output feeds a residual add only (the branch-end
+  ``bn2`` of every CIFAR ResNet block), reaches the classifier (the last layer: 8-bit uniform input with
+  ``first_last: 8bit``), or reaches a layer through anything else (average pooling changes the variance, a
+  residual sum has its own scale).
+
+On ResNet-20 this strips the stem ``bn1`` and each block's ``bn1`` (10 BNs) and keeps each block's ``bn2``
+(9 BNs); on LeNet-5 it strips ``bn1`` and ``bn2`` (both followed by ReLU and max pooling).
+An HWGQ quantizer whose input is not normalised that way (after a residual add and ReLU, after a Linear
+without BatchNorm, after average pooling) applies the levels to the input divided by its scale,
+``Q_s(x) = s Q(x / s)`` (the half-wave Gaussian quantizer of ``N(0, s^2)``), with ``s^2 = E[x^2 | x > 0]``,
+the variance of the symmetric pre-activation that the half-wave model assumes: set by calibration, then
+an EMA of the batch values in training (momentum 0.1), fixed in eval mode (:class:`HWGQActivation` with
+``normalized=False``). The layer is only named by its input, so a layer left in float by an override keeps
+its BatchNorm affine. ``bn_affine: false`` strips every BatchNorm (the earlier behaviour of qcnn; the
+quantizers right behind a BN then see ``N(0, 1)``, the others are scaled), ``bn_affine: true`` strips none
+(every HWGQ quantizer is scaled). First/last layers at 8 bits use the uniform int8 grid
 (:class:`~qcnn.quant.dorefa.EdgeUniformMethod`); the first layer's input (the image) is never HWGQ.
 """
 
@@ -32,7 +59,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from qcnn.quant.base import Grid, Quantizer, check_bits
 from qcnn.quant.dorefa import EdgeUniformMethod, ScaleBufferMixin, binary_sign
@@ -129,32 +157,96 @@ class _HWGQFn(torch.autograd.Function):
 
 
 class HWGQActivation(Quantizer):
-    """Half-wave Gaussian activation quantizer with ``uniform`` or ``lloyd`` levels (module docstring)."""
+    """Half-wave Gaussian activation quantizer with ``uniform`` or ``lloyd`` levels (module docstring).
 
-    def __init__(self, bits: int, levels: str = "uniform", log_tail: bool = False):
+    ``normalized=True``: the input is a normalised BN output, the levels are used as they are.
+    ``normalized=False``: ``s Q(x / s)`` with ``s = sqrt(E[x^2 | x > 0])`` of the input, from calibration,
+    updated in training by ``s <- (1 - momentum) s + momentum s_batch`` and fixed in eval mode.
+    """
+
+    def __init__(self, bits: int, levels: str = "uniform", log_tail: bool = False, normalized: bool = True,
+                 momentum: float = 0.1):
         super().__init__(bits, signed=False)
         self.kind = levels
         self.log_tail = log_tail
+        self.normalized = bool(normalized)
+        self.momentum = float(momentum)
         lv = torch.tensor(hwgq_levels(bits, levels), dtype=torch.float32)
         self.register_buffer("levels", lv)
         self.register_buffer("thresholds", (lv[:-1] + lv[1:]) / 2)
+        if not self.normalized:
+            self.register_buffer("sigma", torch.ones(()))
+            self.register_buffer("initialized", torch.tensor(False))
+            self._sum_sq = 0.0
+            self._count = 0
+
+    def is_initialized(self) -> bool:
+        return self.normalized or bool(self.initialized)
+
+    @staticmethod
+    def _positive_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum of x^2 over x > 0, number of x > 0) as 0-d tensors on x's device."""
+        x = x.detach()
+        pos = x.clamp_min(0).float()
+        return (pos * pos).sum(), (x > 0).sum()
+
+    def finish_calibration(self) -> None:
+        if self.normalized or self._count == 0:
+            return
+        self.sigma.fill_(max(math.sqrt(self._sum_sq / self._count), EPS))
+        self.initialized.fill_(True)
+        self._sum_sq, self._count = 0.0, 0
+
+    @torch.no_grad()
+    def _track(self, x: Tensor) -> None:
+        """EMA step towards the batch's ``sqrt(E[x^2 | x > 0])`` (tensor ops only: no host sync)."""
+        sq, n = self._positive_moments(x)
+        s = torch.sqrt(sq / n.clamp_min(1)).clamp_min(EPS)
+        ema = torch.where(self.initialized, (1 - self.momentum) * self.sigma + self.momentum * s, s)
+        self.sigma.copy_(torch.where(n > 0, ema, self.sigma))
+        self.initialized.logical_or_(n > 0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the scaled quantizer used the N(0, 1) levels as they are: s = 1
+        if not self.normalized and prefix + "levels" in state_dict and prefix + "sigma" not in state_dict:
+            state_dict[prefix + "sigma"] = torch.ones(())
+            state_dict[prefix + "initialized"] = torch.tensor(True)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
+            if not self.normalized:
+                sq, n = self._positive_moments(x)
+                self._sum_sq += float(sq)
+                self._count += int(n)
             return x
         lv = self.levels.to(x.dtype)
         th = None if self.kind == "uniform" else self.thresholds.to(x.dtype)
-        return _HWGQFn.apply(x, lv, th, self.log_tail)
+        if self.normalized:
+            return _HWGQFn.apply(x, lv, th, self.log_tail)
+        if self.training:
+            self._track(x)
+        else:
+            self._require_initialized()
+        s = self.sigma.to(x.dtype)
+        return s * _HWGQFn.apply(x / s, lv, th, self.log_tail)
+
+    def scale(self) -> Tensor:
+        """The factor ``s`` the N(0, 1) levels are multiplied by (1 for a normalised input)."""
+        if self.normalized:
+            return torch.ones((), device=self.levels.device)
+        return self.sigma.detach().clone()
 
     def grid(self) -> Grid:
-        lv = torch.cat([torch.zeros(1), self.levels.detach().cpu()])
+        s = self.scale()
         if self.kind == "uniform":
-            return Grid(bits=self.bits, signed=False, scale=self.levels[0].detach().clone(),
+            return Grid(bits=self.bits, signed=False, scale=(self.levels[0].detach() * s).clone(),
                         zero_point=torch.tensor(0, dtype=torch.int32), qmin=0, qmax=len(self.levels))
+        lv = torch.cat([torch.zeros(1), (self.levels.detach() * s).cpu()])
         return Grid(bits=self.bits, signed=False, levels=lv)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, levels={self.kind}, log_tail={self.log_tail}"
+        return f"bits={self.bits}, levels={self.kind}, log_tail={self.log_tail}, normalized={self.normalized}"
 
 
 class BinaryChannelWeight(ScaleBufferMixin, Quantizer):
@@ -183,13 +275,75 @@ class HWGQOptions:
     levels: str = "uniform"
     #: log-tailed ReLU backward above the top level
     log_tail: bool = False
-    #: keep BatchNorm's gamma/beta (False: the paper's BN without affine in front of the quantizer)
-    bn_affine: bool = False
+    #: ``auto``: BatchNorm affine off exactly where the BN output feeds a hidden layer's HWGQ quantizer (the
+    #: official placement, module docstring); ``false``: off on every BN; ``true``: kept on every BN
+    bn_affine: bool | str = "auto"
+    #: EMA momentum of the scale ``s`` of quantizers whose input is not a normalised BN output
+    scale_momentum: float = 0.1
+
+
+#: operations between a BatchNorm and an HWGQ quantizer that keep the quantized values those of the BN output
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_COMMUTING_MODULES = _RELU_MODULES + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
+_COMMUTING_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.max_pool2d, torch.max_pool2d,
+                    torch.flatten}
+_COMMUTING_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous"}
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _strip_affine(bn: nn.Module) -> None:
+    if bn.affine:
+        bn.affine = False
+        bn.weight = None
+        bn.bias = None
+
+
+def normalized_inputs(model: nn.Module) -> dict[str, str]:
+    """``{layer: batchnorm}`` for every Conv2d/Linear of ``model`` whose input is the output of a BatchNorm
+    through operations that commute with the HWGQ quantizer (module docstring); ``{}`` if ``torch.fx``
+    cannot trace the model. Graph order, as :func:`qcnn.transform.quantize` numbers the layers."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - quantize() warns and falls back to a module swap
+        return {}
+    modules = dict(gm.named_modules())
+
+    def commutes(n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return isinstance(modules[n.target], _COMMUTING_MODULES)
+        if n.op == "call_function":
+            return n.target in _COMMUTING_FUNCS
+        return n.op == "call_method" and n.target in _COMMUTING_METHODS
+
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+            continue
+        src = node.args[0] if node.args else None
+        while isinstance(src, fx.Node):
+            if src.op == "call_module" and isinstance(modules[src.target], _BN):
+                out[node.target] = src.target
+                break
+            if not (commutes(src) and src.args):
+                break
+            src = src.args[0]
+    return out
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Conv2d/Linear module names in ``torch.fx`` graph order (``[]`` if the model cannot be traced)."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001
+        return []
+    modules = dict(gm.named_modules())
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.Linear))]
 
 
 @register_method
 class HWGQMethod(EdgeUniformMethod):
-    """HWGQ activations (after ReLU), binary per-channel weights, BatchNorm without affine."""
+    """HWGQ activations (after ReLU), binary per-channel weights, BatchNorm affine as in the official code."""
 
     name = "hwgq"
     Options = HWGQOptions
@@ -200,15 +354,28 @@ class HWGQMethod(EdgeUniformMethod):
         super().__init__(options)
         if self.options.levels not in KINDS:
             raise ValueError(f"HWGQ levels={self.options.levels!r} is not one of {KINDS}")
+        if self.options.bn_affine not in (True, False, "auto"):
+            raise ValueError(f"HWGQ bn_affine={self.options.bn_affine!r} is not one of auto, true, false")
+        #: layer name -> the BatchNorm module whose normalised output its HWGQ quantizer sees
+        self._bn_of: dict[str, nn.Module] = {}
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.options.bn_affine:
+        mode = self.options.bn_affine
+        self._bn_of = {}
+        if mode is True:
             return model
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                m.affine = False
-                m.weight = None
-                m.bias = None
+        if mode is False:
+            for m in model.modules():
+                if isinstance(m, _BN):
+                    _strip_affine(m)
+            self._bn_of = {n: model.get_submodule(b) for n, b in normalized_inputs(model).items()}
+            return model
+        # auto: hidden layers only (the classifier's BN keeps gamma/beta, as the official CIFAR VGG's bn3);
+        # the BN is stripped when the layer's HWGQ quantizer is created (low_act), so a layer that stays
+        # float (override skip) or gets another quantizer leaves its BN untouched
+        order = quantizable_layers(model)
+        hidden = set(order[1:-1])
+        self._bn_of = {n: model.get_submodule(b) for n, b in normalized_inputs(model).items() if n in hidden}
         return model
 
     def low_weight(self, ctx: LayerContext) -> Quantizer:
@@ -219,8 +386,12 @@ class HWGQMethod(EdgeUniformMethod):
     def low_act(self, ctx: LayerContext) -> Quantizer:
         if ctx.input_signed:
             return self.calibrated_act(ctx.a_bits, True, ctx.calib)
-        return HWGQActivation(ctx.a_bits, self.options.levels, self.options.log_tail)
+        bn = self._bn_of.get(ctx.name)
+        if bn is not None:
+            _strip_affine(bn)  # no-op with bn_affine: false (already stripped)
+        return HWGQActivation(ctx.a_bits, self.options.levels, self.options.log_tail, normalized=bn is not None,
+                              momentum=self.options.scale_momentum)
 
 
 __all__ = ["BinaryChannelWeight", "HWGQActivation", "HWGQMethod", "PAPER_LEVELS", "half_normal_levels",
-           "half_normal_mse", "hwgq_levels"]
+           "half_normal_mse", "hwgq_levels", "normalized_inputs", "quantizable_layers"]

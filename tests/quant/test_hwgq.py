@@ -82,6 +82,7 @@ def test_prepare_turns_bn_affine_off_and_round_trip():
     recipe = Recipe(method="hwgq", w_bits=1, a_bits=2)
     q = quantize(_Net(), recipe)
     assert not q.bn1.affine and q.bn1.weight is None and "bn1.weight" not in q.state_dict()
+    assert q.bn2.affine and "bn2.weight" in q.state_dict()  # feeds the classifier (8-bit): keeps gamma/beta
     assert isinstance(q.conv2.input_quant, HWGQActivation) and isinstance(q.conv2.weight_quant, BinaryChannelWeight)
     x = torch.randn(4, 1, 6, 6)
     calibrate(q, [(x, None)])
