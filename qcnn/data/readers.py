@@ -125,13 +125,41 @@ def read_cifar_binary(paths: Sequence[str | os.PathLike]) -> tuple[torch.Tensor,
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(labels)
 
 
+#: the only globals a CIFAR-10 python batch needs: numpy's array reconstruction (dicts, lists, str and
+#: bytes are pickle's own opcodes)
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only :data:`_CIFAR_PICKLE_GLOBALS` (no code can run while loading)."""
+
+    def __init__(self, file, where: str):
+        super().__init__(file, encoding="bytes")
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise ValueError(f"{self.where}: refusing to load a pickle that references {module}.{name}: a CIFAR-10 "
+                         "python batch holds only dicts, lists, strings and numpy arrays")
+
+
 def read_cifar_python(paths: Sequence[str | os.PathLike]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate CIFAR-10 python (pickle) batches. Pickles run code when loaded: only read trusted files
-    (the official archive, whose checksum the download verifies)."""
+    """Concatenate CIFAR-10 python (pickle) batches, read with a restricted unpickler: only dicts, lists,
+    strings, bytes and numpy arrays are rebuilt, any other global is refused with an error naming the file."""
     xs, ys = [], []
     for p in paths:
         with open(p, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            try:
+                d = _RestrictedUnpickler(f, str(p)).load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise ValueError(f"{p}: not a readable CIFAR-10 python batch ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: not a CIFAR-10 python batch (a {type(d).__name__}, not a dict)")
         data = d.get(b"data", d.get("data"))
         labels = d.get(b"labels", d.get("labels"))
         if data is None or labels is None:

@@ -141,3 +141,28 @@ def test_zip_corruption_is_detected(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="CRC mismatch in train/y/0.png"):
         readers.read_image_folder(readers.index_image_folder(path), "train")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_python_batch_refuses_code_and_names_the_file(tmp_path, protocol):
+    import pickle
+
+    good = {b"data": (np.arange(2 * 3072) % 251).astype(np.uint8).reshape(2, 3072), b"labels": [3, 7],
+            b"batch_label": b"x"}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(good, protocol=protocol))
+    x, y = readers.read_cifar_python([tmp_path / "data_batch_1"])
+    assert y.tolist() == [3, 7] and x.shape == (2, 3, 32, 32) and int(x[1, 0, 0, 0]) == 3072 % 251
+    bad = tmp_path / "data_batch_2"
+    bad.write_bytes(pickle.dumps({b"data": _Evil(), b"labels": [0]}, protocol=protocol))
+    with pytest.raises(ValueError, match=r"data_batch_2.*posix\.system|data_batch_2.*os\.system"):
+        readers.read_cifar_python([bad])
+    (tmp_path / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3"):
+        readers.read_cifar_python([tmp_path / "data_batch_3"])
