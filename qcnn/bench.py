@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from qcnn.checkpoint import save_atomic, save_model
+from qcnn.io import write_text
 from qcnn.quant.registry import get_method
 from qcnn.recipes import load_recipe
 
@@ -123,9 +124,7 @@ class Bench:
 
     def _save(self) -> None:
         self.results["suite"] = asdict(self.suite)
-        tmp = self.results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.results_path)
+        write_text(self.results_path, json.dumps(self.results, indent=1))
 
     # -- data / models -------------------------------------------------------------------------
     def data(self, full: bool = False):
@@ -349,7 +348,7 @@ class Bench:
             save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={"top1": top1})
         except Exception as e:  # noqa: BLE001 - one broken cell must not stop the suite; it is reported
             (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)
-            (out / "error.txt").write_text(traceback.format_exc())
+            write_text(out / "error.txt", traceback.format_exc())
             return {"method": name, "bits": bits, "status": "error", "reason": f"{type(e).__name__}: {e}"}
         # "drop" (against the fine-tuned float reference) is filled in by _update_drops
         return {"method": name, "bits": bits, "status": "ok", "top1": top1,
@@ -377,9 +376,7 @@ def write_reports(results: dict, out: str | Path) -> str:
     """Write results.md and the two plots; return the Markdown table."""
     out = Path(out)
     md = results_table(results)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(md)
-    tmp.replace(out / "results.md")
+    write_text(out / "results.md", md)
     try:
         plot_results(results, out)
     except Exception as e:  # noqa: BLE001 - plots are optional output; the table is the result

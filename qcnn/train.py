@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcnn.checkpoint import load_checkpoint, save_atomic
+from qcnn.io import write_text
 from qcnn.recipes import TrainSpec
 
 TRAIN_FORMAT = "qcnn-train/1"
@@ -257,9 +258,7 @@ def progress_enabled() -> bool:
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(h) + "\n" for h in history))
 
 
 def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = None, *,

@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+from qcnn.io import write_json
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -175,7 +177,7 @@ def finish(args, figures: dict) -> int:
     out = getattr(args, "out", None)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "result.json").write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(Path(out) / "result.json", figures)
     for k, v in figures.items():
         print(f"{k}: {v}")
     if getattr(args, "json", False):

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from qcnn.commands.common import (
     load_model_from_args,
     seed_everything,
 )
+from qcnn.io import write_json
 
 
 def add_parser(sub) -> None:
@@ -133,9 +133,9 @@ def run(args) -> int:
         out = Path(args.out)
         rows = layer_table(qmodel, batch)
         write_layer_table(rows, out)
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        write_json(out / "recipe.json", recipe.to_dict())
         if res.steps:
-            (out / "search.json").write_text(json.dumps(res.steps, indent=1) + "\n")
+            write_json(out / "search.json", res.steps, indent=1)
         save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={**figures, "dataset": args.dataset})
         figures["model"] = str(out / "model.pt")
         figures["layers"] = str(out / "layers.md")

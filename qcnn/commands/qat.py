@@ -10,7 +10,6 @@ A quantized ``--init`` checkpoint is trained further with its own recipe (traini
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from qcnn.commands.common import (
     load_model_from_args,
     seed_everything,
 )
+from qcnn.io import write_json
 
 #: flag -> TrainSpec field
 _TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment")
@@ -111,7 +111,7 @@ def run(args) -> int:
         config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
                   "seed": args.seed, "limit_train": args.limit_train, "limit_test": args.limit_test,
                   "recipe": recipe.to_dict()}
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        write_json(out / "config.json", config, default=str)
     top1 = evaluate(qmodel, bundle.test)["top1"]
     figures = {"method": recipe.method, "procedure": recipe.procedure, "w_bits": recipe.w_bits,
                "a_bits": recipe.a_bits, "first_last": recipe.first_last, "epochs": recipe.train.epochs,

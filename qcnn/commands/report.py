@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from qcnn.io import write_text
+
 
 def add_parser(sub) -> None:
     from qcnn.commands.common import add_data_args
@@ -97,8 +99,8 @@ def run(args) -> int:
     rep = build_report(model, x)
     hists = plot_layer_histograms(model, x, out)
     rep["arch"] = arch
-    (out / "report.json").write_text(json.dumps(_json_safe(rep), indent=1, default=str))
-    (out / "report.md").write_text(to_markdown(rep, f"{arch['name']} ({ckpt})", [h.name for h in hists]))
+    write_text(out / "report.json", json.dumps(_json_safe(rep), indent=1, default=str))
+    write_text(out / "report.md", to_markdown(rep, f"{arch['name']} ({ckpt})", [h.name for h in hists]))
     print((out / "report.md").read_text().split("## Histograms")[0])
     t = rep["totals"]
     return finish(args, {"size_bytes": t["size_bytes"], "compression": t["compression"], "bops": t["bops"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from qcnn.commands.common import (
     load_model_from_args,
     seed_everything,
 )
+from qcnn.io import write_json
 
 #: defaults per (model, dataset) when the flag is not given; anything else falls back to TrainSpec's
 DEFAULTS = {
@@ -100,7 +100,7 @@ def run(args) -> int:
         config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
                   "seed": args.seed, "device": str(bundle.device), "train_images": args.train_images,
                   "train": spec.__dict__}
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        write_json(out / "config.json", config, default=str)
     result = fit(model, bundle, spec, out, resume=args.resume)
     figures = {"top1": result["top1"], "loss": result["loss"], "epochs": result["epochs"],
                "seconds": round(time.time() - t0, 1)}

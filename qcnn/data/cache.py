@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from qcnn.io import write_with
 
 FORMAT_VERSION = 1
 
@@ -52,21 +53,8 @@ def cache_path(name: str, source: str | os.PathLike, tag: str = "", root: str | 
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the entry the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` atomically (:func:`qcnn.io.write_with`)."""
+    write_with(path, lambda f: torch.save(obj, f))
 
 
 def load_cached(path: Path) -> dict | None:

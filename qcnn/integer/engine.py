@@ -57,6 +57,7 @@ from qcnn.integer.requant import (
     wide_multipliers,
     wide_requantize,
 )
+from qcnn.io import write_text, write_with
 from qcnn.nn.layers import QAdd, QConv2d, QLinear
 from qcnn.quant.base import GradientQuantizer, Quantizer
 
@@ -413,12 +414,8 @@ class IntegerModel(nn.Module):
                     arrays[f"{i}.{k}"] = a
         npz, js = stem.with_suffix(".npz"), stem.with_suffix(".json")
         npz.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npz.with_name(npz.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(npz)
-        tmpj = js.with_name(js.name + ".tmp")
-        tmpj.write_text(json.dumps(desc, indent=1))
-        tmpj.replace(js)
+        write_with(npz, lambda f: np.savez(f, **arrays))
+        write_text(js, json.dumps(desc, indent=1))
         return npz, js
 
     @classmethod

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from qcnn.calib.batchnorm import reestimate_bn
+from qcnn.io import write_text
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
 from qcnn.quant.base import check_bits
 from qcnn.quant.codebook import ClipQQuantizer, check_p
@@ -324,7 +325,7 @@ def clipq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None =
         doc = {"layers": table, "search": metrics.get("search")}
         if records is not None:
             doc["records"] = records
-        path.write_text(json.dumps(doc, indent=1))
+        write_text(path, json.dumps(doc, indent=1))
     n = sum(r["numel"] for r in table)
     metrics["clipq_bits_per_weight"] = sum(r["numel"] * bits_per_weight(r["p"], r["bits"]) for r in table) / max(n, 1)
     if not math.isfinite(metrics["clipq_bits_per_weight"]):

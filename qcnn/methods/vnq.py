@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcnn.calib.batchnorm import reestimate_bn
+from qcnn.io import write_text
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
 from qcnn.quant.vnq import kl_total, prune_and_snap, to_variational
 from qcnn.recipes import Recipe
@@ -151,7 +152,7 @@ def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = N
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = ("top1_before_snap", "top1_snap_no_bn", "top1", "pruned_fraction", "threshold_pruned_fraction",
                 "level_fractions", "bn_images")
-        path.write_text(json.dumps({"layers": stats, **{k: metrics.get(k) for k in keys}}, indent=1))
+        write_text(path, json.dumps({"layers": stats, **{k: metrics.get(k) for k in keys}}, indent=1))
     return qmodel, metrics
 
 

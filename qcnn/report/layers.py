@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qcnn.io import write_text
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Quantizer
 
@@ -121,8 +122,8 @@ def write_layer_table(rows: list[dict], out_dir: str | Path, stem: str = "layers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text(to_markdown(rows))
-    js.write_text(json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=1) + "\n")
+    write_text(md, to_markdown(rows))
+    write_text(js, json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=1) + "\n")
     return md, js
 
 

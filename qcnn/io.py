@@ -1,0 +1,69 @@
+"""Atomic file writes: a reader never sees a half-written file, even if the writer is killed.
+
+Every write goes to a uniquely named temporary file in the destination directory (``mkstemp``: two
+processes never share one), is flushed and ``fsync``\\ ed, then ``os.replace``\\ d over the destination;
+the directory is ``fsync``\\ ed so that the rename itself is durable where the platform allows it. On any
+error (or interrupt) the temporary file is removed and the destination is left as it was.
+
+This module imports nothing from qcnn, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # not possible on every platform / file system
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``writer(f)`` on a binary file object and atomically put what it wrote at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path``."""
+    return write_with(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2, **dumps_kwargs) -> Path:
+    """Atomically write ``obj`` as JSON (with a final newline) to ``path``."""
+    return write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
+
+
+__all__ = ["write_bytes", "write_json", "write_text", "write_with"]
