@@ -3,9 +3,10 @@
 * :func:`save_atomic` writes to a temporary file in the destination directory, flushes and ``fsync``\\ s it,
   then ``os.replace``\\ s it over the destination: a reader never sees a half-written file, even if the
   writer is killed.
-* :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``: only tensors and plain containers
-  (dict, list, tuple, str, numbers) are accepted. A pickled object of any other type, or a truncated /
-  corrupted file, is refused with a ``ValueError``; nothing in the file is executed.
+* :func:`load_checkpoint` first checks the CRC-32 of every member of the file (``torch.load`` does not: a
+  flipped bit would load silently as another model), then reads with ``torch.load(weights_only=True)``:
+  only tensors and plain containers (dict, list, tuple, str, numbers) are accepted. A pickled object of any
+  other type, or a truncated / corrupted file, is refused with a ``ValueError``; nothing in it is executed.
 * :func:`save_model` / :func:`load_model` handle the ``qcnn-model/1`` format::
 
       {"format": "qcnn-model/1",
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcnn.io import write_with
+from qcnn.io import check_zip_integrity, write_with
 
 MODEL_FORMAT = "qcnn-model/1"
 
@@ -40,10 +41,12 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with ``torch.load(weights_only=True)``; refuses anything but tensors and containers."""
+    """Load a checkpoint with ``torch.load(weights_only=True)``; refuses anything but tensors and containers,
+    and a file whose CRC-32 checks fail (:func:`qcnn.io.check_zip_integrity`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    check_zip_integrity(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files

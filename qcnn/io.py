@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -66,4 +67,23 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2, **dump
     return write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
 
 
-__all__ = ["write_bytes", "write_json", "write_text", "write_with"]
+def check_zip_integrity(path: str | os.PathLike) -> None:
+    """Raise ValueError naming ``path`` and the damaged member if a zip archive's CRC-32 checks fail.
+
+    ``torch.save`` files are zip archives with a CRC-32 per member, but ``torch.load`` never checks them: a
+    flipped bit in a weight loads silently as a different model. Files that are not zip archives (legacy
+    ``torch.save`` format) are left to their loader."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is corrupted: its zip structure cannot be read ({e})") from None
+    if bad is not None:
+        raise ValueError(f"{str(path)!r} is corrupted: the CRC-32 of its member {bad!r} does not match its "
+                         "contents (the file changed after it was written)")
+
+
+__all__ = ["check_zip_integrity", "write_bytes", "write_json", "write_text", "write_with"]

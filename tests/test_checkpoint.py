@@ -125,3 +125,30 @@ def test_bad_arch_is_named(tmp_path):
     save_model(tmp_path / "m.pt", m, {"name": "lenet5"})
     with pytest.raises(ValueError, match="holds a 'lenet5' model, not 'resnet20'"):
         load_model(tmp_path / "m.pt", arch={"name": "resnet20"})
+
+
+def _flip_a_weight_bit(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + info.file_size // 2] ^= 0x04  # inside the largest tensor's bytes (stored, not compressed)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_is_refused_with_the_file_named(tmp_path):
+    import torch
+    from torch import nn
+
+    from qcnn.checkpoint import load_checkpoint, save_model
+
+    p = tmp_path / "model.pt"
+    save_model(p, nn.Linear(64, 64), {"name": "lenet5"})
+    load_checkpoint(p)  # intact: loads
+    _flip_a_weight_bit(p)
+    # torch.load alone would hand back a different weight without a word
+    assert torch.load(p, weights_only=True)["state_dict"]["weight"].shape == (64, 64)
+    with pytest.raises(ValueError, match=r"model\.pt.*corrupted.*CRC-32"):
+        load_checkpoint(p)

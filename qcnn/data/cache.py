@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qcnn.io import write_with
+from qcnn.io import check_zip_integrity, write_with
 
 FORMAT_VERSION = 1
 
@@ -62,6 +62,7 @@ def load_cached(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
+        check_zip_integrity(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
