@@ -110,12 +110,16 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / "results.json"
         self.results = self._load_results()
+        self._touched: set[str] = set()  # cells recorded since the last save (they win a merge with the file)
         self._bundles: dict = {}
 
     # -- persistence ---------------------------------------------------------------------------
     def _load_results(self) -> dict:
         if self.results_path.is_file():
-            r = json.loads(self.results_path.read_text())
+            try:
+                r = json.loads(self.results_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.results_path} is not valid JSON ({e}); move it away to start afresh") from None
             if r.get("suite", {}).get("model") != self.suite.model or r.get("suite", {}).get(
                     "dataset") != self.suite.dataset:
                 raise ValueError(f"{self.results_path} holds another suite ({r.get('suite')}); use another --out")
@@ -123,8 +127,29 @@ class Bench:
         return {"suite": asdict(self.suite), "float": {}, "cells": {}}
 
     def _save(self) -> None:
+        """Merge with the file under an exclusive lock, then write atomically.
+
+        Several ``qcnn bench`` processes may share one ``--out``: each re-reads ``results.json`` under
+        ``results.json.lock`` (``fcntl.flock``), keeps every cell the others recorded meanwhile, puts the cells
+        it recorded since its last save and its float figures over them, and writes the union; no process's
+        cells are lost."""
+        import fcntl
+
         self.results["suite"] = asdict(self.suite)
-        write_text(self.results_path, json.dumps(self.results, indent=1))
+        with open(self.out / "results.json.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                disk = self._load_results() if self.results_path.is_file() else None
+                if disk is not None:
+                    cells = dict(disk.get("cells", {}))
+                    cells.update({k: v for k, v in self.results["cells"].items()
+                                  if k in self._touched or k not in cells})
+                    self.results["cells"] = cells
+                    self.results["float"] = {**disk.get("float", {}), **self.results["float"]}
+                write_text(self.results_path, json.dumps(self.results, indent=1))
+                self._touched.clear()  # the file has them now; later copies elsewhere win over ours
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # -- data / models -------------------------------------------------------------------------
     def data(self, full: bool = False):
@@ -220,6 +245,7 @@ class Bench:
 
     def _record(self, key: str, cell: dict) -> None:
         self.results["cells"][key] = cell
+        self._touched.add(key)
         self._save()
         self.log(f"[bench] {key:28s} {cell['status']:9s} "
                  + (f"top1 {cell['top1']:.2f}  ({cell['seconds']:.0f} s)" if cell["status"] == "ok"
@@ -229,9 +255,10 @@ class Bench:
         """Drops against the fine-tuned float reference (known only once it finished, in parallel runs)."""
         ref = self.results["float"].get("finetuned_top1", self.results["float"].get("top1"))
         changed = False
-        for c in self.results["cells"].values():
+        for key, c in self.results["cells"].items():
             if c.get("status") == "ok" and ref is not None and c.get("drop") != ref - c["top1"]:
                 c["drop"], changed = ref - c["top1"], True
+                self._touched.add(key)
         if changed:
             self._save()
 

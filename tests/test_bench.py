@@ -105,3 +105,22 @@ def test_time_limit_leaves_cells_pending_and_bad_options(tmp_path, float_lenet):
         Bench(suite, tmp_path, init=str(init), workers=0)
     with pytest.raises(ValueError, match="time_limit=-1"):
         Bench(suite, tmp_path, init=str(init), time_limit=-1)
+
+
+def test_two_benches_on_one_out_keep_each_others_cells(tmp_path):
+    """Two processes sharing --out: each save re-reads the file under the lock and merges, so neither
+    loses the other's cells (before, the second writer's results.json dropped the first's)."""
+    suite = SUITES["demo"]
+    a, b = Bench(suite, tmp_path, log=lambda m: None), Bench(suite, tmp_path, log=lambda m: None)
+    cell = {"status": "ok", "top1": 80.0, "seconds": 1.0}
+    a._record("pact@4-4", {**cell, "top1": 81.0})
+    b._record("lsq@4-4", {**cell, "top1": 82.0})
+    a._record("dorefa@4-4", {**cell, "top1": 83.0})
+    on_disk = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert {k: v["top1"] for k, v in on_disk.items()} == {"pact@4-4": 81.0, "lsq@4-4": 82.0, "dorefa@4-4": 83.0}
+    # a cell recorded again by one process replaces the file's copy; a stale in-memory copy never does
+    b._record("pact@4-4", {**cell, "top1": 84.0})
+    a._record("wrpn@4-4", {**cell, "top1": 85.0})
+    on_disk = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert on_disk["pact@4-4"]["top1"] == 84.0 and len(on_disk) == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
