@@ -152,6 +152,51 @@ def _check_fits(arch: dict, bundle, ckpt: str) -> None:
               f"{bundle.num_classes}", file=sys.stderr)
 
 
+#: config keys that may change between a run and its --resume (the training spec: fit warns about it)
+_RESUMABLE_CHANGES = ("train", "device")
+
+
+def _comparable(config: dict, ignore: tuple[str, ...] = ()) -> dict:
+    c = json.loads(json.dumps(config, default=str))
+    for k in (*_RESUMABLE_CHANGES, *ignore):
+        c.pop(k, None)
+    if isinstance(c.get("recipe"), dict):
+        c["recipe"] = {k: v for k, v in c["recipe"].items() if k != "train"}
+    return c
+
+
+def write_run_config(out: Path | None, resume: bool, config: dict, write: bool = True,
+                     ignore: tuple[str, ...] = ()) -> None:
+    """Write ``OUT/config.json`` for a training command, without ever losing an earlier run.
+
+    Without ``--resume`` a directory that already holds a run (``last.pt`` or ``model.pt``) is refused. With
+    ``--resume`` the saved configuration must match this one (model, data, limits, seed, init, recipe; the
+    training spec may change and is reported by the training loop; ``ignore`` names further keys), else the
+    mismatch is named and nothing is written. ``write=False`` only checks (a command that writes the
+    configuration after training)."""
+    if out is None:
+        return
+    path = out / "config.json"
+    if resume:
+        if path.is_file():
+            try:
+                old = _comparable(json.loads(path.read_text()), ignore)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--resume: {path} is not valid JSON ({e})") from None
+            new = _comparable(config, ignore)
+            diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+            if diff:
+                raise ValueError(f"--resume: {out} was run with other settings ({'; '.join(diff)}); resume with "
+                                 "the same flags, or train into another --out")
+    elif any((out / n).exists() for n in ("last.pt", "model.pt")):
+        raise ValueError(f"--out {str(out)!r} already holds a run (last.pt / model.pt): pass --resume to continue "
+                         "it, or choose another --out")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, config, default=str)
+
+
 def _rounded(v):
     if isinstance(v, float):
         return round(v, 4) if math.isfinite(v) else None

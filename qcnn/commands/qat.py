@@ -21,6 +21,7 @@ from qcnn.commands.common import (
     load_data_from_args,
     load_model_from_args,
     seed_everything,
+    write_run_config,
 )
 from qcnn.io import write_json
 
@@ -97,21 +98,28 @@ def run(args) -> int:
     model, arch = load_model_from_args(args, bundle)
     info = getattr(args, "checkpoint_info", None)
     out = Path(args.out) if args.out else None
+
+    def config_of(recipe, arch):
+        return {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
+                "seed": args.seed, "limit_train": args.limit_train, "limit_test": args.limit_test,
+                "recipe": recipe.to_dict()}
+
     if info and info.get("recipe"):  # continue training a quantized checkpoint with its own recipe
         recipe = recipe_from_args(args, base=Recipe.from_dict(info["recipe"], where="checkpoint recipe"))
+        if is_main_process():  # refuse to overwrite an earlier run, or to resume one with other settings
+            write_run_config(out, args.resume, config_of(recipe, arch), write=False, ignore=("model",))
         float_top1 = None
         qmodel = model.train()
         metrics = train_quantized(qmodel, bundle, recipe, out, args.resume)
     else:
+        if is_main_process():
+            write_run_config(out, args.resume, config_of(recipe, arch), write=False, ignore=("model",))
         float_top1 = evaluate(model, bundle.test)["top1"]
         qmodel, metrics = run_recipe(model, bundle, recipe, out, args.resume)
         arch = metrics.pop("arch", arch)  # WAGE / Bi-Real train another network than the one passed in
     if out is not None and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
-                  "seed": args.seed, "limit_train": args.limit_train, "limit_test": args.limit_test,
-                  "recipe": recipe.to_dict()}
-        write_json(out / "config.json", config, default=str)
+        write_json(out / "config.json", config_of(recipe, arch), default=str)
     top1 = evaluate(qmodel, bundle.test)["top1"]
     figures = {"method": recipe.method, "procedure": recipe.procedure, "w_bits": recipe.w_bits,
                "a_bits": recipe.a_bits, "first_last": recipe.first_last, "epochs": recipe.train.epochs,

@@ -13,8 +13,8 @@ from qcnn.commands.common import (
     load_data_from_args,
     load_model_from_args,
     seed_everything,
+    write_run_config,
 )
-from qcnn.io import write_json
 
 #: defaults per (model, dataset) when the flag is not given; anything else falls back to TrainSpec's
 DEFAULTS = {
@@ -96,11 +96,10 @@ def run(args) -> int:
         raise ValueError("--resume needs --out (the run directory holding last.pt)")
     out = Path(args.out) if args.out else None
     if out is not None and is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
         config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
                   "seed": args.seed, "device": str(bundle.device), "train_images": args.train_images,
                   "train": spec.__dict__}
-        write_json(out / "config.json", config, default=str)
+        write_run_config(out, args.resume, config)
     result = fit(model, bundle, spec, out, resume=args.resume)
     figures = {"top1": result["top1"], "loss": result["loss"], "epochs": result["epochs"],
                "seconds": round(time.time() - t0, 1)}

@@ -126,3 +126,21 @@ def test_models_command_lists_the_zoo(capsys):
     assert {"lenet5", "resnet20", "resnet56", "vgg_small", "vgg7"} <= set(listed["models"])
     assert main(["models"]) == 0
     assert "tv:<name>" in capsys.readouterr().out
+
+
+def test_an_earlier_run_is_never_overwritten_or_resumed_with_other_settings(trained, capsys):
+    out, argv = trained
+    if not (out / "model.pt").exists():
+        pytest.skip("needs test_train_writes_run_directory_and_json")
+    before = (out / "model.pt").read_bytes(), (out / "config.json").read_text()
+    capsys.readouterr()
+    assert main(argv) == 2  # the same command again, without --resume
+    assert "already holds a run" in capsys.readouterr().err
+    seed = argv + ["--resume", "--seed", "7"]
+    assert main(seed) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "seed: 0 -> 7" in err
+    limit = [a if a != "3000" else "2000" for a in argv] + ["--resume"]
+    assert main(limit) == 2
+    assert "train_images: 3000 -> 2000" in capsys.readouterr().err
+    assert ((out / "model.pt").read_bytes(), (out / "config.json").read_text()) == before
