@@ -1,9 +1,11 @@
 """Atomic file writes: a reader never sees a half-written file, even if the writer is killed.
 
-Every write goes to a uniquely named temporary file in the destination directory (``mkstemp``: two
-processes never share one), is flushed and ``fsync``\\ ed, then ``os.replace``\\ d over the destination;
-the directory is ``fsync``\\ ed so that the rename itself is durable where the platform allows it. On any
-error (or interrupt) the temporary file is removed and the destination is left as it was.
+Every write goes to a uniquely named temporary file in the destination directory (``mkstemp``, with the
+writer's pid in the name: two processes never share one), is flushed and ``fsync``\\ ed, then
+``os.replace``\\ d over the destination; the directory is ``fsync``\\ ed so that the rename itself is
+durable where the platform allows it. On any error (or interrupt) the temporary file is removed and the
+destination is left as it was; a writer killed outright (SIGKILL) leaves its temporary file, which the
+next write of the same destination removes once that process is gone.
 
 This module imports nothing from qcnn, so every layer may use it.
 """
@@ -30,11 +32,41 @@ def _fsync_dir(directory: Path) -> None:
         pass
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (owned by someone else) or cannot tell: leave its file alone
+    return True
+
+
+def remove_orphans(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers that were killed mid-write (their process is
+    gone); a live writer's temporary file is never touched. Returns the files removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        if len(parts) >= 3 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``writer(f)`` on a binary file object and atomically put what it wrote at ``path``."""
+    """Call ``writer(f)`` on a binary file object and atomically put what it wrote at ``path``.
+
+    The temporary file is ``.<name>.<pid>.<random>.tmp``; temporary files of ``path`` whose writer process
+    no longer exists (killed mid-write) are removed first (:func:`remove_orphans`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -86,4 +118,4 @@ def check_zip_integrity(path: str | os.PathLike) -> None:
                          "contents (the file changed after it was written)")
 
 
-__all__ = ["check_zip_integrity", "write_bytes", "write_json", "write_text", "write_with"]
+__all__ = ["check_zip_integrity", "remove_orphans", "write_bytes", "write_json", "write_text", "write_with"]

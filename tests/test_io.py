@@ -58,3 +58,21 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path):
     assert not errors
     assert all(s in payloads for s in seen)
     assert p.read_text() in payloads and [f.name for f in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "last.pt"
+    code = ("import os, sys, time; sys.path.insert(0, %r); from qcnn.io import write_with; "
+            "write_with(%r, lambda f: (f.write(b'half'), f.flush(), os.kill(os.getpid(), 9)))")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code % (root, str(p))], capture_output=True)
+    assert r.returncode == -9
+    orphans = list(tmp_path.glob(".last.pt.*.tmp"))
+    assert len(orphans) == 1 and not p.exists()  # SIGKILL: nothing can clean up inside the writer
+    live = tmp_path / f".last.pt.{__import__('os').getpid()}.abcd.tmp"
+    live.write_bytes(b"a live writer's file")
+    write_bytes(p, b"new")
+    assert p.read_bytes() == b"new" and not orphans[0].exists() and live.exists()
