@@ -12,6 +12,8 @@
   first 30% to ``lr`` then cosine annealing, with momentum cycled inversely).
 * mixed precision (``spec.amp``) on CUDA: float16 autocast and a gradient scaler; ignored on CPU.
 * progress bar (tqdm) on an interactive terminal, off when stderr is not a tty or ``QCNN_PROGRESS=0``.
+* a non-finite training loss stops the run with ``FloatingPointError`` before that epoch is evaluated or
+  saved: ``last.pt`` and ``metrics.jsonl`` keep the last finite epoch.
 * with ``out_dir``: one JSON line per epoch in ``out_dir/metrics.jsonl`` and an atomic checkpoint
   ``out_dir/last.pt`` after every epoch holding model, optimizer, scheduler, scaler, RNG states, epoch and
   history. ``resume=True`` restores it and continues the run exactly: since the data order and augmentation
@@ -376,6 +378,12 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
             loss_sum, correct, seen = stats
             average_buffers(model)
         train_seconds = time.time() - t0
+        if not math.isfinite(loss_sum.item()):
+            kept = ckpt_path is not None and epoch > 0
+            where = f"; {ckpt_path} keeps the last finite epoch ({epoch})" if kept else ""
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch + 1}: the training loss is {loss_sum.item()} (lower the "
+                f"learning rate, now {spec.lr:g}){where}")
         test = evaluate(model, test_loader)
         n = max(1.0, seen.item())
         m = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_top1": 100.0 * correct.item() / n,

@@ -182,3 +182,26 @@ def test_lenet5_fashion_mnist_accuracy(fashion_dir):
     res = fit(model, data, TrainSpec(epochs=2, optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4,
                                      augment=False))
     assert res["top1"] >= 87.0
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_finite_epoch(tmp_path, fashion_small):
+    """A NaN loss stops fit with FloatingPointError; last.pt and metrics.jsonl hold the last finite epoch."""
+    from qcnn.checkpoint import load_checkpoint
+
+    spec = TrainSpec(epochs=3, optimizer="sgd", lr=0.05, schedule="constant", weight_decay=0.0)
+    steps = len(fashion_small.train)
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1)
+
+    def poison(m, step):  # the weights turn NaN in the second epoch
+        if step == steps + 2:
+            with torch.no_grad():
+                m.conv1.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"diverged in epoch 2.*last\.pt keeps the last finite epoch \(1\)"):
+        fit(model, fashion_small, spec, tmp_path, step_hook=poison)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and math.isfinite(json.loads(lines[0])["train_loss"])

@@ -7,7 +7,7 @@ State lives in buffers so a calibrated model's ``state_dict`` round-trips.
 * ``minmax``: running min and max.
 * ``ema``: exponential moving average of the per-batch min and max,
   ``m <- gamma * m + (1 - gamma) * batch_min`` (gamma = 0.999 as in FQN / Jacob et al.), first batch taken
-  as is.
+  as is; a batch whose min or max is not finite is skipped, so one NaN batch cannot poison the range.
 
 Histogram-based estimators (percentile, MSE, KL) live in :mod:`qcnn.calib.histogram`.
 """
@@ -122,9 +122,10 @@ class EMAObserver(_MinMaxBase):
         lo, hi = reduce_minmax(x, self.axis)
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo.clone(), hi.clone()
-        else:
-            self.min_val = self.min_val * self.gamma + lo * (1 - self.gamma)
-            self.max_val = self.max_val * self.gamma + hi * (1 - self.gamma)
+        else:  # a batch with NaN / Inf leaves the average as it was (no host sync)
+            ok = torch.isfinite(lo) & torch.isfinite(hi)
+            self.min_val = torch.where(ok, self.min_val * self.gamma + lo * (1 - self.gamma), self.min_val)
+            self.max_val = torch.where(ok, self.max_val * self.gamma + hi * (1 - self.gamma), self.max_val)
         self.count += 1
 
     def extra_repr(self) -> str:

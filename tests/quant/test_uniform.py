@@ -143,3 +143,17 @@ def test_ema_observer_keeps_its_own_gamma_in_training():
     q(torch.tensor([0.0, 1.0]))
     q(torch.tensor([0.0, 2.0]))
     assert torch.isclose(q.scale, torch.tensor((0.9 * 1 + 0.1 * 2) / 255))
+
+
+def test_a_nan_batch_in_training_does_not_poison_the_range():
+    from qcnn.calib import calibrating
+
+    q = UniformQuantizer(8, signed=False, observer="minmax", track_in_training=True)
+    with calibrating(q):
+        q(torch.tensor([0.0, 1.0]))
+    q.train()
+    q(torch.tensor([0.0, float("nan")]))
+    q(torch.tensor([0.0, float("inf")]))
+    assert torch.isclose(q.scale, torch.tensor(1.0 / 255))
+    q(torch.tensor([0.0, 2.0]))
+    assert torch.isclose(q.scale, torch.tensor(1.01 / 255))
