@@ -57,3 +57,32 @@ def test_qat_recipe_trains_on_fashion_mnist(name, fashion):
     after = evaluate(qmodel, fashion.test)
     assert after["loss"] < before - 0.1, (before, after)
     assert after["top1"] > 25.0
+
+
+@pytest.mark.parametrize("text, match", [
+    ("method: pact\ntrain: {epochs: '2'}\n", r"bad\.yaml.*train: epochs='2' must be int"),
+    ("method: pact\ntrain: {epochs: 1.5}\n", r"bad\.yaml.*epochs=1\.5 must be int"),
+    ("method: pact\nper_channel: 'no'\n", r"bad\.yaml.*per_channel='no' must be bool"),
+    ("method: pact\nw_bits: 4.0\n", r"w_bits=4\.0 must be int"),
+    ("method: pact\ncalib_images: true\n", r"calib_images=True must be int"),
+    ("method: 3\n", r"method=3 must be str"),
+    ("method: pact\ntrain: [1, 2]\n", r"bad\.yaml.*train must be a mapping"),
+    ("method: pact\noverrides: [{pattern: 'layer1.*', w_bits: 'x'}]\n", r"override 0: w_bits='x'"),
+    ("method: pact\n\tw_bits: 4\n", r"bad\.yaml.*not valid YAML"),
+    ("method: [pact\n", r"bad\.yaml.*not valid YAML"),
+    ("", r"bad\.yaml.*is empty"),
+    ("# only a comment\n", r"is empty"),
+])
+def test_bad_recipe_files_name_the_file_key_and_value(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_yaml(p)
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    """YAML 1.1 reads ``lr: 1e-3`` as the string '1e-3': a float field takes it as the number."""
+    p = tmp_path / "r.yaml"
+    p.write_text("method: pact\ntrain: {lr: 1e-3, weight_decay: 0}\n")
+    r = Recipe.from_yaml(p)
+    assert r.train.lr == 1e-3 and isinstance(r.train.lr, float) and r.train.weight_decay == 0.0

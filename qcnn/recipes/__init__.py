@@ -28,12 +28,41 @@ from qcnn.quant.base import check_bits
 FIRST_LAST = ("fp32", "8bit", "same")
 
 
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_value(key: str, value, annotation: str, where: str):
+    """``value`` of field ``key`` checked (and a numeric string coerced for a float field) against the
+    field's annotation; a ValueError names the place, the key and the value."""
+    kinds = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    for kind in kinds:
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "float" and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind in ("int", "bool", "str") and type(value) is _SCALARS[kind]:
+            return value
+        if kind not in _SCALARS and kind != "None":  # containers / nested specs: checked where they are built
+            return value
+    raise ValueError(f"{where}: {key}={value!r} must be {' or '.join(kinds)} (got {type(value).__name__})")
+
+
 def _strict(cls, d: dict | None, where: str):
+    if d is not None and not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(d).__name__} {d!r}")
     d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(d) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - set(fields))
     if bad:
-        raise ValueError(f"unknown key(s) {bad} in {where}; valid keys: {sorted(names)}")
+        raise ValueError(f"unknown key(s) {bad} in {where}; valid keys: {sorted(fields)}")
+    for k, v in d.items():
+        ann = fields[k].type if isinstance(fields[k].type, str) else getattr(fields[k].type, "__name__", "")
+        d[k] = _check_value(k, v, ann, where)
     return d
 
 
@@ -103,19 +132,33 @@ class Recipe:
                 check_bits(o.w_bits, f"w_bits of override {o.pattern!r}")
             if o.a_bits is not None:
                 check_bits(o.a_bits, f"a_bits of override {o.pattern!r}")
-        if isinstance(self.train, dict):
+        if not isinstance(self.train, TrainSpec):
             self.train = TrainSpec(**_strict(TrainSpec, self.train, "train"))
+        for key in ("params", "procedure_params"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be a mapping of option names to values")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "recipe") -> Recipe:
-        return cls(**_strict(cls, d, where))
+        d = _strict(cls, d, where)
+        if "train" in d and not isinstance(d["train"], TrainSpec):
+            d["train"] = TrainSpec(**_strict(TrainSpec, d["train"], f"{where}, train"))
+        if isinstance(d.get("overrides"), list):
+            d["overrides"] = [Override(**_strict(Override, o, f"{where}, override {i}")) if isinstance(o, dict) else o
+                              for i, o in enumerate(d["overrides"])]
+        return cls(**d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-        d = yaml.safe_load(path.read_text()) or {}
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        if d is None:
+            raise ValueError(f"recipe {str(path)!r} is empty: it needs at least `method:`")
         if not isinstance(d, dict):
             raise ValueError(f"recipe {str(path)!r} must be a mapping, got {type(d).__name__}")
         return cls.from_dict(d, where=f"recipe {str(path)!r}")
