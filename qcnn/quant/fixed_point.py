@@ -79,6 +79,9 @@ class FixedPointQuantizer(Quantizer):
         **observer_kwargs,
     ):
         super().__init__(bits, signed)
+        if signed and bits < 2:
+            raise ValueError(f"bits={bits} is not supported by a signed QCode (codes {{-1, 0}}: every positive "
+                             "value would become 0); use bits >= 2, or a binary method (dorefa, bireal, hwgq)")
         self.per_channel = per_channel
         self.axis = axis if per_channel else None
         self.init_from_input = init_from_input
@@ -165,6 +168,7 @@ class QCodeMethod(Method):
     """Per-layer dynamic fixed point for weights and activations (Ristretto-style QCode)."""
 
     name = "qcode"
+    weight_bits = tuple(range(2, 17))  # a signed 1-bit fixed-point grid is {-1, 0}: no positive weight survives
     Options = QCodeOptions
 
     def __init__(self, options=None):

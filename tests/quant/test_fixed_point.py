@@ -114,3 +114,14 @@ def test_qcode_method_places_quantizers():
         quantize(model, Recipe(method="qcode", params={"weight_calib": "nope", "bogus": 1}))
     with pytest.raises(ValueError, match="'nope'"):
         quantize(model, Recipe(method="qcode", params={"weight_calib": "nope"}))
+
+
+def test_one_bit_signed_qcode_is_refused_and_marked_undefined():
+    import pytest
+
+    from qcnn.quant.fixed_point import FixedPointQuantizer, QCodeMethod
+
+    with pytest.raises(ValueError, match="bits=1 is not supported by a signed QCode"):
+        FixedPointQuantizer(1, signed=True)
+    assert FixedPointQuantizer(1, signed=False).qmax == 1  # unsigned 1-bit {0, 1} is a valid grid
+    assert "2-16" in QCodeMethod.defines(1, 8)
