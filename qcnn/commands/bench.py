@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from qcnn.commands.common import positive_int
+
 
 def add_parser(sub) -> None:
     from qcnn.bench import SUITES
@@ -15,14 +17,14 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", default=None, help="comma-separated W/A cells, e.g. 8/8,4/4,2/2,1/2,2/fp")
     p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"])
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs per cell (default: the suite's)")
-    p.add_argument("--train-images", type=int, default=None, help="training images per epoch (default: suite)")
+    p.add_argument("--train-images", type=positive_int, default=None, help="training images per epoch (default: suite)")
     p.add_argument("--init", default=None, help="float checkpoint to start from (default: train one)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="cells run at once, each in its own process (several share one GPU well); default 1")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="intra-op threads per worker process (default: CPU cores / workers)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which no new cell starts (the rest stay pending for a later run)")

@@ -19,12 +19,23 @@ from qcnn.io import write_json
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``0`` never silently means "all")."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
 def add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=dataset_required,
                    help="mnist, fashion-mnist, cifar10, imagenet or imagefolder (see `qcnn datasets`)")
     g.add_argument("--data-dir", default=None, help="dataset folder or archive (default: standard locations)")
-    g.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 128)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (default: 128)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda if available, else cpu")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
 

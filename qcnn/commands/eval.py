@@ -16,6 +16,7 @@ from qcnn.commands.common import (
     finish,
     load_data_from_args,
     load_model_from_args,
+    positive_int,
 )
 
 TORCH_ENGINES = ("float", "fakequant")
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
                    help="float (default for float models), fakequant (default for quantized checkpoints), "
                         "integer, onnx / onnxruntime (integer-only inference, qcnn.integer; onnxruntime-integer: the "
                         "integer ONNX form, bit-exact with integer)")
-    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--test-images", type=positive_int, default=None, help="evaluate on the first N test images only")
     add_output_args(p)
     p.set_defaults(func=run)
 

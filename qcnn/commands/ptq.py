@@ -27,6 +27,7 @@ from qcnn.commands.common import (
     finish,
     load_data_from_args,
     load_model_from_args,
+    positive_int,
     seed_everything,
 )
 from qcnn.io import write_json
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
     g.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
     g.add_argument("--calib", default=None,
                    help="activation range estimator: minmax, ema, percentile, mse, kl, kl_nozero (default minmax)")
-    g.add_argument("--calib-images", type=int, default=None, help="calibration images (default 1000)")
+    g.add_argument("--calib-images", type=positive_int, default=None, help="calibration images (default 1000)")
     g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None,
                    help="first/last layer policy (default: the recipe's, 8bit)")
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
@@ -59,7 +60,7 @@ def add_parser(sub) -> None:
     s.add_argument("--bit-candidates", default="8,6,5,4", help="accuracy search: bit widths to try")
     s.add_argument("--eval-images", type=int, default=2000,
                    help="accuracy search: calibration-split images that score a configuration")
-    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--limit-test", type=positive_int, default=None, help="evaluate on the first N test images")
     add_output_args(p)
     p.set_defaults(func=run)
 

@@ -20,6 +20,7 @@ from qcnn.commands.common import (
     finish,
     load_data_from_args,
     load_model_from_args,
+    positive_int,
     seed_everything,
     write_run_config,
 )
@@ -55,8 +56,8 @@ def add_parser(sub) -> None:
     t.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"], default=None)
     t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
     t.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    t.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
-    t.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+    t.add_argument("--limit-train", type=positive_int, default=None, help="train on the first N training images")
+    t.add_argument("--limit-test", type=positive_int, default=None, help="evaluate on the first N test images")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_output_args(p)
     p.set_defaults(func=run)

@@ -12,6 +12,7 @@ from qcnn.commands.common import (
     finish,
     load_data_from_args,
     load_model_from_args,
+    positive_int,
     seed_everything,
     write_run_config,
 )
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
                    help="random crop (+ flip for CIFAR) on the training set (default: on, except lenet5 on MNIST-like)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
-    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--train-images", type=positive_int, default=None, help="use only the first N training images")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     add_output_args(p)
     p.set_defaults(func=run)

@@ -38,7 +38,6 @@ def test_ptq_then_eval_same_accuracy(cifar_zip, weights_dir, tmp_path, capsys):
     (["--a-bits", "33"], "a_bits=33"),
     (["--calib", "entropy9"], "'entropy9'"),
     (["--method", "qkode"], "'qkode'"),
-    (["--calib-images", "0"], "calib_images=0"),
 ])
 def test_bad_flags(flags, message, capsys):
     rc = main(["ptq", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "/nonexistent", *flags])

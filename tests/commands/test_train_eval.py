@@ -144,3 +144,18 @@ def test_an_earlier_run_is_never_overwritten_or_resumed_with_other_settings(trai
     assert main(limit) == 2
     assert "train_images: 3000 -> 2000" in capsys.readouterr().err
     assert ((out / "model.pt").read_bytes(), (out / "config.json").read_text()) == before
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--model", "lenet5", "--dataset", "fashion-mnist", "--test-images", "0"], "--test-images: 0 must"),
+    (["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--train-images", "0"], "--train-images: 0"),
+    (["qat", "--model", "lenet5", "--dataset", "fashion-mnist", "--limit-train", "-5"], "--limit-train: -5"),
+    (["qat", "--model", "lenet5", "--dataset", "fashion-mnist", "--limit-test", "x"], "'x' is not an integer"),
+    (["ptq", "--model", "lenet5", "--dataset", "fashion-mnist", "--calib-images", "0"], "--calib-images: 0"),
+    (["bench", "--workers", "0"], "--workers: 0 must be >= 1"),
+    (["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--batch-size", "0"], "--batch-size: 0"),
+])
+def test_counts_of_zero_or_less_are_refused_by_name(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
