@@ -49,8 +49,12 @@ class FolderDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         member, label = self.samples[i]
-        with Image.open(io.BytesIO(self._read(member))) as im:
-            img = im.convert("RGB")
+        try:
+            with Image.open(io.BytesIO(self._read(member))) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
+            raise ValueError(f"{self.index.root}: image {member!r} cannot be decoded "
+                             f"({type(e).__name__}: {e})") from None
         return self.transform(img), label
 
     def __getstate__(self):

@@ -283,9 +283,12 @@ def decode_images(
     channels = {"L": 1, "RGB": 3}[mode]
     jpeg = _jpeg_decoder(mode)
 
-    def _pil(blob: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(blob)) as im:
-            arr = np.array(im.convert(mode), dtype=np.uint8)
+    def _pil(name: str, blob: bytes) -> torch.Tensor:
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                arr = np.array(im.convert(mode), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
+            raise ValueError(f"{where}: image {name!r} cannot be decoded ({type(e).__name__}: {e})") from None
         return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], channels)).permute(2, 0, 1)
 
     def _decode(items: list[tuple[str, bytes]]) -> list[torch.Tensor]:
@@ -294,7 +297,7 @@ def decode_images(
                 return jpeg([b for _, b in items])
             except RuntimeError:
                 pass
-        return [_pil(b) for _, b in items]
+        return [_pil(n, b) for n, b in items]
 
     def _check(items, tensors, shape):
         for (name, _), t in zip(items, tensors):

@@ -166,3 +166,16 @@ def test_cifar_python_batch_refuses_code_and_names_the_file(tmp_path, protocol):
     (tmp_path / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="data_batch_3"):
         readers.read_cifar_python([tmp_path / "data_batch_3"])
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xd8\xff\xe0 not really a jpeg", b"GIF89a?", b""])
+def test_a_corrupt_image_is_named(tmp_path, bad):
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for split in ("train", "test"):
+            for k in range(3):
+                z.writestr(f"{split}/c/{k:04d}.png", _png((k, k, k)))
+        z.writestr("train/c/0007.jpg", bad)
+    index = readers.index_image_folder(path)
+    with pytest.raises(ValueError, match=r"set\.zip.*train/c/0007\.jpg.*cannot be decoded"):
+        readers.read_image_folder(index, "train")
