@@ -44,6 +44,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint with ``torch.load(weights_only=True)``; refuses anything but tensors and containers,
     and a file whose CRC-32 checks fail (:func:`qcnn.io.check_zip_integrity`)."""
     path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {str(path / 'model.pt')!r}" if (path / "model.pt").is_file() else ""
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     check_zip_integrity(path)

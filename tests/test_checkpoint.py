@@ -152,3 +152,13 @@ def test_a_flipped_bit_is_refused_with_the_file_named(tmp_path):
     assert torch.load(p, weights_only=True)["state_dict"]["weight"].shape == (64, 64)
     with pytest.raises(ValueError, match=r"model\.pt.*corrupted.*CRC-32"):
         load_checkpoint(p)
+
+
+def test_a_directory_given_as_checkpoint_points_to_its_model(tmp_path):
+    from torch import nn
+
+    from qcnn.checkpoint import load_checkpoint, save_model
+
+    save_model(tmp_path / "model.pt", nn.Linear(2, 2), {"name": "lenet5"})
+    with pytest.raises(ValueError, match=r"is a directory.*model\.pt"):
+        load_checkpoint(tmp_path)
