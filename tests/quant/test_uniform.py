@@ -157,3 +157,20 @@ def test_a_nan_batch_in_training_does_not_poison_the_range():
     assert torch.isclose(q.scale, torch.tensor(1.0 / 255))
     q(torch.tensor([0.0, 2.0]))
     assert torch.isclose(q.scale, torch.tensor(1.01 / 255))
+
+
+def test_calibrating_a_model_with_nan_weights_names_the_weights():
+    import pytest
+    from torch import nn
+
+    from qcnn.calib import calibrating
+    from qcnn.recipes import Recipe
+    from qcnn.transform import quantize
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    q = quantize(net, Recipe(first_last="same"))
+    with torch.no_grad():
+        q.get_submodule("4").weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf in 4\.weight.*not the calibration data"):
+        with calibrating(q):
+            q(torch.randn(2, 1, 4, 4))
