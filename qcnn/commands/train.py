@@ -82,6 +82,9 @@ def run(args) -> int:
     t0 = time.time()
     seed_everything(args.seed)
     spec = spec_from_args(args)
+    if spec.epochs < 1:
+        raise ValueError(f"--epochs {spec.epochs} trains nothing (the model would be saved as it was built); "
+                         "use --epochs >= 1, or `qcnn eval` to evaluate a checkpoint")
     args.batch_size = spec.batch_size
     bundle = load_data_from_args(args, augment=spec.augment)
     if args.train_images:

@@ -159,3 +159,10 @@ def test_counts_of_zero_or_less_are_refused_by_name(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_train_with_zero_epochs_is_refused(tmp_path, capsys):
+    rc = main(["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--epochs", "0",
+               "--out", str(tmp_path / "r")])
+    assert rc == 2 and "--epochs 0 trains nothing" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "model.pt").exists()
