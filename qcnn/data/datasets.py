@@ -77,7 +77,13 @@ def _probe_idx(p: Path) -> Source | None:
 
 
 def _is_zip(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() == ".zip" and zipfile.is_zipfile(p)
+    """``p`` is a zip archive; a ``.zip`` file that is not one (random bytes, truncated) is an error naming
+    it, never a silent "dataset not found"."""
+    if not (p.is_file() and p.suffix.lower() == ".zip"):
+        return False
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{str(p)!r} is not a readable zip archive (corrupted or truncated?)")
+    return True
 
 
 def _probe_folder(p: Path) -> Source | None:

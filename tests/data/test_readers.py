@@ -179,3 +179,13 @@ def test_a_corrupt_image_is_named(tmp_path, bad):
     index = readers.index_image_folder(path)
     with pytest.raises(ValueError, match=r"set\.zip.*train/c/0007\.jpg.*cannot be decoded"):
         readers.read_image_folder(index, "train")
+
+
+@pytest.mark.parametrize("content", [b"\x00\x17random bytes" * 100, b"PK\x03\x04truncated"])
+def test_a_zip_that_is_not_an_archive_is_named(tmp_path, content):
+    from qcnn.data import get_data
+
+    bad = tmp_path / "set.zip"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=r"set\.zip.*not a readable zip archive"):
+        get_data("cifar10", data_dir=bad)
