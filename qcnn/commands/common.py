@@ -133,6 +133,10 @@ def load_model_from_args(args, bundle):
                                  f"{args.model!r}")
             model, info = load_model(ckpt, device=device)
             arch = info["arch"]
+            width = getattr(args, "width", 1.0)
+            if width != 1.0 and float(width) != float(arch.get("width", 1.0)):
+                raise ValueError(f"--width {width:g} does not apply to checkpoint {ckpt!r}: it holds a "
+                                 f"{arch['name']!r} of width {arch.get('width', 1.0):g} (leave --width out)")
             _check_fits(arch, bundle, ckpt)
             args.checkpoint_info = info
             return model, arch

@@ -166,3 +166,12 @@ def test_train_with_zero_epochs_is_refused(tmp_path, capsys):
                "--out", str(tmp_path / "r")])
     assert rc == 2 and "--epochs 0 trains nothing" in capsys.readouterr().err
     assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_width_with_a_qcnn_checkpoint_is_refused(trained, capsys):
+    out, _ = trained
+    if not (out / "model.pt").exists():
+        pytest.skip("needs test_train_writes_run_directory_and_json")
+    rc = main(["eval", "--checkpoint", str(out / "model.pt"), "--dataset", "fashion-mnist", "--width", "2",
+               "--test-images", "100"])
+    assert rc == 2 and "--width 2 does not apply" in capsys.readouterr().err
