@@ -72,9 +72,13 @@ def parse_bits(spec: str) -> tuple[int, int | None]:
     """``"4/4"`` -> (4, 4); ``"2/fp"`` -> (2, None)."""
     try:
         w, a = spec.split("/")
-        return int(w), (None if a.strip().lower() in ("fp", "32", "float") else int(a))
+        w, a = int(w), (None if a.strip().lower() in ("fp", "32", "float") else int(a))
     except ValueError:
         raise ValueError(f"bad bit-width cell {spec!r}: expected W/A such as 4/4 or 2/fp") from None
+    for v in (w, a):
+        if v is not None and not 1 <= v <= 16:
+            raise ValueError(f"bad bit-width cell {spec!r}: bit widths must lie in 1..16 (or fp for activations)")
+    return w, a
 
 
 def cell_key(method: str, bits: str) -> str:

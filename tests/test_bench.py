@@ -124,3 +124,17 @@ def test_two_benches_on_one_out_keep_each_others_cells(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert on_disk["pact@4-4"]["top1"] == 84.0 and len(on_disk) == 4
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_refuses_bad_cells_and_unknown_methods(tmp_path, capsys):
+    from qcnn.cli import main
+
+    with pytest.raises(ValueError, match="'0/8'.*1..16"):
+        parse_bits("0/8")
+    with pytest.raises(ValueError, match="'4/17'"):
+        parse_bits("4/17")
+    assert main(["bench", "--suite", "demo", "--bits", "0/8", "--out", str(tmp_path / "a")]) == 2
+    assert "'0/8'" in capsys.readouterr().err
+    assert main(["bench", "--suite", "demo", "--methods", "pact,nosuch", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown method(s) ['nosuch']" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -49,6 +49,12 @@ def run(args) -> int:
     bits = args.bits.split(",") if args.bits else None
     for b in bits or []:
         parse_bits(b)
+    if methods:
+        from qcnn.recipes import list_recipes
+
+        unknown = [m for m in methods if m not in list_recipes()]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown} in --methods; known recipes: {list_recipes()}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     t0 = time.time()
     bench = Bench(suite, args.out, data_dir=args.data_dir, device=device, init=args.init, seed=args.seed,
