@@ -25,6 +25,7 @@ same ``out_dir`` resumes them.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import time
@@ -137,8 +138,6 @@ class Bench:
         ``results.json.lock`` (``fcntl.flock``), keeps every cell the others recorded meanwhile, puts the cells
         it recorded since its last save and its float figures over them, and writes the union; no process's
         cells are lost."""
-        import fcntl
-
         self.results["suite"] = asdict(self.suite)
         with open(self.out / "results.json.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

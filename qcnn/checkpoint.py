@@ -29,15 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcnn.io import check_zip_integrity, write_with
+from qcnn.io import check_zip_integrity, save_torch
 
 MODEL_FORMAT = "qcnn-model/1"
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (:func:`qcnn.io.write_with`: unique temp file in the same
-    directory, fsync, os.replace, directory fsync)."""
-    return write_with(path, lambda f: torch.save(obj, f))
+save_atomic = save_torch  #: ``torch.save`` atomically (:func:`qcnn.io.save_torch`)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -84,6 +84,13 @@ def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any]) -> P
     return path
 
 
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    import torch  # the only torch use here; keeps this module importable without it
+
+    return write_with(path, lambda f: torch.save(obj, f))
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Atomically write ``data`` to ``path``."""
     return write_with(path, lambda f: f.write(data))
@@ -118,4 +125,5 @@ def check_zip_integrity(path: str | os.PathLike) -> None:
                          "contents (the file changed after it was written)")
 
 
-__all__ = ["check_zip_integrity", "remove_orphans", "write_bytes", "write_json", "write_text", "write_with"]
+__all__ = ["check_zip_integrity", "remove_orphans", "save_torch", "write_bytes", "write_json", "write_text",
+           "write_with"]

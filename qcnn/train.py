@@ -53,6 +53,7 @@ from torch import nn
 
 from qcnn.checkpoint import load_checkpoint, save_atomic
 from qcnn.io import write_text
+from qcnn.quant.registry import default_param_groups
 from qcnn.recipes import TrainSpec
 
 TRAIN_FORMAT = "qcnn-train/1"
@@ -140,18 +141,6 @@ def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None)
 
 
 # -- optimizer and schedule ------------------------------------------------------------------------------
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay kernels (ndim >= 2); BN parameters, biases and scalar quantizer parameters are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 def make_default_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
     opt = spec.optimizer.lower()
     if opt == "sgd":
@@ -261,6 +250,16 @@ def progress_enabled() -> bool:
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
     write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _check_finite_loss(loss: float, epoch: int, spec: TrainSpec, ckpt_path: Path | None) -> None:
+    """Stop a diverged run before its epoch is evaluated or saved (``last.pt`` keeps the last finite one)."""
+    if math.isfinite(loss):
+        return
+    kept = ckpt_path is not None and epoch > 0
+    where = f"; {ckpt_path} keeps the last finite epoch ({epoch})" if kept else ""
+    raise FloatingPointError(f"training diverged in epoch {epoch + 1}: the training loss is {loss} (lower the "
+                             f"learning rate, now {spec.lr:g}){where}")
 
 
 def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = None, *,
@@ -378,12 +377,7 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
             loss_sum, correct, seen = stats
             average_buffers(model)
         train_seconds = time.time() - t0
-        if not math.isfinite(loss_sum.item()):
-            kept = ckpt_path is not None and epoch > 0
-            where = f"; {ckpt_path} keeps the last finite epoch ({epoch})" if kept else ""
-            raise FloatingPointError(
-                f"training diverged in epoch {epoch + 1}: the training loss is {loss_sum.item()} (lower the "
-                f"learning rate, now {spec.lr:g}){where}")
+        _check_finite_loss(loss_sum.item(), epoch, spec, ckpt_path)
         test = evaluate(model, test_loader)
         n = max(1.0, seen.item())
         m = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_top1": 100.0 * correct.item() / n,

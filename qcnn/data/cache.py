@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qcnn.io import check_zip_integrity, write_with
+from qcnn.io import check_zip_integrity, save_torch
 
 FORMAT_VERSION = 1
 
@@ -52,9 +52,7 @@ def cache_path(name: str, source: str | os.PathLike, tag: str = "", root: str | 
     return cache_dir(root) / f"{name}-{Path(source).stem}-{key}.pt"
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically (:func:`qcnn.io.write_with`)."""
-    write_with(path, lambda f: torch.save(obj, f))
+save_atomic = save_torch  #: ``torch.save`` atomically (:func:`qcnn.io.save_torch`)
 
 
 def load_cached(path: Path) -> dict | None:

@@ -179,6 +179,7 @@ class HWGQActivation(Quantizer):
             self.register_buffer("initialized", torch.tensor(False))
             self._sum_sq = 0.0
             self._count = 0
+        self._ready = normalized  # initialisation checked once, then no host sync per call
 
     def is_initialized(self) -> bool:
         return self.normalized or bool(self.initialized)
@@ -195,6 +196,7 @@ class HWGQActivation(Quantizer):
             return
         self.sigma.fill_(max(math.sqrt(self._sum_sq / self._count), EPS))
         self.initialized.fill_(True)
+        self._ready = True
         self._sum_sq, self._count = 0.0, 0
 
     @torch.no_grad()
@@ -212,6 +214,7 @@ class HWGQActivation(Quantizer):
             state_dict[prefix + "sigma"] = torch.ones(())
             state_dict[prefix + "initialized"] = torch.tensor(True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = self.normalized
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
@@ -226,8 +229,9 @@ class HWGQActivation(Quantizer):
             return _HWGQFn.apply(x, lv, th, self.log_tail)
         if self.training:
             self._track(x)
-        else:
+        elif not self._ready:
             self._require_initialized()
+            self._ready = True
         s = self.sigma.to(x.dtype)
         return s * _HWGQFn.apply(x / s, lv, th, self.log_tail)
 

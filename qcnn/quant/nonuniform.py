@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qcnn.io import write_text
 from qcnn.quant.base import Grid, Quantizer, check_bits, qrange
 from qcnn.quant.registry import LayerContext, Method, register_method
 
@@ -316,7 +315,7 @@ def level_report(model: nn.Module, out_dir: str | Path, title: str = "k-quantile
         lv = ", ".join(f"{v:.4g}" for v in r["levels"])
         lines.append(f"| {r['name']} | {r['kind']} | {r['bits']} | {r['scale']:.4g} | {ints} | {lv} |")
     md = out / "levels.md"
-    write_text(md, "\n".join(lines) + "\n")
+    md.write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 1.2), squeeze=False)
     for ax, r in zip(axes[:, 0], rows):
         lv = r["levels"]

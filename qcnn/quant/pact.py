@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from qcnn.quant.base import Grid, Quantizer
 from qcnn.quant.dorefa import DoReFaWeight, EdgeUniformMethod
-from qcnn.quant.registry import LayerContext, register_method
+from qcnn.quant.registry import LayerContext, default_param_groups, register_method
 
 ALPHA_MIN = 1e-4
 #: at most this many elements per batch enter the calibration percentile
@@ -204,8 +204,6 @@ class PACTMethod(EdgeUniformMethod):
         """The default groups (decay on conv/linear kernels only) with every alpha in a group of its own,
         decayed by ``alpha_decay`` (the paper's L2 on alpha) and optionally on its own learning rate
         (``alpha_lr``)."""
-        from qcnn.train import default_param_groups
-
         alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer) and m.alpha.requires_grad]
         ids = {id(p) for p in alphas}
         groups = []

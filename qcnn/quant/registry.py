@@ -157,6 +157,18 @@ class Method:
         return f"{type(self).__name__}({self.options})"
 
 
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay kernels (ndim >= 2); BN parameters, biases and scalar quantizer parameters are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} registered twice")
@@ -226,6 +238,7 @@ __all__ = [
     "Method",
     "NoOptions",
     "available_methods",
+    "default_param_groups",
     "get_method",
     "register_method",
 ]

@@ -152,6 +152,7 @@ class UniformQuantizer(Quantizer):
         self.tracker = None
         if track_in_training and self.observer is not None and not isinstance(self.observer, EMAObserver):
             self.tracker = _RangeTracker(axis=self.axis, gamma=track_momentum)
+        self._tracker_checked = False  # whether the tracker's seeding was checked (once, not every step)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(bool(dynamic)))
@@ -162,6 +163,7 @@ class UniformQuantizer(Quantizer):
             if prefix + k in state_dict:
                 setattr(self, k, torch.empty_like(state_dict[prefix + k]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._tracker_checked = False
 
     def is_initialized(self) -> bool:
         return bool(self.initialized)
@@ -178,6 +180,7 @@ class UniformQuantizer(Quantizer):
             self.initialized.fill_(True)
             if self.tracker is not None:
                 self.tracker.seed(lo, hi)
+                self._tracker_checked = True
 
     def _implied_range(self) -> tuple[Tensor, Tensor]:
         """The real interval the current (scale, zero point) covers."""
@@ -186,8 +189,10 @@ class UniformQuantizer(Quantizer):
 
     def _track(self, x: Tensor) -> None:
         obs = self.tracker if self.tracker is not None else self.observer
-        if self.tracker is not None and not self.tracker.is_initialized() and bool(self.initialized):
-            self.tracker.seed(*self._implied_range())  # a calibrated state saved before trackers existed
+        if self.tracker is not None and not self._tracker_checked:  # one host sync, at the first step
+            if not self.tracker.is_initialized() and bool(self.initialized):
+                self.tracker.seed(*self._implied_range())  # a calibrated state saved before trackers existed
+            self._tracker_checked = True
         obs.update(x)
         self._set_qparams(*obs.compute_range(self.bits, self.signed))
         self.initialized.fill_(True)
