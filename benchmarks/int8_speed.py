@@ -49,7 +49,7 @@ def deployment_model(model, calib):
     """The int8 deployment simulation of a float model (see module docstring), calibrated on ``calib``."""
     from qcnn.calib import calibrating
     from qcnn.integer import add_bias_quantizers, add_residual_quantizers, share_relu_grids
-    from qcnn.transform import quantize
+    from qcnn.methods import quantize
 
     q = quantize(model, RECIPE).eval()
     add_residual_quantizers(q)

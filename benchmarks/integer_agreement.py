@@ -47,7 +47,7 @@ def _ptq(model, calib, bias_quant=True, deploy=False):
     """Calibrated W8A8 PTQ simulation of ``model`` (``deploy``: the int8 deployment variant)."""
     from qcnn.calib import calibrating
     from qcnn.integer import add_bias_quantizers, add_residual_quantizers, share_relu_grids
-    from qcnn.transform import quantize
+    from qcnn.methods import quantize
 
     q = quantize(model, PTQ).eval()
     if deploy:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qcnn.data import get_data, subset
+from qcnn.methods import quantize
 from qcnn.methods.ptq import (
     _act_quantizers,
     _batches,
@@ -33,7 +34,6 @@ from qcnn.models import build_model, load_weights
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.recipes import Recipe
 from qcnn.report.size import summarize
-from qcnn.transform import quantize
 
 BITS = ((8, 8), (6, 6), (5, 5), (4, 8), (4, 4))
 CALIBS = ("minmax", "percentile", "mse", "kl", "kl_nozero")

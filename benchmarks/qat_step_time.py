@@ -30,10 +30,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qcnn.methods import calibrate  # noqa: E402
+from qcnn.methods import calibrate, quantize  # noqa: E402
 from qcnn.models import build_model  # noqa: E402
 from qcnn.recipes import Recipe  # noqa: E402
-from qcnn.transform import quantize  # noqa: E402
 
 QCNN_CONFIGS = {
     "qcnn uniform W8A8": dict(method="uniform", w_bits=8, a_bits=8),

@@ -26,7 +26,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcnn.calib import calibrating  # noqa: E402
-from qcnn.quant.registry import METHODS, LayerContext, available_methods, get_method  # noqa: E402
+from qcnn.methods.base import METHODS, LayerContext, available_methods, get_method  # noqa: E402
 
 
 def _time(fn, min_run: float) -> float:

@@ -7,8 +7,9 @@
 """
 
 from qcnn.calib import calibrating
+from qcnn.methods import quantize
 from qcnn.recipes import Override, Recipe, TrainSpec
-from qcnn.transform import fold_bn, quantize
+from qcnn.transform import fold_bn
 
 __version__ = "0.1.0"
 __all__ = ["Override", "Recipe", "TrainSpec", "calibrating", "fold_bn", "quantize", "__version__"]

@@ -37,8 +37,10 @@ import torch
 
 from qcnn.checkpoint import save_atomic, save_model
 from qcnn.io import write_text
-from qcnn.quant.registry import get_method
+from qcnn.methods.base import get_method
+from qcnn.models import arch_record, build_model, load_weights
 from qcnn.recipes import load_recipe
+from qcnn.train import evaluate
 
 
 @dataclass
@@ -87,8 +89,6 @@ def cell_key(method: str, bits: str) -> str:
 
 
 def _accuracy(model, loader) -> float:
-    from qcnn.train import evaluate
-
     return float(evaluate(model, loader)["top1"])
 
 
@@ -171,16 +171,12 @@ class Bench:
         return {"name": self.suite.model, "num_classes": b.num_classes, "in_channels": b.in_channels}
 
     def build(self):
-        from qcnn.models import build_model
-
         a = self.arch()
         return build_model(a["name"], num_classes=a["num_classes"], in_channels=a["in_channels"])
 
     def float_model(self):
         """The float checkpoint every cell starts from (trained once by the suite unless ``init`` is given)."""
         from qcnn.checkpoint import load_model
-        from qcnn.models import load_weights
-
         path = self.out / "float" / "model.pt"
         if self.init:
             model = self.build()
@@ -373,8 +369,8 @@ class Bench:
         try:
             qmodel, metrics = run_recipe(copy.deepcopy(float_model), self.data(), recipe, out)
             top1 = _accuracy(qmodel, self.data().test)
-            # procedures that train another network (WAGE, Bi-Real) return its architecture
-            arch = metrics.get("arch", self.arch()) if isinstance(metrics, dict) else self.arch()
+            # procedures that train another network (WAGE, Bi-Real) return it with its architecture record
+            arch = arch_record(qmodel) or self.arch()
             save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={"top1": top1})
         except Exception as e:  # noqa: BLE001 - one broken cell must not stop the suite; it is reported
             (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@
        "metrics": {...} or None}
 
   :func:`load_model` rebuilds the architecture from ``arch``; if the file holds a recipe it applies
-  ``qcnn.transform.quantize(model, Recipe.from_dict(recipe))`` first, so a quantized checkpoint is evaluated
+  ``qcnn.methods.quantize(model, Recipe.from_dict(recipe))`` first, so a quantized checkpoint is evaluated
   with exactly the quantized forward it was trained with. Plain float checkpoints (e.g. the shared CIFAR
   ResNet weights) load too when the architecture is given.
 """
@@ -24,37 +24,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from qcnn.io import check_zip_integrity, save_torch
+from qcnn.io import load_torch, save_torch
+from qcnn.methods.place import quantize
+from qcnn.models import build_model
+from qcnn.models.weights import extract_state_dict, load_state_dict_checked
+from qcnn.recipes import Recipe
 
 MODEL_FORMAT = "qcnn-model/1"
 
 
 save_atomic = save_torch  #: ``torch.save`` atomically (:func:`qcnn.io.save_torch`)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with ``torch.load(weights_only=True)``; refuses anything but tensors and containers,
-    and a file whose CRC-32 checks fail (:func:`qcnn.io.check_zip_integrity`)."""
-    path = Path(path)
-    if path.is_dir():
-        hint = f"; it holds {str(path / 'model.pt')!r}" if (path / "model.pt").is_file() else ""
-        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file{hint}")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    check_zip_integrity(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"checkpoint {str(path)!r} was refused: it is corrupted or holds objects other than tensors and "
-            f"plain containers (only weights_only loading is allowed) [{type(e).__name__}: {msg}]"
-        ) from None
+load_checkpoint = load_torch  #: checked ``torch.load(weights_only=True)`` (:func:`qcnn.io.load_torch`)
 
 
 def _arch_dict(arch: dict) -> dict:
@@ -81,14 +65,11 @@ def save_model(path: str | Path, model: nn.Module, arch: dict, recipe=None, metr
 
 def build_from_arch(arch: dict, recipe: dict | None = None) -> nn.Module:
     """The (float, or quantized if ``recipe``) model described by ``arch``, with untrained weights."""
-    from qcnn.models import build_model
 
     arch = _arch_dict(arch)
     model = build_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
                         width=arch["width"], **arch["kwargs"])
     if recipe is not None:
-        from qcnn.recipes import Recipe
-        from qcnn.transform import quantize
 
         model = quantize(model, Recipe.from_dict(recipe, where="checkpoint recipe"))
     return model
@@ -101,7 +82,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", arch: dict 
     ``info`` holds ``format``, ``arch``, ``recipe`` and ``metrics``. For a plain float checkpoint (anything
     :func:`qcnn.models.load_weights` accepts) pass ``arch``; it is also used to check a qcnn checkpoint's.
     """
-    from qcnn.models.weights import extract_state_dict, load_state_dict_checked
 
     obj = load_checkpoint(path)
     source = f"checkpoint {str(path)!r}"

@@ -43,6 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcnn.checkpoint import build_from_arch, load_checkpoint, save_atomic
+from qcnn.nn.layers import QConv2d, QLinear
+from qcnn.quant.base import Grid
+from qcnn.quant.codebook import FixedCodebook
+
 FORMAT = "qcnn-compressed/1"
 _QUANT_PREFIXES = ("weight_quant.", "input_quant.", "out_quant.")
 
@@ -208,7 +213,6 @@ def encode_affine(w: torch.Tensor, grid) -> tuple[dict, bytes] | None:
 
 
 def decode_affine(desc: dict, payload: np.ndarray) -> torch.Tensor:
-    from qcnn.quant.base import Grid
 
     secs = np.cumsum([0] + list(desc["sections"]))
     part = [payload[secs[i]:secs[i + 1]] for i in range(3)]
@@ -231,7 +235,6 @@ def decode_affine(desc: dict, payload: np.ndarray) -> torch.Tensor:
 
 # -- whole model --------------------------------------------------------------------------------
 def _quantized_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from qcnn.nn.layers import QConv2d, QLinear
 
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (QConv2d, QLinear)) and m.weight_quant is not None]
@@ -263,7 +266,6 @@ def compress_model(model: nn.Module, path: str | Path, arch: dict | None = None,
     count at their stored size), ``file_bytes`` / ``fp32_bytes`` / ``model_ratio`` for the whole model
     against ``torch.save`` of its fp32 state_dict.
     """
-    from qcnn.checkpoint import save_atomic
 
     model = getattr(model, "module", model)
     was_training = model.training
@@ -347,7 +349,6 @@ def decode_weights(obj: dict) -> dict[str, torch.Tensor]:
 
 def read_compressed(path: str | Path) -> dict:
     """Load a ``.qcz`` file (``weights_only``) and check its format."""
-    from qcnn.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -364,13 +365,11 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", model:
     (e.g. the quantized model that was compressed). ``info`` holds ``format``, ``arch``, ``recipe``,
     ``metrics`` and ``layers``.
     """
-    from qcnn.quant.codebook import FixedCodebook
 
     obj = read_compressed(path)
     if model is None:
         if obj.get("arch") is None:
             raise ValueError(f"{str(path)!r} stores no architecture; pass the model to load it into")
-        from qcnn.checkpoint import build_from_arch
 
         model = build_from_arch(obj["arch"], obj.get("recipe"))
     sd = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in obj["state"].items()}

@@ -125,5 +125,27 @@ def check_zip_integrity(path: str | os.PathLike) -> None:
                          "contents (the file changed after it was written)")
 
 
-__all__ = ["check_zip_integrity", "remove_orphans", "save_torch", "write_bytes", "write_json", "write_text",
-           "write_with"]
+def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; refuses anything but tensors and containers,
+    and a file whose CRC-32 checks fail (:func:`qcnn.io.check_zip_integrity`)."""
+    import torch  # the one torch dependency of this module: everything else is plain files
+
+    path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {str(path / 'model.pt')!r}" if (path / "model.pt").is_file() else ""
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    check_zip_integrity(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} was refused: it is corrupted or holds objects other than tensors and "
+            f"plain containers (only weights_only loading is allowed) [{type(e).__name__}: {msg}]"
+        ) from None
+
+
+__all__ = ["check_zip_integrity", "load_torch", "remove_orphans", "save_torch", "write_bytes", "write_json",
+           "write_text", "write_with"]

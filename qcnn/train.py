@@ -50,10 +50,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from qcnn.checkpoint import load_checkpoint, save_atomic
-from qcnn.io import write_text
-from qcnn.quant.registry import default_param_groups
+from qcnn.io import load_torch, save_torch, write_text
+from qcnn.models.weights import load_state_dict_checked
 from qcnn.recipes import TrainSpec
 
 TRAIN_FORMAT = "qcnn-train/1"
@@ -141,6 +142,18 @@ def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None)
 
 
 # -- optimizer and schedule ------------------------------------------------------------------------------
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay kernels (ndim >= 2); BN parameters, biases and scalar quantizer parameters are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 def make_default_optimizer(groups: list[dict], spec: TrainSpec) -> torch.optim.Optimizer:
     opt = spec.optimizer.lower()
     if opt == "sgd":
@@ -178,8 +191,12 @@ def check_spec(spec: TrainSpec) -> None:
         raise ValueError(f"epochs={spec.epochs} must be >= 0")
     if not (spec.lr > 0 and math.isfinite(spec.lr)):
         raise ValueError(f"lr={spec.lr} must be a positive number")
-    if spec.weight_decay < 0:
+    if not spec.weight_decay >= 0:  # NaN too
         raise ValueError(f"weight_decay={spec.weight_decay} must be >= 0")
+    if not spec.momentum >= 0:
+        raise ValueError(f"momentum={spec.momentum} must be >= 0")
+    if not (spec.gamma > 0 and math.isfinite(spec.gamma)):
+        raise ValueError(f"gamma={spec.gamma} must be a positive number (the step schedule's decay factor)")
     if spec.optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose one of {OPTIMIZERS}")
     if spec.schedule.lower() not in SCHEDULES:
@@ -262,6 +279,126 @@ def _check_finite_loss(loss: float, epoch: int, spec: TrainSpec, ckpt_path: Path
                              f"learning rate, now {spec.lr:g}){where}")
 
 
+class _Run:
+    """The state of one :func:`fit` call: model, optimiser, scheduler, scaler, counters and the output files."""
+
+    def __init__(self, model: nn.Module, bundle, spec: TrainSpec, out_dir, loss_fn, param_groups, make_optimizer):
+        self.model, self.spec = model, spec
+        self.device = _device_of(model)
+        self.rank, self.world = init_distributed(self.device)
+        self.main = self.rank == 0
+        self.train_loader, self.test_loader = bundle.train, bundle.test
+        if self.world > 1 and getattr(self.train_loader, "world_size", 1) != self.world:
+            raise ValueError(f"distributed training with world_size={self.world} needs training data sharded over "
+                             f"the ranks: get_data(..., rank={self.rank}, world_size={self.world})")
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0 and spec.epochs > 0:
+            raise ValueError("the training set is empty: 0 batches per epoch")
+        self.out = Path(out_dir) if out_dir is not None else None
+        if self.out is not None and self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.loss_fn = loss_fn or cross_entropy_loss
+        groups = param_groups(model) if param_groups is not None else default_param_groups(model, spec.weight_decay)
+        self.optimizer = (make_optimizer or make_default_optimizer)(groups, spec)
+        self.scheduler = make_scheduler(self.optimizer, spec, self.steps_per_epoch)
+        self.use_amp = bool(spec.amp and self.device.type == "cuda")
+        if spec.amp and not self.use_amp:
+            warnings.warn("amp=True is ignored on a non-CUDA device", stacklevel=3)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_epoch, self.step, self.history = 0, 0, []
+        self.ckpt_path = self.out / "last.pt" if self.out is not None else None
+        self.metrics_path = self.out / "metrics.jsonl" if self.out is not None else None
+
+    def resume(self) -> None:
+        """Restore model, optimiser, scheduler, scaler, RNG and history from ``last.pt`` (exact resume)."""
+        if self.ckpt_path is None:
+            raise ValueError("resume=True needs out_dir (where last.pt is)")
+        if not self.ckpt_path.is_file():
+            warnings.warn(f"resume: {self.ckpt_path} does not exist, starting from scratch", stacklevel=3)
+            return
+        state = load_torch(self.ckpt_path, map_location=self.device)
+        if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+            raise ValueError(f"{self.ckpt_path} is not a qcnn training checkpoint ({TRAIN_FORMAT})")
+        spec = asdict(self.spec)
+        if state["spec"] != spec:
+            diff = sorted(k for k in spec if state["spec"].get(k) != spec[k])
+            warnings.warn(f"resuming {self.ckpt_path} with a different training spec (changed: {diff})", stacklevel=3)
+        load_state_dict_checked(self.model, state["model"], f"checkpoint {str(self.ckpt_path)!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.start_epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
+
+    def wrapped(self) -> nn.Module:
+        if self.world == 1:
+            return self.model
+        return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def train_epoch(self, net: nn.Module, epoch: int, step_hook, show: bool) -> tuple[float, float, float]:
+        """One pass over the training set; returns (summed loss, correct, seen), reduced over the ranks."""
+        spec, device = self.spec, self.device
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        self.model.train()
+        loss_sum, correct, seen = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}", leave=False,
+                   dynamic_ncols=True, file=sys.stderr) if show else None
+        for i, (x, y) in enumerate(self.train_loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
+                loss, logits = self.loss_fn(net, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.step += 1
+            if step_hook is not None:
+                step_hook(self.model, self.step)
+            with torch.no_grad():
+                loss_sum += loss.detach().double() * y.numel()
+                correct += (logits.detach().argmax(1) == y).sum().double()
+                seen += y.numel()
+            if bar is not None:
+                bar.update(1)
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / max(1.0, seen.item()):.3f}")
+        if bar is not None:
+            bar.close()
+        if self.world > 1:
+            stats = torch.stack([loss_sum, correct, seen])
+            dist.all_reduce(stats)
+            loss_sum, correct, seen = stats
+            average_buffers(self.model)
+        return loss_sum.item(), correct.item(), seen.item()
+
+    def save(self, m: dict) -> None:
+        """``last.pt`` (atomic) and one more line of ``metrics.jsonl``."""
+        sched = self.scheduler
+        save_torch({"format": TRAIN_FORMAT, "epoch": m["epoch"], "step": self.step, "spec": asdict(self.spec),
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": _plain(sched.state_dict()) if sched is not None else None,
+                    "scaler": self.scaler.state_dict() if self.use_amp else None, "rng": _rng_state(),
+                    "history": self.history}, self.ckpt_path)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+
+
+def _epoch_metrics(run: _Run, epoch: int, sums: tuple[float, float, float], t0: float) -> dict:
+    train_seconds = time.time() - t0
+    loss_sum, correct, seen = sums
+    _check_finite_loss(loss_sum, epoch, run.spec, run.ckpt_path)
+    test = evaluate(run.model, run.test_loader)
+    n = max(1.0, seen)
+    return {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_top1": 100.0 * correct / n,
+            "test_loss": test["loss"], "test_top1": test["top1"], "lr": run.optimizer.param_groups[0]["lr"],
+            "train_seconds": round(train_seconds, 3), "seconds": round(time.time() - t0, 3)}
+
+
 def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = None, *,
         loss_fn: Callable | None = None, param_groups: Callable | None = None,
         make_optimizer: Callable | None = None, step_hook: Callable | None = None,
@@ -274,139 +411,36 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
     if isinstance(spec, dict):
         spec = TrainSpec(**spec)
     check_spec(spec)
-    device = _device_of(model)
-    rank, world = init_distributed(device)
-    main = rank == 0
-    train_loader, test_loader = bundle.train, bundle.test
-    if world > 1 and getattr(train_loader, "world_size", 1) != world:
-        raise ValueError(f"distributed training with world_size={world} needs training data sharded over the "
-                         f"ranks: get_data(..., rank={rank}, world_size={world})")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0 and spec.epochs > 0:
-        raise ValueError("the training set is empty: 0 batches per epoch")
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    loss_fn = loss_fn or cross_entropy_loss
-    groups = param_groups(model) if param_groups is not None else default_param_groups(model, spec.weight_decay)
-    optimizer = (make_optimizer or make_default_optimizer)(groups, spec)
-    scheduler = make_scheduler(optimizer, spec, steps_per_epoch)
-    use_amp = bool(spec.amp and device.type == "cuda")
-    if spec.amp and not use_amp:
-        warnings.warn("amp=True is ignored on a non-CUDA device", stacklevel=2)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, step, history = 0, 0, []
-    ckpt_path = out / "last.pt" if out is not None else None
+    run = _Run(model, bundle, spec, out_dir, loss_fn, param_groups, make_optimizer)
     if resume:
-        if ckpt_path is None:
-            raise ValueError("resume=True needs out_dir (where last.pt is)")
-        if ckpt_path.is_file():
-            state = load_checkpoint(ckpt_path, map_location=device)
-            if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-                raise ValueError(f"{ckpt_path} is not a qcnn training checkpoint ({TRAIN_FORMAT})")
-            if state["spec"] != asdict(spec):
-                diff = sorted(k for k in asdict(spec) if state["spec"].get(k) != asdict(spec)[k])
-                warnings.warn(f"resuming {ckpt_path} with a different training spec (changed: {diff})", stacklevel=2)
-            from qcnn.models.weights import load_state_dict_checked
-
-            load_state_dict_checked(model, state["model"], f"checkpoint {str(ckpt_path)!r}")
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        else:
-            warnings.warn(f"resume: {ckpt_path} does not exist, starting from scratch", stacklevel=2)
-
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
+        run.resume()
+    net = run.wrapped()
     show = progress_enabled()
     t_start = time.time()
-    metrics_path = out / "metrics.jsonl" if out is not None else None
-    if main and metrics_path is not None:
-        _write_metrics(metrics_path, history)  # a resumed run keeps the lines of the epochs it restored
-
-    for epoch in range(start_epoch, spec.epochs):
+    if run.main and run.metrics_path is not None:
+        _write_metrics(run.metrics_path, run.history)  # a resumed run keeps the lines of the epochs it restored
+    for epoch in range(run.start_epoch, spec.epochs):
         t0 = time.time()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        seen = torch.zeros((), dtype=torch.float64, device=device)
-        bar = None
-        if show:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}", leave=False,
-                       dynamic_ncols=True, file=sys.stderr)
-        for i, (x, y) in enumerate(train_loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss, logits = loss_fn(net, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
-            if step_hook is not None:
-                step_hook(model, step)
-            with torch.no_grad():
-                loss_sum += loss.detach().double() * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum().double()
-                seen += y.numel()
-            if bar is not None:
-                bar.update(1)
-                if i % 20 == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / max(1.0, seen.item()):.3f}")
-        if bar is not None:
-            bar.close()
-        if world > 1:
-            stats = torch.stack([loss_sum, correct, seen])
-            dist.all_reduce(stats)
-            loss_sum, correct, seen = stats
-            average_buffers(model)
-        train_seconds = time.time() - t0
-        _check_finite_loss(loss_sum.item(), epoch, spec, ckpt_path)
-        test = evaluate(model, test_loader)
-        n = max(1.0, seen.item())
-        m = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n, "train_top1": 100.0 * correct.item() / n,
-             "test_loss": test["loss"], "test_top1": test["top1"], "lr": optimizer.param_groups[0]["lr"],
-             "train_seconds": round(train_seconds, 3), "seconds": round(time.time() - t0, 3)}
+        sums = run.train_epoch(net, epoch, step_hook, show)
+        m = _epoch_metrics(run, epoch, sums, t0)
         if epoch_hook is not None:
             epoch_hook(model, epoch, m)
-        history.append(m)
-        if main:
+        run.history.append(m)
+        if run.main:
             if show:
                 print(f"epoch {epoch + 1}/{spec.epochs}: train loss {m['train_loss']:.4f} top1 "
                       f"{m['train_top1']:.2f} | test loss {m['test_loss']:.4f} top1 {m['test_top1']:.2f} "
                       f"({m['seconds']:.1f} s)", file=sys.stderr)
-            if out is not None:
-                save_atomic({"format": TRAIN_FORMAT, "epoch": epoch + 1, "step": step, "spec": asdict(spec),
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None,
-                             "scaler": scaler.state_dict() if use_amp else None, "rng": _rng_state(),
-                             "history": history}, ckpt_path)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+            if run.out is not None:
+                run.save(m)
     model.train()
-    if history:
-        top1, loss = history[-1]["test_top1"], history[-1]["test_loss"]
+    if run.history:
+        top1, loss = run.history[-1]["test_top1"], run.history[-1]["test_loss"]
     else:
-        res = evaluate(model, test_loader)
+        res = evaluate(model, run.test_loader)
         top1, loss = res["top1"], res["loss"]
-    return {"top1": top1, "loss": loss, "epochs": len(history), "seconds": round(time.time() - t_start, 3),
-            "history": history}
+    return {"top1": top1, "loss": loss, "epochs": len(run.history), "seconds": round(time.time() - t_start, 3),
+            "history": run.history}
 
 
 __all__ = ["SCHEDULES", "OPTIMIZERS", "check_spec", "cross_entropy_loss", "default_param_groups", "dist_info",

@@ -1,28 +1,22 @@
-"""``quantize(model, recipe)``: put a method's quantizers on a float model.
+"""Graph rewrites shared by every method: reading and changing a model's ``torch.fx`` graph.
 
-Steps (the float model is never modified; a quantized copy is returned):
+* :func:`is_relu` / :func:`input_is_signed`: whether the tensor a layer consumes may be negative
+  (unsigned after ReLU/ReLU6/Hardtanh(min >= 0), through pooling and reshapes). The one ReLU recogniser.
+* :func:`set_module`: replace a submodule by qualified name.
+* :func:`fold_bn`: fold every eval-mode BatchNorm that follows a conv into it,
+  ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+* :func:`layers_in_order`, :func:`swap_layer`, :func:`quantize_adds`: the steps
+  :func:`qcnn.methods.quantize` takes to put a method's quantizers on a network (tensor-tensor adds
+  become ``QAdd`` modules, so integer-only inference can follow the graph).
+* :func:`attach_bn` / :func:`fold_conv_bn`: FQN's conv + BN pairs (``QConvBn2d``) and their fold.
+* :func:`to_variational`: VNQ's variational layers.
 
-1. The method's ``prepare`` hook may change the architecture (e.g. BN without affine for HWGQ).
-2. With ``recipe.fold_bn`` (PTQ), BatchNorm layers are folded into the preceding conv (eval statistics):
-   ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
-3. The model is traced with ``torch.fx``. Each ``Conv2d``/``Linear`` becomes a ``QConv2d``/``QLinear``
-   holding the method's weight quantizer, a quantizer on the activation it consumes and optionally a
-   gradient quantizer on its output; whether the consumed activation is signed is read off the graph
-   (unsigned after ReLU/ReLU6, through pooling and reshapes). Tensor-tensor adds (residuals) become
-   ``QAdd`` modules with an output quantizer at ``max(a_bits, 8)`` bits (residual sums keep 8 bits, as in
-   deployed integer networks), so that integer-only inference can follow the graph.
-4. The first and last quantizable layers (in graph order) follow ``recipe.first_last``: ``fp32`` leaves
-   them float, ``8bit`` gives them 8-bit weights and activations, ``same`` the recipe's bits.
-5. Per-layer overrides (``fnmatch`` patterns on module names) set bits or skip layers.
-
-Models that ``torch.fx`` cannot trace fall back to a plain module swap (adds stay float) with a warning.
-Any weight-bearing layer type the method cannot quantize is named in a ``ValueError``.
+Nothing here knows about methods or recipes; the policy (which quantizer goes where) is
+:mod:`qcnn.methods`.
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
 import operator
 import warnings
 
@@ -30,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcnn.nn.layers import QUANT_LAYERS, QAdd, QConv2d, QLinear
-from qcnn.quant.registry import LayerContext, Method, get_method
-from qcnn.recipes import Recipe
+from qcnn.nn.layers import QUANT_LAYERS, QAdd, QConv2d, QConvBn2d, QLinear
+from qcnn.nn.vnq import VNQConv2d, VNQLinear
+from qcnn.quant.vnq import VNQQuantizer
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCS = {F.relu, torch.relu, F.relu6, torch.relu_, F.hardtanh}
@@ -53,7 +47,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return model.train(was_training)
 
 
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, _RELU_MODULES):
@@ -79,7 +73,7 @@ def input_is_signed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether the tensor consumed by ``node`` may be negative (no ReLU before it in the graph)."""
     src = node.args[0] if node.args else None
     while isinstance(src, fx.Node):
-        if _is_relu(src, modules):
+        if is_relu(src, modules):
             return False
         if _is_passthrough(src, modules) and src.args:
             src = src.args[0]
@@ -88,114 +82,62 @@ def input_is_signed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return True
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
 
 
-def _check_supported(model: nn.Module, method: Method, skipped: set[str]) -> None:
+def check_supported(model: nn.Module, supported: tuple[type[nn.Module], ...], method: str, skipped: set[str]) -> None:
+    """Raise ValueError naming the first weight-bearing layer (outside ``skipped``) that ``method`` cannot
+    quantize: a layer type outside ``supported``, or one no method quantizes (Conv1d/3d, transposed convs)."""
     for name, m in model.named_modules():
         if name in skipped:
             continue
         if isinstance(m, _WEIGHTED_UNSUPPORTED) or (
-            isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, method.supported)
+            isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, supported)
         ):
             raise ValueError(
-                f"layer {name!r} ({type(m).__name__}) cannot be quantized by method {method.name!r} "
-                f"(it supports {[t.__name__ for t in method.supported]}); leave it in float with an "
+                f"layer {name!r} ({type(m).__name__}) cannot be quantized by method {method!r} "
+                f"(it supports {[t.__name__ for t in supported]}); leave it in float with an "
                 f"override {{pattern: {name!r}, skip: true}}"
             )
 
 
-def _layer_bits(name: str, role: str, recipe: Recipe) -> tuple[int, int] | None:
-    """(w_bits, a_bits) for a layer, or None to keep it float."""
-    w, a = recipe.w_bits, recipe.a_bits
-    if role != "hidden":
-        if recipe.first_last == "fp32":
-            return None
-        if recipe.first_last == "8bit":
-            w, a = 8, (8 if a is not None else None)
-    for o in recipe.overrides:
-        if fnmatch.fnmatchcase(name, o.pattern):
-            if o.skip:
-                return None
-            w = o.w_bits if o.w_bits is not None else w
-            a = o.a_bits if o.a_bits is not None else a
-    return w, a
-
-
-def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> nn.Module:
-    """Return a quantized copy of ``model`` following ``recipe`` (see module docstring)."""
-    if isinstance(recipe, dict):
-        recipe = Recipe.from_dict(recipe)
-    method = get_method(recipe.method, recipe.params)
-    if not inplace:
-        model = copy.deepcopy(model)
-    model = method.prepare(model)
-    if recipe.fold_bn:
-        model = fold_bn(model)
+def trace(model: nn.Module) -> fx.GraphModule | None:
+    """``torch.fx.symbolic_trace(model)``, or None (with a warning) for models fx cannot trace."""
     try:
-        gm = fx.symbolic_trace(model)
+        return fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many error types on untraceable code
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({e}); falling back to module swap, "
             "residual adds stay in float",
-            stacklevel=2,
+            stacklevel=3,
         )
-        gm = None
-    root = gm if gm is not None else model
-    modules = dict(root.named_modules())
-
-    # quantizable layers in graph order, with whether their input can be negative
-    layers: list[tuple[str, bool]] = []
-    if gm is not None:
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(modules[node.target], tuple(QUANT_LAYERS)):
-                layers.append((node.target, input_is_signed(node, modules)))
-    else:
-        layers = [(n, True) for n, m in model.named_modules() if isinstance(m, tuple(QUANT_LAYERS))]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
-
-    skipped = {n for n, _ in layers if _layer_bits(n, "hidden", recipe) is None}
-    _check_supported(root, method, skipped)
-
-    for i, (name, signed) in enumerate(layers):
-        role = "first" if i == 0 else ("last" if i == len(layers) - 1 else "hidden")
-        bits = _layer_bits(name, role, recipe)
-        if bits is None:
-            continue
-        float_mod = modules[name]
-        ctx = LayerContext(
-            name=name,
-            module=float_mod,
-            role=role,
-            w_bits=bits[0],
-            a_bits=bits[1],
-            input_signed=signed or role == "first",
-            per_channel=recipe.per_channel,
-            calib=recipe.calib,
-            g_bits=recipe.g_bits,
-            e_bits=recipe.e_bits,
-            options=method.options,
-        )
-        if bits[1] is None:  # float activations (a_bits: null)
-            aq = None
-        else:
-            aq = method.input_quantizer(ctx) if role == "first" else method.act_quantizer(ctx)
-        qcls = QUANT_LAYERS[type(float_mod)] if type(float_mod) in QUANT_LAYERS else (
-            QConv2d if isinstance(float_mod, nn.Conv2d) else QLinear)
-        q = qcls.from_float(float_mod, aq, method.weight_quantizer(ctx), method.grad_quantizer(ctx))
-        _set_module(root, name, q)
-
-    if gm is not None and recipe.quantize_adds and recipe.a_bits is not None:
-        _quantize_adds(gm, method, recipe)
-        gm.recompile()
-    return root
+        return None
 
 
-def _quantize_adds(gm: fx.GraphModule, method: Method, recipe: Recipe) -> None:
+def layers_in_order(root: nn.Module, gm: fx.GraphModule | None) -> list[tuple[str, bool]]:
+    """(name, input may be negative) of every Conv2d / Linear in graph order (module order without a graph)."""
+    kinds = tuple(QUANT_LAYERS)
+    if gm is None:
+        return [(n, True) for n, m in root.named_modules() if isinstance(m, kinds)]
+    modules = dict(gm.named_modules())
+    return [(node.target, input_is_signed(node, modules)) for node in gm.graph.nodes
+            if node.op == "call_module" and isinstance(modules[node.target], kinds)]
+
+
+def swap_layer(root: nn.Module, name: str, aq, wq, gq) -> None:
+    """Replace the float Conv2d / Linear ``name`` with its quantized layer holding the given quantizers."""
+    float_mod = root.get_submodule(name)
+    qcls = QUANT_LAYERS[type(float_mod)] if type(float_mod) in QUANT_LAYERS else (
+        QConv2d if isinstance(float_mod, nn.Conv2d) else QLinear)
+    set_module(root, name, qcls.from_float(float_mod, aq, wq, gq))
+
+
+def quantize_adds(gm: fx.GraphModule, make_quantizer) -> int:
+    """Replace every tensor-tensor add by a ``QAdd`` whose output quantizer is ``make_quantizer()``;
+    returns how many (call ``gm.recompile()`` afterwards)."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _ADD_FUNCS or len(node.args) != 2:
@@ -205,12 +147,63 @@ def _quantize_adds(gm: fx.GraphModule, method: Method, recipe: Recipe) -> None:
             continue
         name = f"qadd_{n}"
         n += 1
-        gm.add_submodule(name, QAdd(method.add_quantizer(max(recipe.a_bits, 8), recipe.calib)))
+        gm.add_submodule(name, QAdd(make_quantizer()))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (a, b))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+    return n
+
+
+def attach_bn(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every ``QConv2d -> BatchNorm2d`` pair (the BN the conv's only user) by one :class:`QConvBn2d`
+    (in place); the BN node leaves the graph and lives inside the new module."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and type(modules.get(src.target)) is QConv2d):
+            continue
+        set_module(gm, src.target, QConvBn2d.from_qconv(modules[src.target], modules[node.target]))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def fold_conv_bn(model: nn.Module) -> nn.Module:
+    """Turn every :class:`QConvBn2d` of ``model`` into a folded plain QConv2d (in place); returns ``model``."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QConvBn2d):
+            set_module(model, name, m.to_qconv())
+    if isinstance(model, fx.GraphModule):
+        model.recompile()
+    return model
+
+
+def variational_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every quantized layer whose weight quantizer is a :class:`VNQQuantizer`."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (QConv2d, QLinear)) and isinstance(m.weight_quant, VNQQuantizer)]
+
+
+def to_variational(model: nn.Module) -> nn.Module:
+    """Swap (in place) every VNQ-quantized ``QConv2d``/``QLinear`` for its noisy training version.
+
+    Parameters and state_dict keys are shared, so a checkpoint of either version loads into the other.
+    """
+    for name, m in variational_layers(model):
+        if isinstance(m, (VNQConv2d, VNQLinear)):
+            continue
+        cls = VNQConv2d if isinstance(m, QConv2d) else VNQLinear
+        new = cls.from_float(m, m.input_quant, m.weight_quant, m.out_quant)
+        set_module(model, name, new)
+    return model
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -16,10 +16,10 @@ from qcnn.compress import (
     read_compressed,
     unpack_bits,
 )
-from qcnn.methods import calibrate
+from qcnn.methods import calibrate, quantize
 from qcnn.models import build_model
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize, quantized_layers
+from qcnn.transform import quantized_layers
 
 ARCH = {"name": "lenet5", "in_channels": 1}
 
@@ -69,7 +69,7 @@ def test_bitmask_size_is_mask_plus_codes_plus_codebook():
 
 def _clipq_model():
     torch.manual_seed(0)
-    r = Recipe.from_dict({"method": "clipq", "w_bits": 3, "first_last": "same",
+    r = Recipe.from_dict({"method": "clipq", "w_bits": 3, "a_bits": None, "first_last": "same",
                           "params": {"p": 0.6, "layers": {"fc1": [0.8, 2]}}})
     return quantize(build_model("lenet5", in_channels=1), r).eval(), r
 

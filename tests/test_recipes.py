@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qcnn.methods import get_procedure, quantize_and_calibrate, run_recipe
-from qcnn.quant.registry import get_method
+from qcnn.methods.base import get_method
 from qcnn.recipes import Recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from qcnn.calib import calibrating
+from qcnn.methods import quantize
 from qcnn.models import build_model, list_models, load_weights
 from qcnn.nn.layers import QAdd, QConv2d, QLinear
 from qcnn.quant.fixed_point import FixedPointQuantizer
 from qcnn.recipes import Recipe
 from qcnn.report.layers import sqnr_db
-from qcnn.transform import fold_bn, quantize, quantized_layers
+from qcnn.transform import fold_bn, quantized_layers
 
 
 def _resnet20(weights_dir):
@@ -124,7 +125,7 @@ def test_first_last_policies():
 
 def test_float_activations_weight_only_recipe():
     """``a_bits: None``: the method's weight quantizer alone; no activation or residual-add quantizer."""
-    from qcnn.quant.registry import get_method
+    from qcnn.methods.base import get_method
 
     model = build_model("resnet20").eval()
     q = quantize(model, Recipe(method="lsq", w_bits=2, a_bits=None, first_last="8bit")).eval()

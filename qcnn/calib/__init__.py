@@ -9,6 +9,7 @@ from torch import nn
 
 from qcnn.calib.batchnorm import batchnorm_in_train_mode, batchnorms, reestimate_bn
 from qcnn.calib.observers import OBSERVERS, EMAObserver, MinMaxObserver, Observer, make_observer
+from qcnn.quant.base import Quantizer
 
 __all__ = ["OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "batchnorm_in_train_mode", "batchnorms",
            "calibrating", "make_observer", "reestimate_bn"]
@@ -24,7 +25,6 @@ def calibrating(model: nn.Module):
     ...     for x, _ in calib_batches:
     ...         qmodel(x)
     """
-    from qcnn.quant.base import Quantizer
 
     bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
            if t.is_floating_point() and (n.endswith("running_mean") or n.endswith("running_var") or

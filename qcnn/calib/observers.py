@@ -119,7 +119,10 @@ class EMAObserver(_MinMaxBase):
         self.gamma = gamma
 
     def update(self, x: Tensor) -> None:
-        lo, hi = reduce_minmax(x, self.axis)
+        self.update_range(*reduce_minmax(x, self.axis))
+
+    def update_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Average in one batch's range ``[lo, hi]`` (its min/max, or another per-batch estimate)."""
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:  # a batch with NaN / Inf leaves the average as it was (no host sync)

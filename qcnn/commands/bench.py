@@ -41,6 +41,8 @@ def run(args) -> int:
 
     from qcnn.bench import SUITES, Bench, parse_bits, results_table
 
+    if args.epochs is not None and args.epochs < 0:
+        raise ValueError(f"--epochs {args.epochs} must be >= 0 (0: post-training calibration only)")
     suite = SUITES[args.suite]
     changes = {k: v for k, v in {"first_last": args.first_last, "epochs": args.epochs,
                                  "train_images": args.train_images}.items() if v is not None}

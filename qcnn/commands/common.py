@@ -47,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
     g.add_argument("--checkpoint", "--init", dest="checkpoint", default=None,
                    help="weights to load: a qcnn model.pt (architecture and recipe included) or a state_dict file")
     g.add_argument("--width", type=float, default=1.0, help="width multiplier of the zoo model (default 1)")
-    g.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the dataset's)")
+    g.add_argument("--num-classes", type=positive_int, default=None, help="classifier outputs (default: the dataset's)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -120,14 +120,19 @@ def load_model_from_args(args, bundle):
     ckpt = getattr(args, "checkpoint", None)
     if ckpt:
         obj = load_checkpoint(ckpt)
-        if isinstance(obj, dict) and obj.get("format") == "qcnn-compressed/1":
+        fmt = obj.get("format") if isinstance(obj, dict) else None
+        if (isinstance(fmt, str) and fmt.startswith(("qcnn-model/", "qcnn-compressed/"))
+                and fmt not in (MODEL_FORMAT, "qcnn-compressed/1")):  # a newer qcnn's file
+            raise ValueError(f"checkpoint {ckpt!r} has format {fmt!r}; this version reads {MODEL_FORMAT!r} and "
+                             "'qcnn-compressed/1'")
+        if fmt == "qcnn-compressed/1":
             from qcnn.compress import load_compressed
 
             model, info = load_compressed(ckpt, device=device)
             _check_fits(info["arch"], bundle, ckpt)
             args.checkpoint_info = info
             return model, info["arch"]
-        if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        if fmt == MODEL_FORMAT:
             if args.model and args.model != obj["arch"]["name"]:
                 raise ValueError(f"checkpoint {ckpt!r} holds a {obj['arch']['name']!r} model, not --model "
                                  f"{args.model!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from qcnn.commands.common import positive_int
+
     p = sub.add_parser("datasets", help="list the datasets, where they were found and how to get missing ones",
                        description="List the known datasets. For each: where its files were found (--data-dir, "
                                    "$QCNN_DATA, /usr/share/datasets/<name>, the cache), image counts and size on "
@@ -16,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--bench", action="store_true",
                    help="also load each found dataset twice (load times; set QCNN_CACHE to an empty folder to time "
                         "a cold decode) and time one epoch of the augmented training loader (images/s)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size of --bench (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size of --bench (default 128)")
     p.add_argument("--device", default="cpu", help="device of --bench (default cpu)")
     p.add_argument("--json", action="store_true", help="end with one JSON line: a list of one object per dataset")
     p.set_defaults(func=run)

@@ -54,7 +54,7 @@ def run(args) -> int:
     from qcnn.data import subset
 
     t0 = time.time()
-    bundle = load_data_from_args(args, augment=False)
+    bundle = load_data_from_args(args, augment=False, calib_size=0)  # eval reads the test split only
     model, arch = load_model_from_args(args, bundle)
     info = args.checkpoint_info or {}
     quantized = bool(info.get("recipe"))

@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     s.add_argument("--window", type=int, default=3, help="fl search window +-W around the initial fl")
     s.add_argument("--max-drop", type=float, default=0.5, help="accuracy search: allowed top-1 drop (points)")
     s.add_argument("--bit-candidates", default="8,6,5,4", help="accuracy search: bit widths to try")
-    s.add_argument("--eval-images", type=int, default=2000,
+    s.add_argument("--eval-images", type=positive_int, default=2000,
                    help="accuracy search: calibration-split images that score a configuration")
     p.add_argument("--limit-test", type=positive_int, default=None, help="evaluate on the first N test images")
     add_output_args(p)
@@ -85,8 +85,8 @@ def run(args) -> int:
     from qcnn.calib.observers import make_observer
     from qcnn.checkpoint import save_model
     from qcnn.data import subset
+    from qcnn.methods.base import get_method
     from qcnn.methods.ptq import post_training_quantize
-    from qcnn.quant.registry import get_method
     from qcnn.report.layers import layer_table, write_layer_table
     from qcnn.report.size import summarize
     from qcnn.train import evaluate
@@ -100,11 +100,22 @@ def run(args) -> int:
     make_observer(recipe.calib)  # unknown calibration method: fail early, naming it
     if recipe.calib_images < 1:
         raise ValueError(f"calib_images={recipe.calib_images!r} must be >= 1 (--calib-images)")
+    if args.window < 0:
+        raise ValueError(f"--window {args.window!r} must be >= 0")
     if args.max_drop < 0:
         raise ValueError(f"--max-drop {args.max_drop!r} must be >= 0")
     bits = _bits_list(args.bit_candidates)
     calib_size = max(recipe.calib_images, args.eval_images if args.search == "accuracy" else 0)
-    bundle = load_data_from_args(args, augment=False, calib_size=calib_size)
+    bundle = load_data_from_args(args, augment=False, calib_size=0)
+    n_train = bundle.train.num_samples
+    if calib_size > n_train:
+        flag = "--calib-images" if calib_size == recipe.calib_images else "--eval-images"
+        raise ValueError(f"{flag} {calib_size} asks for more images than the {n_train} training images of dataset "
+                         f"{bundle.name!r}")
+    if calib_size == n_train:  # every training image calibrates (augment=False: the split as stored, shuffled)
+        bundle.calib = bundle.train
+    else:  # the held-out tail of the training split (a split smaller than the training set: get_data's rule)
+        bundle = load_data_from_args(args, augment=False, calib_size=calib_size)
     if args.limit_test is not None:
         if args.limit_test < 1:
             raise ValueError(f"--limit-test {args.limit_test} must be >= 1")

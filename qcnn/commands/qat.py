@@ -25,6 +25,7 @@ from qcnn.commands.common import (
     write_run_config,
 )
 from qcnn.io import write_json
+from qcnn.models import arch_record
 
 #: flag -> TrainSpec field
 _TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment")
@@ -81,11 +82,12 @@ def run(args) -> int:
     from qcnn.data import subset
     from qcnn.methods import run_recipe, train_quantized
     from qcnn.recipes import Recipe
-    from qcnn.train import evaluate, is_main_process
+    from qcnn.train import check_spec, evaluate, is_main_process
 
     t0 = time.time()
     seed_everything(args.seed)
     recipe = recipe_from_args(args)
+    check_spec(recipe.train)  # a bad training spec fails before data is loaded and the model calibrated
     args.batch_size = recipe.train.batch_size
     bundle = load_data_from_args(args, augment=recipe.train.augment)
     for flag, split in (("limit_train", "train"), ("limit_test", "test")):
@@ -117,7 +119,7 @@ def run(args) -> int:
             write_run_config(out, args.resume, config_of(recipe, arch), write=False, ignore=("model",))
         float_top1 = evaluate(model, bundle.test)["top1"]
         qmodel, metrics = run_recipe(model, bundle, recipe, out, args.resume)
-        arch = metrics.pop("arch", arch)  # WAGE / Bi-Real train another network than the one passed in
+        arch = arch_record(qmodel) or arch  # WAGE / Bi-Real train another network than the one passed in
     if out is not None and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_of(recipe, arch), default=str)

@@ -18,12 +18,12 @@ from qcnn.io import write_text
 
 
 def add_parser(sub) -> None:
-    from qcnn.commands.common import add_data_args
+    from qcnn.commands.common import add_data_args, positive_int
 
     p = sub.add_parser("report", help="per-layer table (bits, scale, SQNR, bytes, BOPs) and histograms")
     p.add_argument("run", help="run directory with model.pt, or a qcnn checkpoint file")
     add_data_args(p, dataset_required=True)
-    p.add_argument("--images", type=int, default=256, help="calibration images used for activation statistics")
+    p.add_argument("--images", type=positive_int, default=256, help="calibration images used for activation statistics")
     p.add_argument("--out", default=None, help="output directory (default: RUN/report)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -86,7 +86,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"no checkpoint at {str(ckpt)!r} (expected RUN/model.pt or a checkpoint file)")
     out = Path(args.out) if args.out else (ckpt.parent / "report")
     out.mkdir(parents=True, exist_ok=True)
-    bundle = load_data_from_args(args, augment=False)
+    bundle = load_data_from_args(args, augment=False, calib_size=args.images)  # the statistics' images
     args.checkpoint, args.model, args.width, args.num_classes = str(ckpt), None, 1.0, None
     model, arch = load_model_from_args(args, bundle)
     xs, n = [], 0

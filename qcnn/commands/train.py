@@ -77,7 +77,7 @@ def spec_from_args(args):
 
 def run(args) -> int:
     from qcnn.checkpoint import save_model
-    from qcnn.train import fit, is_main_process
+    from qcnn.train import check_spec, fit, is_main_process
 
     t0 = time.time()
     seed_everything(args.seed)
@@ -85,6 +85,7 @@ def run(args) -> int:
     if spec.epochs < 1:
         raise ValueError(f"--epochs {spec.epochs} trains nothing (the model would be saved as it was built); "
                          "use --epochs >= 1, or `qcnn eval` to evaluate a checkpoint")
+    check_spec(spec)  # before the data is loaded
     args.batch_size = spec.batch_size
     bundle = load_data_from_args(args, augment=spec.augment)
     if args.train_images:

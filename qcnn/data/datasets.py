@@ -26,6 +26,7 @@ import torch
 from qcnn.data import readers
 from qcnn.data.augment import Normalize
 from qcnn.data.cache import cache_dir, cache_path, load_cached, save_atomic, source_fingerprint
+from qcnn.data.folder import FolderDataset, eval_transform, train_transform
 from qcnn.data.loaders import DataBundle, StreamLoader, TensorLoader
 
 #: system-wide dataset roots searched after $QCNN_DATA (Debian's dataset-* packages install here)
@@ -361,7 +362,11 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    eval_bs = eval_batch_size or batch_size
+    for key, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("train_limit", train_limit),
+                   ("test_limit", test_limit)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{key}={v!r} must be a positive integer")
+    eval_bs = batch_size if eval_batch_size is None else eval_batch_size
     norm = Normalize(spec.mean, spec.std)
     if spec.streaming:
         bundle = _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, calib_size,
@@ -406,7 +411,6 @@ def _limit(bundle: DataBundle, train_limit: int | None, test_limit: int | None) 
 
 def _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, calib_size, exclude_calib, rank,
                       world_size, image_size, num_workers, drop_last, norm) -> DataBundle:
-    from qcnn.data.folder import FolderDataset, eval_transform, train_transform
 
     index = readers.index_image_folder(src.path)
     if "test" not in index.splits:

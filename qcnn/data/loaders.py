@@ -213,6 +213,17 @@ class _ShardSampler(torch.utils.data.Sampler):
         return self.loader.num_samples
 
 
+def _worker_message(text: str) -> str:
+    """The message of an exception raised in a DataLoader worker (e.g. an image that cannot be decoded, with
+    its file named), out of the text the main process receives: "Caught ... Original Traceback ...\n
+    <type>: <message>". The worker's traceback is an internal detail, not an error message."""
+    lines = text.rstrip().splitlines()
+    i = max((k for k, line in enumerate(lines) if line.startswith("  File ")), default=-1) + 1
+    while i < len(lines) and lines[i].startswith("    "):  # the last frame's source line and ^^^ marks
+        i += 1
+    return "\n".join(lines[i:] or lines[-1:]).split(": ", 1)[-1]
+
+
 class StreamLoader(_Batches):
     """Batches streamed from disk by a ``DataLoader`` with workers; the dataset yields uint8 ``[C, H, W]``
     tensors (its transforms do the decoding, resizing and random crops), the batch is moved to the device
@@ -260,8 +271,14 @@ class StreamLoader(_Batches):
             pin_memory=self.device.type == "cuda", drop_last=self.drop_last, generator=g,
             persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None)
         nb = self.device.type == "cuda"
-        for x, y in dl:
-            yield self.normalize(x.to(self.device, non_blocking=nb)), y.to(self.device, non_blocking=nb)
+        try:
+            for x, y in dl:
+                yield self.normalize(x.to(self.device, non_blocking=nb)), y.to(self.device, non_blocking=nb)
+        except Exception as e:  # noqa: BLE001 - re-raised, without the worker's traceback
+            text = str(e)
+            if "Original Traceback" not in text:
+                raise
+            raise type(e)(_worker_message(text)) from None
 
     def __repr__(self) -> str:
         return (f"StreamLoader({self.name}: {len(self.indices)} images, batch_size={self.batch_size}, "

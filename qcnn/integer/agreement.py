@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Quantizer
+from qcnn.transform import fold_conv_bn
 
 
 @torch.no_grad()
@@ -33,9 +35,6 @@ def float64_simulation(model: nn.Module) -> nn.Module:
     to their exact grid values ``(q_w - z_w) s_w`` and ``round(b / (s_x s_w)) s_x s_w`` (codes and scales as the
     float32 model computes them; its FQN conv+BN pairs folded first, as the engine compiles them), activation
     quantizers with the float32 scales (:func:`qcnn.quant.uniform.fake_quant_float64`)."""
-    from qcnn.nn.layers import QConv2d, QLinear
-    from qcnn.quant.fqn import fold_conv_bn
-
     m = fold_conv_bn(copy.deepcopy(model))
     frozen = {}
     for name, mod in m.named_modules():

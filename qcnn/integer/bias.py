@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
+from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Quantizer
 
 
@@ -56,8 +57,6 @@ def add_bias_quantizers(model: nn.Module) -> nn.Module:
     """Put an :class:`AccumulatorBias` in the ``bias_quant`` slot of every quantized conv / linear with a bias
     (in place; returns ``model``). Call it before calibration so that the activation ranges see the rounded
     biases."""
-    from qcnn.nn.layers import QConv2d, QLinear
-
     if not isinstance(model, fx.GraphModule):
         raise ValueError("add_bias_quantizers needs the torch.fx GraphModule made by qcnn.quantize")
     n = 0

@@ -4,7 +4,7 @@ QDQ and QLinear graphs let ONNX Runtime requantize in float32 (``acc * fl32(s_x 
 so near a rounding tie its codes can differ from the simulation by one LSB, and such flips spread with depth.
 This form keeps every value an integer from the quantized input to the dequantized logits and spells out
 the engine's int64 requantization (:func:`qcnn.integer.requant.wide_requantize`), so ONNX Runtime computes
-the same codes as :class:`~qcnn.integer.engine.IntegerModel` with ``requant="int64"`` bit for bit:
+the same codes as :class:`~qcnn.integer.runtime.IntegerModel` with ``requant="int64"`` bit for bit:
 
 * ``quantize``: ``Cast(double)``, ``Mul(fl32(1/s))``, ``Round`` (ties to even), ``Cast(int64)``, ``+ z``,
   ``Clip`` — the engine's quantize op;
@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcnn.integer.engine import IntegerModel, Op
-from qcnn.integer.onnx_export import _Builder
+from qcnn.integer.ir import Op, operand_tensors, operand_zero_points
+from qcnn.integer.onnx_builder import GraphBuilder, container, onnx_pads
+from qcnn.integer.runtime import IntegerModel
+from qcnn.integer.schemes import Int64Scheme, get_scheme, scheme_of
 
 
-class IntegerBuilder(_Builder):
+class IntegerBuilder(GraphBuilder):
     """Builds the integer form: values are int64 tensors (``kind`` ``("q", np.int64, s, z, (lo, hi))`` for codes
     in ``[lo, hi]``, ``("a", np.int64)`` for accumulators), the network input and output float32. Reshapes,
     slices, pads, max pools and ReLU clamps on codes keep their input's kind."""
 
     def __init__(self, im: IntegerModel):
-        if im.meta.get("requant", "int32") != "int64":
+        if not isinstance(get_scheme(im.meta.get("requant", "int32")), Int64Scheme):
             raise ValueError("the integer ONNX form spells out the int64 requantization: compile with "
                              "to_integer(..., requant='int64') (the default)")
         super().__init__(im)
@@ -107,7 +109,7 @@ class IntegerBuilder(_Builder):
         k = self.kind[x]
         if k[0] != "q":
             raise ValueError(f"layer {a['layer']!r} reads an accumulator, not codes")
-        dt = self.container(*k[4], a["layer"])
+        dt = container(*k[4], a["layer"])
         xc = self.node("Cast", [x], op.output + "_x8", to=self.TP.UINT8 if dt is np.uint8 else self.TP.INT8)
         xzc = self.const("xz", dt(xz))
         if op.kind == "conv":
@@ -145,13 +147,17 @@ class IntegerBuilder(_Builder):
             acc = self.node("Add", [acc, self.i64("bias", bias.reshape(shape))], op.output + "_bias")
         return self._codes(acc)
 
-    def _wide(self, op: Op, xs: list[str], zps: list[int], ks: list, ls: list | None) -> str:
+    def _wide(self, op: Op, xs: list[str]) -> str:
+        """A ``requant`` / ``add`` of the int64 scheme: ``RDBPOT(sum_i ((x_i - z_i) K_i) 2^l_i + offset, n)``."""
+        if not isinstance(scheme_of(op), Int64Scheme):
+            raise ValueError(f"{op.output}: not an int64 requantization")
         a, t = op.attrs, op.tensors
         ndim = self.ndim.get(op.output, 4)
+        ks, ls = operand_tensors(op, "multiplier"), operand_tensors(op, "lshift")
         total = None
-        for i, x in enumerate(xs):
-            if zps[i]:
-                x = self.node("Sub", [x, self.i64("z", zps[i])], op.output + f"_c{i}")
+        for i, (x, z) in enumerate(zip(xs, operand_zero_points(op))):
+            if z:
+                x = self.node("Sub", [x, self.i64("z", z)], op.output + f"_c{i}")
             term = self.node("Mul", [x, self.i64("k", self._bcast(ks[i], ndim))], op.output + f"_k{i}")
             if ls is not None and np.any(ls[i].numpy()):
                 pot = np.left_shift(np.int64(1), self._bcast(ls[i], ndim)).astype(np.int64)
@@ -164,14 +170,10 @@ class IntegerBuilder(_Builder):
         return self._codes(out, a["grid"], (a["lo"], a["hi"]))
 
     def op_requant(self, op: Op, x: str) -> str:
-        if op.attrs.get("scheme") != "int64":
-            raise ValueError(f"{op.output}: not an int64 requantization")
-        return self._wide(op, [x], [op.attrs.get("input_zero_point", 0)], [op.tensors["multiplier"]], None)
+        return self._wide(op, [x])
 
     def op_add(self, op: Op, *xs: str) -> str:
-        n = len(xs)
-        return self._wide(op, list(xs), op.attrs["input_zero_points"], [op.tensors[f"multiplier{i}"] for i in range(n)],
-                          [op.tensors[f"lshift{i}"] for i in range(n)])
+        return self._wide(op, list(xs))
 
     def op_clamp(self, op: Op, x: str) -> str:
         t = op.tensors
@@ -223,7 +225,7 @@ class IntegerBuilder(_Builder):
         return self._codes(self.node("Identity", [total], op.output))
 
     def op_pad(self, op: Op, x: str) -> str:
-        out = self.node("Pad", [x, self.i64("pads", self.onnx_pads(op.attrs["pad"])), self.i64("v", op.attrs["value"])],
+        out = self.node("Pad", [x, self.i64("pads", onnx_pads(op.attrs["pad"])), self.i64("v", op.attrs["value"])],
                         op.output, mode="constant")
         self.kind[out] = self.kind[x]
         return out

@@ -1,4 +1,4 @@
-"""Lowering of an :class:`~qcnn.integer.engine.IntegerModel` to PyTorch's quantized CPU kernels (x86: fbgemm /
+"""Lowering of an :class:`~qcnn.integer.runtime.IntegerModel` to PyTorch's quantized CPU kernels (x86: fbgemm /
 oneDNN, the kernels torch.ao's int8 models call).
 
 :func:`to_torch_quantized` maps the integer operations onto ``torch.ops.quantized`` with the same grids, int8
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcnn.integer.engine import IntegerModel, Op, _index_from_json
+from qcnn.integer.ir import Op, index_from_json
+from qcnn.integer.runtime import IntegerModel
 
 
 def _shift(grid: dict) -> int:
@@ -233,7 +234,7 @@ class _Lowering:
         self.acc_float[op.output] = (scale, None)
 
     def op_getitem(self, op: Op) -> None:
-        idx = _index_from_json(op.attrs["index"])
+        idx = index_from_json(op.attrs["index"])
         self.emit(op.output, lambda t: t[idx], op.inputs)
         self.grid[op.output] = self.grid[op.inputs[0]]
 

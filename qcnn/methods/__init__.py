@@ -1,4 +1,8 @@
-"""Training procedures: how a recipe turns a float model into a trained quantized model.
+"""Method policies and training procedures: how a recipe turns a float model into a trained quantized model.
+
+Each family's :class:`~qcnn.methods.base.Method` (which quantizer goes where, its options, its training
+hooks) lives in ``qcnn/methods/<family>.py`` beside its procedure; :func:`quantize` places them
+(:mod:`qcnn.methods.place`).
 
 A procedure is a function ``(model, bundle, recipe, out_dir, resume) -> (qmodel, metrics)`` registered
 under a name with :func:`register_procedure`; ``recipe.procedure`` selects it (``None`` = plain
@@ -17,9 +21,10 @@ import torch
 from torch import nn
 
 from qcnn.calib import batchnorm_in_train_mode, calibrating, reestimate_bn
-from qcnn.quant.registry import get_method
+from qcnn.methods.base import available_methods, get_method, register_method
+from qcnn.methods.place import quantize
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.train import fit
 
 PROCEDURE_MODULES = (
     "qcnn.methods.zhuang",
@@ -33,6 +38,15 @@ PROCEDURE_MODULES = (
 
 Procedure = Callable[..., tuple[nn.Module, dict]]
 PROCEDURES: dict[str, Procedure] = {}
+
+
+def procedure_params(recipe: Recipe, valid: set[str], name: str) -> dict:
+    """``recipe.procedure_params`` as a dict; keys the procedure ``name`` does not know are refused by name."""
+    p = dict(recipe.procedure_params or {})
+    bad = sorted(set(p) - valid)
+    if bad:
+        raise ValueError(f"unknown procedure_params {bad} for procedure {name!r}; valid: {sorted(valid)}")
+    return p
 
 
 def register_procedure(name: str):
@@ -114,8 +128,6 @@ def quantize_and_calibrate(model: nn.Module, recipe: Recipe, bundle) -> nn.Modul
 def train_quantized(qmodel: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
                     resume: bool = False, **fit_kwargs) -> dict:
     """Train an already quantized model with the method's parameter groups and step hook."""
-    from qcnn.train import fit
-
     method = get_method(recipe.method, recipe.params)
     groups = (lambda m: method.param_groups(m, recipe.train.weight_decay))
     if method.param_groups(qmodel, recipe.train.weight_decay) is None:
@@ -144,5 +156,6 @@ def run_recipe(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | N
     return get_procedure(recipe.procedure)(model, bundle, recipe, out_dir, resume)
 
 
-__all__ = ["PROCEDURES", "calibrate", "calibrate_for_training", "get_procedure", "qat", "quantize_and_calibrate",
-           "register_procedure", "run_recipe", "train_quantized"]
+__all__ = ["PROCEDURES", "available_methods", "calibrate", "calibrate_for_training", "get_procedure",
+           "procedure_params", "qat", "quantize_and_calibrate", "quantize", "register_method", "register_procedure",
+           "run_recipe", "train_quantized"]

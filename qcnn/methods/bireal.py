@@ -8,8 +8,8 @@
    their init; ``lenet5`` -> ``lenet5_bireal``: every conv/linear and BN1/BN2, the new BN3/BN4 start at
    identity; ``tv:resnet18`` -> ``bireal_resnet18``). The copied and the freshly initialised names are
    returned in the metrics (``transferred``, ``initialised``). The Bi-Real network is built by its zoo
-   factory, which records the arguments that rebuild it (:func:`qcnn.models.bireal.arch_record`); that
-   record is returned as ``metrics["arch"]``, so ``qcnn qat`` saves ``model.pt`` under the true architecture
+   factory, which records the arguments that rebuild it (:func:`qcnn.models.arch_record`); the quantized
+   model keeps that record, so ``qcnn qat`` saves ``model.pt`` under the true architecture
    and :func:`qcnn.checkpoint.load_model` rebuilds it, whatever the depth.
 2. **Real-valued pretraining** with ``clip(-1, x, 1)`` activations (the Bi-Real networks' ``Hardtanh``)
    for ``pretrain_epochs`` epochs (cross-entropy, ``recipe.train`` optimizer settings). The paper
@@ -35,13 +35,62 @@ e.g. ``T = 3 -> 1/1/1``, ``T = 5 -> 2/2/1``, ``T = 9 -> 4/4/1``, ``T = 2 -> 1/1/
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
-from qcnn.methods.wage import _check_params
+from qcnn.methods import procedure_params, quantize_and_calibrate, register_procedure, train_quantized
+from qcnn.methods.base import LayerContext, Method, register_method
+from qcnn.models import MODELS, build_model
+from qcnn.models.bireal import CIFAR_DEPTHS, BiRealCifarResNet, BiRealResNet18, LeNet5BiReal
+from qcnn.models.lenet import LeNet5
+from qcnn.models.resnet_cifar import CifarResNet
+from qcnn.quant.base import Quantizer
+from qcnn.quant.binary import ApproxSignQuantizer, MagnitudeAwareBinaryWeight
 from qcnn.recipes import Recipe
+from qcnn.train import evaluate, fit
+
+
+@dataclass
+class BiRealOptions:
+    #: also binarize the 1x1 downsample convolutions (Bi-Real keeps them real-valued)
+    binarize_1x1: bool = False
+
+
+@register_method
+class BiRealMethod(Method):
+    """Bi-Real Net: ApproxSign binary activations and magnitude-aware binary weights on every hidden conv /
+    linear layer; 1x1 downsample convs stay real (option ``binarize_1x1``), residual adds stay real. First
+    and last layers follow the recipe's ``first_last`` policy (Bi-Real keeps them real: ``fp32``)."""
+
+    requires_quantized_activations = True
+    name = "bireal"
+    Options = BiRealOptions
+    weight_bits = (1,)
+    act_bits = (1,)
+
+    def _real_1x1(self, ctx: LayerContext) -> bool:
+        m = ctx.module
+        return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and not self.options.binarize_1x1
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self._real_1x1(ctx):
+            return None
+        if ctx.w_bits == 1:
+            return MagnitudeAwareBinaryWeight()
+        return super().weight_quantizer(ctx)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self._real_1x1(ctx):
+            return None
+        if ctx.a_bits == 1:
+            return ApproxSignQuantizer()
+        return super().act_quantizer(ctx)
+
+    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
+        return None
+
 
 _PARAMS = {"pretrain_epochs", "binary_epochs", "bn_epochs", "bn_lr"}
 
@@ -79,12 +128,8 @@ def bireal_network(model: nn.Module, bundle=None) -> tuple[nn.Module, list[str],
     """(Bi-Real network, transferred names, initialised names) for ``model`` (see module docstring).
 
     A network built here comes from its zoo factory and carries its ``arch`` record
-    (:func:`qcnn.models.bireal.arch_record`).
+    (:func:`qcnn.models.arch_record`).
     """
-    from qcnn.models import MODELS, build_model
-    from qcnn.models.bireal import CIFAR_DEPTHS, BiRealCifarResNet, BiRealResNet18, LeNet5BiReal
-    from qcnn.models.lenet import LeNet5
-    from qcnn.models.resnet_cifar import CifarResNet
 
     if isinstance(model, (BiRealCifarResNet, BiRealResNet18, LeNet5BiReal)):
         return model, [], []
@@ -138,18 +183,13 @@ def _bn_params(model: nn.Module) -> list[nn.Parameter]:
 def bireal(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
            resume: bool = False) -> tuple[nn.Module, dict]:
     """Bi-Real two-step training (module docstring); returns (binary model, metrics)."""
-    from qcnn.models.bireal import arch_record
-    from qcnn.train import evaluate, fit
 
-    params = dict(recipe.procedure_params)
-    _check_params(params, _PARAMS, "bireal")
+    params = procedure_params(recipe, _PARAMS, "bireal")
     pre_ep, bin_ep, bn_ep = split_epochs(recipe.train.epochs, params)
     out = Path(out_dir) if out_dir is not None else None
     sub = (lambda name: out / name) if out is not None else (lambda name: None)
 
     net, copied, kept = bireal_network(model, bundle)
-    # the network trained is not the one passed in: save it under the record its zoo factory left on it
-    arch = arch_record(net) if net is not model else None
     metrics: dict = {"transferred": len(copied), "initialised": kept,
                      "stage_epochs": {"pretrain": pre_ep, "binary": bin_ep, "bn": bn_ep}}
     if pre_ep > 0:
@@ -180,8 +220,6 @@ def bireal(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None 
         metrics["bn_top1"] = r["top1"]
     final = evaluate(qmodel, bundle.test)
     metrics.update(top1=final["top1"], loss=final["loss"])
-    if arch is not None:
-        metrics["arch"] = arch  # qcnn qat saves model.pt under this architecture
     return qmodel, metrics
 
 

@@ -38,6 +38,7 @@ Lagrangian choice can be redone for another target offline.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 from dataclasses import dataclass, field
@@ -49,9 +50,78 @@ from torch import nn
 from qcnn.calib.batchnorm import reestimate_bn
 from qcnn.io import write_text
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
-from qcnn.quant.base import check_bits
+from qcnn.methods.base import LayerContext, Method, register_method
+from qcnn.quant.base import Quantizer, check_bits
 from qcnn.quant.codebook import ClipQQuantizer, check_p
-from qcnn.recipes import Recipe
+from qcnn.recipes import Recipe, checked_fields
+from qcnn.train import evaluate
+
+
+@dataclass
+class ClipQOptions:
+    #: clipping fraction p of every layer without a per-layer entry
+    p: float = 0.5
+    #: per-layer (p, b): {fnmatch pattern: [p, bits]} (or {p: .., bits: ..}); later entries win
+    layers: dict = field(default_factory=dict)
+    #: remove the clipped gap before partitioning (see module docstring)
+    gapless: bool = False
+
+    def __post_init__(self):
+        check_p(self.p)
+        if not isinstance(self.layers, dict):
+            raise ValueError(f"layers={self.layers!r} must be a mapping {{pattern: [p, bits]}}")
+        for pat, v in self.layers.items():
+            p, b = _parse_layer_entry(pat, v)
+            if p is not None:
+                check_p(p, f"p of layer pattern {pat!r}")
+            if b is not None:
+                check_bits(b, f"bits of layer pattern {pat!r}")
+
+
+def _parse_layer_entry(pat: str, v) -> tuple[float | None, int | None]:
+    if isinstance(v, dict):
+        bad = sorted(set(v) - {"p", "bits"})
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} for layer pattern {pat!r}; valid keys: ['bits', 'p']")
+        return v.get("p"), v.get("bits")
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return v[0], v[1]
+    raise ValueError(f"layer pattern {pat!r}: expected [p, bits] or {{p: .., bits: ..}}, got {v!r}")
+
+
+def layer_params(options: ClipQOptions, name: str, default_bits: int) -> tuple[float, int]:
+    """(p, bits) of layer ``name``: the options' per-layer entries, else ``options.p`` and ``default_bits``."""
+    p, b = options.p, default_bits
+    for pat, v in options.layers.items():
+        if fnmatch.fnmatchcase(name, pat):
+            lp, lb = _parse_layer_entry(pat, v)
+            p = lp if lp is not None else p
+            b = lb if lb is not None else b
+    return float(p), int(b)
+
+
+class ClipQMethod(Method):
+    """CLIP-Q: per-layer clip/partition/quantize weights; activations float (the paper, ``a_bits: null``) or
+    uniform at the recipe's ``a_bits``.
+
+    The bits ``b`` of a layer are the recipe's ``w_bits`` (with its overrides and first/last policy) unless
+    ``params.layers`` names the layer.
+    """
+
+    name = "clipq"
+    Options = ClipQOptions
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        p, b = layer_params(self.options, ctx.name, ctx.w_bits)
+        return ClipQQuantizer(b, p, gapless=self.options.gapless)
+
+
+    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
+        return self._act(True, calib)
+
+
+register_method(ClipQMethod)
+
 
 
 @dataclass
@@ -87,12 +157,7 @@ class SearchOptions:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SearchOptions:
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ValueError(f"unknown procedure_params {bad} for clipq; valid keys: {sorted(names)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d, "procedure_params of clipq", unknown="unknown procedure_params"))
 
 
 def bits_per_weight(p: float, bits: int) -> float:
@@ -105,13 +170,9 @@ def clipq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight_quant", None), ClipQQuantizer)]
 
 
-@torch.no_grad()
 def _error(model: nn.Module, batches: list) -> float:
-    correct = total = 0
-    for x, y in batches:
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += y.numel()
-    return 1.0 - correct / total
+    """Top-1 error (a fraction) on a list of batches, in eval mode."""
+    return 1.0 - float(evaluate(model, batches)["top1"]) / 100.0
 
 
 def _make_sampler(opts: SearchOptions, layer_index: int = 0):

@@ -19,19 +19,88 @@ With ``epochs: 0`` all weights are quantized at once (ELQ's closed form as post-
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from qcnn.calib.batchnorm import reestimate_bn
-from qcnn.methods import register_procedure
-from qcnn.methods.wage import _check_params
-from qcnn.quant.elq import elq_layers, elq_penalty
-from qcnn.quant.registry import get_method
+from qcnn.methods import procedure_params, register_procedure
+from qcnn.methods.base import LayerContext, Method, get_method, register_method
+from qcnn.methods.place import quantize
+from qcnn.quant.base import Quantizer
+from qcnn.quant.elq import CRITERIA, ELQWeightQuantizer
+from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.train import evaluate, fit
+
+
+def elq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers carrying an :class:`ELQWeightQuantizer`."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight_quant", None), ELQWeightQuantizer)]
+
+
+def elq_penalty(model: nn.Module) -> Tensor:
+    """``sum_layers ||W - alpha T(W)||^2`` over the free (not frozen) weights; no gradient through ``W_q``."""
+    total = None
+    for _, m in elq_layers(model):
+        q = m.weight_quant
+        d = (m.weight - q.quantized(m.weight).detach()).masked_fill(q.frozen, 0.0)
+        s = d.pow(2).sum()
+        total = s if total is None else total + s
+    if total is None:
+        p = next(model.parameters())
+        return torch.zeros((), device=p.device, dtype=p.dtype)
+    return total
+
+
+@dataclass
+class ELQOptions:
+    #: importance used to choose which weights to freeze: ``loss`` (|g (W - W_q)|) or ``error`` (|W - W_q|)
+    criterion: str = "loss"
+    #: frozen fraction of each layer at the start of each training stage (ends at 1.0)
+    schedule: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.875, 1.0])
+    #: weight lambda of the ||W - W_q||^2 term
+    penalty: float = 1e-4
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion={self.criterion!r} is not one of {CRITERIA}")
+        s = [float(f) for f in self.schedule]
+        if not s or any(not 0 < f <= 1 for f in s) or any(b < a for a, b in zip(s, s[1:])) or s[-1] != 1.0:
+            raise ValueError(f"schedule={self.schedule!r} must be non-decreasing fractions in (0, 1] ending at 1.0")
+        self.schedule = s
+        if self.penalty < 0:
+            raise ValueError(f"penalty={self.penalty!r} must be >= 0")
+
+
+@register_method
+class ELQMethod(Method):
+    """ELQ: binary/ternary incremental weight quantization, activations float (procedure ``elq``).
+
+    Layers with more than 2 weight bits (an ``8bit`` first/last policy) get plain 8-bit uniform weights."""
+
+    name = "elq"
+    Options = ELQOptions
+    weight_bits = (1, 2)
+    quantizes_activations = False
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if ctx.w_bits <= 2:
+            return ELQWeightQuantizer(ctx.w_bits, self.options.criterion)
+        return UniformQuantizer(ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True)
+
+
+    def step_hook(self, model: nn.Module, step: int) -> None:
+        """Track the gradient mean and put frozen weights back (they never move)."""
+        for _, m in elq_layers(model):
+            if m.weight.grad is not None:
+                m.weight_quant.update_grad(m.weight.grad)
+            m.weight_quant.restore(m.weight)
+
 
 _PARAMS = {"grad_batches"}
 
@@ -85,12 +154,10 @@ def stage_starts(total_steps: int, stages: int) -> list[int]:
 def elq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
         resume: bool = False) -> tuple[nn.Module, dict]:
     """ELQ incremental quantization (module docstring); returns (quantized model, metrics)."""
-    from qcnn.train import evaluate, fit
 
     if recipe.method != "elq":
         raise ValueError(f"procedure 'elq' needs method 'elq', the recipe has method={recipe.method!r}")
-    params = dict(recipe.procedure_params)
-    _check_params(params, _PARAMS, "elq")
+    params = procedure_params(recipe, _PARAMS, "elq")
     method = get_method(recipe.method, recipe.params)
     schedule, lam = method.options.schedule, method.options.penalty
     device = next(model.parameters()).device

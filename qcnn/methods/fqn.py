@@ -1,7 +1,7 @@
 """FQN training procedure (Li et al., CVPR 2019; BN folding of Jacob et al., arXiv 1712.05877).
 
 1. ``quantize`` with BatchNorm kept (``keep_bn``), then every ``QConv2d -> BatchNorm2d`` pair becomes a
-   :class:`~qcnn.quant.fqn.QConvBn2d`: the folded weight ``W gamma / sigma`` is quantized, the unfolded
+   :class:`~qcnn.nn.layers.QConvBn2d`: the folded weight ``W gamma / sigma`` is quantized, the unfolded
    ``W``, ``gamma``, ``beta`` are trained, the running statistics stay frozen.
 2. Calibrate the EMA activation ranges on the held-out calibration split, then train (the EMA keeps
    tracking batch min/max, gamma = 0.999).
@@ -12,14 +12,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from qcnn.methods import calibrate, register_procedure, train_quantized
-from qcnn.quant.fqn import attach_bn, fold_conv_bn
+from qcnn.methods.base import LayerContext, Method, register_method
+from qcnn.methods.place import quantize
+from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.transform import attach_bn, fold_bn, fold_conv_bn
+
+
+@dataclass
+class FQNOptions:
+    #: EMA factor of the activation range estimator
+    gamma: float = 0.999
+    #: keep BatchNorm modules unfolded after ``quantize`` (the fqn procedure then trains them folded with
+    #: frozen statistics through QConvBn2d); False folds BN into the convs with its eval statistics
+    keep_bn: bool = False
+
+
+@register_method
+class FQNMethod(Method):
+    """FQN quantizers: asymmetric per-channel min/max weights, asymmetric EMA activation ranges."""
+
+    requires_quantized_activations = True
+    name = "fqn"
+    Options = FQNOptions
+
+    def weight_quantizer(self, ctx: LayerContext) -> UniformQuantizer:
+        return UniformQuantizer(ctx.w_bits, signed=True, symmetric=False, per_channel=ctx.per_channel,
+                                dynamic=True)
+
+    def calibrated_act(self, bits: int, signed: bool, calib: str) -> UniformQuantizer:
+        return UniformQuantizer(bits, signed=signed, symmetric=False, observer="ema", track_in_training=True,
+                                gamma=self.options.gamma)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.options.keep_bn:
+            return model
+        return fold_bn(model)
+
 
 
 def prepare_fqn(model: nn.Module, recipe: Recipe) -> nn.Module:

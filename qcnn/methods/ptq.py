@@ -33,12 +33,15 @@ from torch import Tensor, nn
 from qcnn.calib import calibrating
 from qcnn.calib.histogram import HistogramObserver
 from qcnn.calib.observers import check_finite
+from qcnn.methods.base import get_method
+from qcnn.methods.place import quantize
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Quantizer, check_bits, qrange
 from qcnn.quant.fixed_point import FixedPointQuantizer, fixed_point_quant
 from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Override, Recipe
-from qcnn.transform import quantize
+from qcnn.report.size import count_macs
+from qcnn.train import evaluate
 
 SEARCHES = ("none", "greedy", "accuracy")
 METRICS = ("mse", "kl")
@@ -168,12 +171,9 @@ def greedy_fl_search(qmodel: nn.Module, hists: dict[str, HistogramObserver], met
 # -- accuracy-aware bit-width search ------------------------------------------------------------------
 @torch.no_grad()
 def top1(model: nn.Module, batches) -> float:
+    """Top-1 (percent) of ``model`` in eval mode on a list of ``(x, y)`` batches (:func:`qcnn.train.evaluate`)."""
     model.eval()
-    correct = total = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / max(1, total)
+    return float(evaluate(model, batches)["top1"])
 
 
 def _set_bits(q: Quantizer, bits: int, weight: Tensor | None, hist: HistogramObserver | None,
@@ -264,9 +264,10 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
         raise ValueError(f"unknown search {search!r}; choose one of {SEARCHES}")
     if metric not in METRICS:
         raise ValueError(f"unknown fl search metric {metric!r}; choose one of {METRICS}")
-    if search == "greedy" and recipe.method != "qcode":
-        raise ValueError(f"search 'greedy' chooses QCode fractional lengths: it needs method 'qcode', "
-                         f"got {recipe.method!r}")
+    fl_search = get_method(recipe.method, recipe.params).fl_search
+    if search == "greedy" and not fl_search:
+        raise ValueError(f"search 'greedy' chooses QCode fractional lengths: it needs method 'qcode' (a "
+                         f"fixed-point method), got {recipe.method!r}")
     if recipe.calib_images <= 0:
         raise ValueError(f"calib_images={recipe.calib_images!r} must be positive")
     recipe = dataclasses.replace(recipe, fold_bn=True)
@@ -275,28 +276,20 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
     n_images = max(recipe.calib_images, eval_images if search == "accuracy" else 0)
     batches = _batches(calib_loader, n_images)
     calib_batches = _batches(batches, recipe.calib_images)
-    want_hists = recipe.method == "qcode" and search != "none"
+    want_hists = fl_search and search != "none"
     hists = calibrate_with_histograms(qmodel, calib_batches, record=want_hists)
-    if search in ("greedy", "accuracy") and recipe.method == "qcode":
+    if search in ("greedy", "accuracy") and fl_search:
         greedy_fl_search(qmodel, hists, metric, window)
     result = PTQResult(qmodel, recipe)
     if search == "accuracy":
         eval_batches = _batches(batches, eval_images)
         result.float_calib_top1 = top1(model, eval_batches)
-        macs = _count_macs(qmodel, eval_batches[0][0])
+        macs = count_macs(qmodel, eval_batches[0][0])
         result.steps = accuracy_search(qmodel, eval_batches, result.float_calib_top1, hists, max_drop,
                                        bit_candidates, metric, window, macs, log)
         result.calib_top1 = top1(qmodel, eval_batches)
         result.recipe = recipe_of(qmodel, recipe)
     return result
-
-
-def _count_macs(model: nn.Module, x: Tensor) -> dict[str, int]:
-    try:
-        from qcnn.report.size import count_macs
-    except ImportError:  # pragma: no cover - size report not present in this build
-        return {}
-    return count_macs(model, x)
 
 
 __all__ = ["METRICS", "PTQResult", "SEARCHES", "accuracy_search", "best_act_fl", "best_weight_fl",

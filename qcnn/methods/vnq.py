@@ -9,7 +9,7 @@
 
    with ``N`` the number of training images and ``beta`` rising linearly from 0 to ``kl_weight`` over the
    first ``warmup`` fraction of the optimizer steps (KL warm-up). ``log sigma^2`` and ``r`` get no weight
-   decay (:meth:`~qcnn.quant.vnq.VNQMethod.param_groups`).
+   decay (:meth:`~qcnn.methods.vnq.VNQMethod.param_groups`).
 3. After training, without fine-tuning, :func:`~qcnn.quant.vnq.prune_and_snap` sets weights with
    ``log sigma^2 - log theta^2 > threshold`` to 0 and snaps the rest to the nearest of ``{-r, 0, r}``.
 4. Optional (``bn_images`` > 0): the BatchNorm running statistics are recomputed with the snapped weights on
@@ -34,13 +34,96 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from qcnn.calib.batchnorm import reestimate_bn
 from qcnn.io import write_text
 from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
-from qcnn.quant.vnq import kl_total, prune_and_snap, to_variational
-from qcnn.recipes import Recipe
+from qcnn.methods.base import LayerContext, Method, register_method
+from qcnn.quant.base import Quantizer
+from qcnn.quant.vnq import EPS, VNQQuantizer
+from qcnn.recipes import Recipe, checked_fields
+from qcnn.train import evaluate
+from qcnn.transform import to_variational, variational_layers
+
+
+@dataclass
+class VNQOptions:
+    #: initial log sigma^2 of every weight
+    log_sigma2_init: float = -8.0
+    #: learn the codebook value r (else fixed at its ternary initialisation)
+    learn_r: bool = True
+    #: learning rate of log sigma^2 and r (None = the recipe's)
+    sigma_lr: float | None = None
+    #: clip every mean weight theta to [-r, r] after each optimizer step (see the module docstring)
+    clip_theta: bool = False
+
+
+class VNQMethod(Method):
+    """VNQ: variational weights with a ternary multi-spike prior; activations float (weights-only method)."""
+
+    name = "vnq"
+    Options = VNQOptions
+    weight_bits = (2,)
+    quantizes_activations = False
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        return VNQQuantizer(ctx.module.weight, self.options.log_sigma2_init, self.options.learn_r)
+
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict] | None:
+        """``log sigma^2`` and ``r`` without weight decay (the KL is their only regulariser), at ``sigma_lr``."""
+        var = [p for n, p in model.named_parameters() if n.endswith("weight_quant.log_sigma2")
+               or n.endswith("weight_quant.r")]
+        ids = {id(p) for p in var}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
+        group = {"params": var, "weight_decay": 0.0}
+        if self.options.sigma_lr is not None:
+            group["lr"] = self.options.sigma_lr
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}, group]
+
+    @torch.no_grad()
+    def step_hook(self, model: nn.Module, step: int) -> None:
+        """With ``clip_theta``: ``theta <- clamp(theta, -r, r)`` in every VNQ layer after each step."""
+        if not self.options.clip_theta:
+            return
+        for _, m in variational_layers(model):
+            r = m.weight_quant.r.detach().abs()
+            m.weight.clamp_(-r, r)
+
+
+register_method(VNQMethod)
+
+
+def kl_total(model: nn.Module) -> Tensor:
+    """Sum of the KL terms of all variational layers."""
+    terms = [m.weight_quant.kl(m.weight) for _, m in variational_layers(model)]
+    if not terms:
+        raise ValueError("the model has no VNQ layer: quantize it with method 'vnq' first")
+    return torch.stack(terms).sum()
+
+
+@torch.no_grad()
+def prune_and_snap(model: nn.Module, threshold: float = 2.0) -> dict:
+    """Replace every variational layer's weights by their pruned ternary values (no fine-tuning).
+
+    Returns per-layer statistics: ``{name: {"r", "zero_fraction", "neg_fraction", "pos_fraction",
+    "pruned_fraction", "numel"}}``: the fractions of weights at ``0``, ``-r`` and ``+r``, and the fraction
+    set to 0 by the ``log alpha`` threshold (the other zeros are weights nearest to 0).
+    """
+    stats = {}
+    for name, m in variational_layers(model):
+        wq = m.weight_quant
+        la0 = wq.log_sigma2 - torch.log(m.weight * m.weight + EPS)
+        q = wq.snap(m.weight, threshold)
+        m.weight.copy_(q)
+        stats[name] = {"r": float(wq.r.detach().abs()), "zero_fraction": float((q == 0).float().mean()),
+                       "neg_fraction": float((q < 0).float().mean()), "pos_fraction": float((q > 0).float().mean()),
+                       "pruned_fraction": float((la0 > threshold).float().mean()), "numel": q.numel()}
+    return stats
+
 
 
 @dataclass
@@ -61,12 +144,7 @@ class VNQProcedureOptions:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> VNQProcedureOptions:
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ValueError(f"unknown procedure_params {bad} for vnq; valid keys: {sorted(names)}")
-        return cls(**d)
+        return cls(**checked_fields(cls, d, "procedure_params of vnq", unknown="unknown procedure_params"))
 
 
 class ELBOLoss:
@@ -118,7 +196,6 @@ def n_images(loader) -> int:
 def vnq(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
         resume: bool = False) -> tuple[nn.Module, dict]:
     """VNQ: ELBO training with the ternary multi-spike prior, then pruning and snapping (no fine-tuning)."""
-    from qcnn.train import evaluate
 
     opts = VNQProcedureOptions.from_dict(recipe.procedure_params)
     qmodel = to_variational(quantize_and_calibrate(model, recipe, bundle))

@@ -43,22 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcnn.methods import quantize_and_calibrate, register_procedure, train_quantized
+from qcnn.io import load_torch, save_torch
+from qcnn.methods import procedure_params, quantize_and_calibrate, register_procedure, train_quantized
+from qcnn.methods.place import quantize
 from qcnn.nn.layers import QAdd, QConv2d, QLinear
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.train import evaluate
 
 _TWO_STEP_KEYS = {"split"}
 _PROGRESSIVE_KEYS = {"bits", "split"}
 _GUIDED_KEYS = {"lam", "layers"}
-
-
-def _check_params(recipe: Recipe, valid: set[str], name: str) -> dict:
-    p = dict(recipe.procedure_params or {})
-    bad = sorted(set(p) - valid)
-    if bad:
-        raise ValueError(f"unknown procedure_params {bad} for procedure {name!r}; valid: {sorted(valid)}")
-    return p
 
 
 # -- budget ----------------------------------------------------------------------------------------------
@@ -138,9 +132,7 @@ def _run_stage(i: int, model: nn.Module, bundle, recipe: Recipe, budget: tuple[i
     sdir = Path(out_dir) / f"stage{i}" if out_dir is not None else None
     done = sdir / "stage.pt" if sdir is not None else None
     if resume and done is not None and done.is_file():
-        from qcnn.checkpoint import load_checkpoint
-
-        state = load_checkpoint(done)
+        state = load_torch(done)
         qmodel = quantize(model, stage_recipe).to(next(model.parameters()).device)
         if weights_only:
             drop_act_quantizers(qmodel)
@@ -155,9 +147,7 @@ def _run_stage(i: int, model: nn.Module, bundle, recipe: Recipe, budget: tuple[i
         "stage": i, "w_bits": stage_recipe.w_bits, "a_bits": None if weights_only else stage_recipe.a_bits,
         "epochs": epochs, "batches_per_epoch": min(per_epoch, len(bundle.train))}
     if done is not None:
-        from qcnn.checkpoint import save_atomic
-
-        save_atomic({"model": qmodel.state_dict(), "metrics": metrics}, done)
+        save_torch({"model": qmodel.state_dict(), "metrics": metrics}, done)
     return qmodel, metrics
 
 
@@ -171,7 +161,7 @@ def _summary(qmodel: nn.Module, stages: list[dict]) -> dict:
 @register_procedure("two_step")
 def two_step(model: nn.Module, bundle, recipe: Recipe, out_dir=None, resume: bool = False):
     """TS: weights-only quantized training, then weights + activations from that initialisation."""
-    p = _check_params(recipe, _TWO_STEP_KEYS, "two_step")
+    p = procedure_params(recipe, _TWO_STEP_KEYS, "two_step")
     budgets = split_budget(recipe, len(bundle.train), p.get("split"), 2)
     q1, m1 = _run_stage(0, model, bundle, recipe, budgets[0], out_dir, resume, weights_only=True)
     q2, m2 = _run_stage(1, float_from(q1, model), bundle, recipe, budgets[1], out_dir, resume)
@@ -193,7 +183,7 @@ def progressive_bits(recipe: Recipe, bits) -> list[tuple[int, int]]:
 @register_procedure("progressive")
 def progressive(model: nn.Module, bundle, recipe: Recipe, out_dir=None, resume: bool = False):
     """PQ: train at each bit width of the schedule in turn, each stage from the previous one's weights."""
-    p = _check_params(recipe, _PROGRESSIVE_KEYS, "progressive")
+    p = procedure_params(recipe, _PROGRESSIVE_KEYS, "progressive")
     stages = progressive_bits(recipe, p.get("bits"))
     budgets = split_budget(recipe, len(bundle.train), p.get("split"), len(stages))
     current, metrics, qmodel = model, [], None
@@ -297,9 +287,8 @@ def guided_loss(lam: float):
 @register_procedure("guided")
 def guided(model: nn.Module, bundle, recipe: Recipe, out_dir=None, resume: bool = False):
     """Guided training: full-precision and low-bit nets trained jointly with a feature-guidance loss."""
-    from qcnn.train import evaluate
 
-    p = _check_params(recipe, _GUIDED_KEYS, "guided")
+    p = procedure_params(recipe, _GUIDED_KEYS, "guided")
     lam = float(p.get("lam", 1.0))
     names = list(p.get("layers") or default_guide_layers(model))
     try:

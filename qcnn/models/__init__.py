@@ -7,12 +7,13 @@
 Every zoo factory has the signature ``(num_classes=10, in_channels=3, width=1.0, **kw)``; ``width`` scales
 the hidden channel counts (WRPN trains 2x / 3x wide networks). ``tv:<name>`` builds the torchvision model
 ``<name>`` (see :mod:`qcnn.models.tv`). All models are traceable by ``torch.fx`` (residual adds are plain
-``a + b``), which :func:`qcnn.transform.quantize` relies on.
+``a + b``), which :func:`qcnn.methods.quantize` relies on.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,36 @@ from qcnn.models.weights import extract_state_dict, load_state_dict_checked, loa
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 TV_PREFIX = "tv:"
+#: attribute under which every model :func:`build_model` returns carries its architecture record
+ARCH_ATTR = "arch_record"
+
+
+def record_arch(model: nn.Module, name: str, num_classes: int, in_channels: int, width: float,
+                **kwargs) -> nn.Module:
+    """``model`` carrying the record with which ``build_model(name, num_classes, in_channels, width, **kwargs)``
+    rebuilds it: ``{"name", "num_classes", "in_channels", "width", "kwargs"}``, the ``arch`` of a
+    ``qcnn-model/1`` file (an attribute, not part of the state_dict; :func:`qcnn.methods.quantize` keeps it)."""
+    setattr(model, ARCH_ATTR, {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
+                               "width": float(width), "kwargs": dict(kwargs)})
+    return model
+
+
+def arch_record(model: nn.Module) -> dict | None:
+    """A copy of the architecture record of ``model`` (None for a model not built by :func:`build_model`)."""
+    rec = getattr(model, ARCH_ATTR, None)
+    if rec is None and isinstance(getattr(model, "meta", None), dict):  # a torch.fx GraphModule
+        rec = model.meta.get(ARCH_ATTR)
+    return None if rec is None else {**rec, "kwargs": dict(rec["kwargs"])}
+
+
+def keep_arch(model: nn.Module, record: dict | None) -> nn.Module:
+    """Give ``model`` (e.g. the GraphModule traced from a recorded model) the architecture ``record``; on a
+    GraphModule it also goes into ``meta``, which ``copy.deepcopy`` keeps (plain attributes it drops)."""
+    if record is not None:
+        setattr(model, ARCH_ATTR, record)
+        if isinstance(getattr(model, "meta", None), dict):
+            model.meta[ARCH_ATTR] = record
+    return model
 
 
 def register_model(name: str):
@@ -66,21 +97,28 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
     ``weights`` accepts anything :func:`load_weights` does; keys must match exactly (a checkpoint of
     another architecture is refused with the offending keys named).
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-    if not width > 0:
-        raise ValueError(f"width must be positive, got {width!r}")
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    for key, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
+        raise ValueError(f"width must be a positive number, got {width!r}")
     if name.startswith(TV_PREFIX):
-        from qcnn.models.tv import build_torchvision
-
-        return build_torchvision(name[len(TV_PREFIX):], num_classes=num_classes, in_channels=in_channels,
-                                 width=width, weights=weights, **kw)
-    model = _factory(name)(num_classes=num_classes, in_channels=in_channels, width=width, **kw)
+        model = build_torchvision(name[len(TV_PREFIX):], num_classes=num_classes, in_channels=in_channels,
+                                  width=width, weights=weights, **kw)
+        return record_arch(model, name, num_classes, in_channels, width, **kw)
+    fn = _factory(name)
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(kw) - set(params))
+        if bad:  # e.g. the arch kwargs of a checkpoint: a TypeError deep in the factory would not say so
+            options = sorted(set(params) - {"num_classes", "in_channels", "width"})
+            raise ValueError(f"model {name!r} has no option(s) {bad}; its options: {options or 'none'}")
+    model = fn(num_classes=num_classes, in_channels=in_channels, width=width, **kw)
     if weights is not None:
         load_weights(model, weights)
-    return model
+    return record_arch(model, name, num_classes, in_channels, width, **kw)
 
 
 def scaled(channels: int, width: float) -> int:
@@ -90,6 +128,7 @@ def scaled(channels: int, width: float) -> int:
 
 # zoo modules register themselves on import (kept at the bottom: they import register_model)
 from qcnn.models import bireal, lenet, resnet_cifar, vgg, wage_nets  # noqa: E402, F401
+from qcnn.models.tv import build_torchvision  # noqa: E402
 
-__all__ = ["MODELS", "build_model", "extract_state_dict", "list_models", "load_state_dict_checked",
-           "load_weights", "model_accepts", "register_model", "scaled"]
+__all__ = ["ARCH_ATTR", "MODELS", "arch_record", "build_model", "keep_arch", "record_arch", "extract_state_dict",
+           "list_models", "load_state_dict_checked", "load_weights", "model_accepts", "register_model", "scaled"]

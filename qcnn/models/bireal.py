@@ -20,10 +20,9 @@ ordinary real layers.
   layers change shape at every step, so it has no shortcuts (a binary LeNet trained the Bi-Real way).
   Names ``conv1, bn1, conv2, bn2, fc1, bn3, fc2, bn4, fc3``: the ``lenet5`` weights transfer by name.
 
-Every factory here records on the model it returns the zoo arguments that rebuild it (:func:`arch_record`:
-``{"name", "num_classes", "in_channels", "width", "kwargs"}``, the ``arch`` of a ``qcnn-model/1`` file), so a
-procedure that builds one of these networks saves it under its true architecture whatever its depth:
-``build_model(**record)`` gives the same network.
+Every factory here records on the model it returns the zoo arguments that rebuild it
+(:func:`qcnn.models.arch_record`, as :func:`qcnn.models.build_model` does for every model), so a procedure
+that builds one of these networks saves it under its true architecture whatever its depth.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcnn.models import register_model, scaled
+from qcnn.models import record_arch, register_model, scaled
 from qcnn.models.lenet import default_image_size, image_side, lenet_geometry
 
 
@@ -137,31 +136,15 @@ class LeNet5BiReal(nn.Module):
         return self.fc3(x)
 
 
-#: attribute under which a model built by a factory of this module carries its ``arch`` record
-ARCH_ATTR = "arch_record"
 #: depths with a ``bireal_resnet<depth>`` zoo entry (those of the zoo's plain CIFAR ``resnet<depth>``)
 CIFAR_DEPTHS = (20, 32, 44, 56)
-
-
-def _recorded(model: nn.Module, name: str, num_classes: int, in_channels: int, width: float, **kwargs) -> nn.Module:
-    """``model`` carrying the record with which ``build_model(name, num_classes, in_channels, width, **kwargs)``
-    rebuilds it (stored as attribute :data:`ARCH_ATTR`; not part of the state_dict)."""
-    setattr(model, ARCH_ATTR, {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
-                               "width": float(width), "kwargs": dict(kwargs)})
-    return model
-
-
-def arch_record(model: nn.Module) -> dict | None:
-    """A copy of the ``arch`` record of a model built by a factory of this module (None for any other model)."""
-    rec = getattr(model, ARCH_ATTR, None)
-    return None if rec is None else {**rec, "kwargs": dict(rec["kwargs"])}
 
 
 def _cifar_factory(depth: int):
     name = f"bireal_resnet{depth}"
 
     def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> BiRealCifarResNet:
-        return _recorded(BiRealCifarResNet(depth, num_classes, in_channels, width), name, num_classes, in_channels,
+        return record_arch(BiRealCifarResNet(depth, num_classes, in_channels, width), name, num_classes, in_channels,
                          width)
 
     factory.__name__ = name
@@ -178,7 +161,7 @@ bireal_resnet56 = _cifar_factory(56)
 @register_model("bireal_resnet18")
 def bireal_resnet18(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> BiRealResNet18:
     """Bi-Real ResNet-18 for ImageNet-size input (real-valued form)."""
-    return _recorded(BiRealResNet18(num_classes, in_channels, width), "bireal_resnet18", num_classes, in_channels,
+    return record_arch(BiRealResNet18(num_classes, in_channels, width), "bireal_resnet18", num_classes, in_channels,
                      width)
 
 
@@ -186,10 +169,10 @@ def bireal_resnet18(num_classes: int = 1000, in_channels: int = 3, width: float 
 def lenet5_bireal(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size=None) -> LeNet5BiReal:
     """LeNet-5 for Bi-Real binarization (BN after every hidden layer, clip activations)."""
     side = default_image_size(in_channels) if image_size is None else image_side(image_size)
-    return _recorded(LeNet5BiReal(num_classes, in_channels, width, side), "lenet5_bireal", num_classes, in_channels,
+    return record_arch(LeNet5BiReal(num_classes, in_channels, width, side), "lenet5_bireal", num_classes, in_channels,
                      width, image_size=side)
 
 
-__all__ = ["ARCH_ATTR", "CIFAR_DEPTHS", "BiRealBlock", "BiRealCifarResNet", "BiRealResNet18", "LeNet5BiReal",
-           "arch_record", "bireal_resnet18", "bireal_resnet20", "bireal_resnet32", "bireal_resnet44",
+__all__ = ["CIFAR_DEPTHS", "BiRealBlock", "BiRealCifarResNet", "BiRealResNet18", "LeNet5BiReal",
+           "bireal_resnet18", "bireal_resnet20", "bireal_resnet32", "bireal_resnet44",
            "bireal_resnet56", "lenet5_bireal"]

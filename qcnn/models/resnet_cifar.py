@@ -7,7 +7,7 @@ channels (no parameters). Attribute names (conv1, bn1, layer1..3 of blocks conv1
 the widely used CIFAR ResNet checkpoints, e.g. ``resnet20-12fca82f.th`` loads after stripping ``module.``.
 
 Everything is ``torch.fx`` traceable: the residual is a plain ``out + shortcut`` (which
-:func:`qcnn.transform.quantize` turns into a quantized add) and there is no data-dependent control flow.
+:func:`qcnn.methods.quantize` turns into a quantized add) and there is no data-dependent control flow.
 ``width`` scales the channel counts of all three stages (and the stem).
 """
 

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qcnn.io import load_torch
+from qcnn.models.weights import extract_state_dict, load_state_dict_checked
+from qcnn.transform import set_module
+
 
 def _last(model: nn.Module, cls: type[nn.Module]) -> tuple[str, nn.Module] | None:
     found = None
@@ -22,11 +26,6 @@ def _last(model: nn.Module, cls: type[nn.Module]) -> tuple[str, nn.Module] | Non
         if isinstance(m, cls):
             found = (name, m) if cls is nn.Linear or found is None else found
     return found
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, width: float = 1.0,
@@ -47,11 +46,8 @@ def build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, 
     if weights is None:
         model = builder(weights=None, num_classes=num_classes, **kw)
     else:
-        from qcnn.checkpoint import load_checkpoint
-        from qcnn.models.weights import extract_state_dict, load_state_dict_checked
-
         source = f"checkpoint {str(weights)!r}"
-        sd = extract_state_dict(load_checkpoint(weights), source)
+        sd = extract_state_dict(load_torch(weights), source)
         model = builder(weights=None, **kw)  # original class count, to take the file as it is
         last = _last(model, nn.Linear)
         file_classes = sd[f"{last[0]}.weight"].shape[0] if last and f"{last[0]}.weight" in sd else None
@@ -60,7 +56,7 @@ def build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, 
             last = _last(model, nn.Linear)
         load_state_dict_checked(model, sd, source)
         if last is not None and last[1].out_features != num_classes:
-            _set(model, last[0], nn.Linear(last[1].in_features, num_classes))
+            set_module(model, last[0], nn.Linear(last[1].in_features, num_classes))
     if in_channels != 3:
         first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
         if first is None:
@@ -71,5 +67,5 @@ def build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, 
         if weights is not None and conv.groups == 1:
             with torch.no_grad():
                 new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight))
-        _set(model, n, new)
+        set_module(model, n, new)
     return model

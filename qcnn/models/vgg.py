@@ -21,26 +21,37 @@ from qcnn.models.lenet import default_image_size, image_side
 _CFG = (128, 128, "M", 256, 256, "M", 512, 512, "M")
 
 
+def vgg_features(in_channels: int, width: float, bn: bool, bias: bool) -> tuple[nn.Sequential, int]:
+    """The VGG-7 feature stack (``_CFG``: 3x3 convs, max pools), each conv followed by BatchNorm (``bn``) and
+    ReLU; returns ``(features, output channels)``."""
+    layers: list[nn.Module] = []
+    ch = in_channels
+    for v in _CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        out = scaled(v, width)
+        layers.append(nn.Conv2d(ch, out, 3, padding=1, bias=bias))
+        if bn:
+            layers.append(nn.BatchNorm2d(out))
+        layers.append(nn.ReLU())
+        ch = out
+    return nn.Sequential(*layers), ch
+
+
+def feature_side(image_size: int, what: str) -> int:
+    """Side of the feature map after the three 2x2 poolings; a ValueError below 8 pixels."""
+    if image_size // 8 < 1:
+        raise ValueError(f"image_size={image_size} is too small for {what} with 3 poolings (needs >= 8)")
+    return image_size // 8
+
+
 class CifarVGG(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32,
                  hidden: int | None = None, bn: bool = True):
         super().__init__()
-        layers: list[nn.Module] = []
-        ch = in_channels
-        for v in _CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-                continue
-            out = scaled(v, width)
-            layers.append(nn.Conv2d(ch, out, 3, padding=1, bias=not bn))
-            if bn:
-                layers.append(nn.BatchNorm2d(out))
-            layers.append(nn.ReLU())
-            ch = out
-        self.features = nn.Sequential(*layers)
-        side = image_size // 8
-        if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for a VGG with 3 poolings (needs >= 8)")
+        self.features, ch = vgg_features(in_channels, width, bn=bn, bias=not bn)
+        side = feature_side(image_size, "a VGG")
         self.flatten = nn.Flatten()
         head: list[nn.Module] = []
         feat = ch * side * side

@@ -16,26 +16,14 @@ from torch import nn
 
 from qcnn.models import register_model, scaled
 from qcnn.models.lenet import default_image_size, image_side, lenet_geometry
-
-_CFG = (128, 128, "M", 256, 256, "M", 512, 512, "M")
+from qcnn.models.vgg import feature_side, vgg_features
 
 
 class VGG7Wage(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32):
         super().__init__()
-        layers: list[nn.Module] = []
-        ch = in_channels
-        for v in _CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-                continue
-            out = scaled(v, width)
-            layers += [nn.Conv2d(ch, out, 3, padding=1, bias=False), nn.ReLU()]
-            ch = out
-        self.features = nn.Sequential(*layers)
-        side = image_size // 8
-        if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for VGG-7 (needs >= 8)")
+        self.features, ch = vgg_features(in_channels, width, bn=False, bias=False)
+        side = feature_side(image_size, "VGG-7")
         self.flatten = nn.Flatten()
         h = scaled(1024, width)
         self.classifier = nn.Sequential(nn.Linear(ch * side * side, h, bias=False), nn.ReLU(),

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qcnn.io import load_torch
+
 _PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 8
 
@@ -90,10 +92,9 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], so
 def load_weights(model: nn.Module, path_or_obj, source: str | None = None) -> nn.Module:
     """Load weights from a file (or loaded object) into ``model`` in place; returns ``model``."""
     if isinstance(path_or_obj, (str, Path)):
-        from qcnn.checkpoint import load_checkpoint
 
         source = source or f"checkpoint {str(path_or_obj)!r}"
-        obj = load_checkpoint(path_or_obj)
+        obj = load_torch(path_or_obj)
     else:
         source = source or "state_dict"
         obj = path_or_obj

@@ -14,6 +14,7 @@ by :func:`qcnn.integer.add_bias_quantizers`, and receives the layer to read its 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -108,3 +109,52 @@ class QAdd(nn.Module):
 
 
 QUANT_LAYERS = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+class QConvBn2d(QConv2d):
+    """QConv2d followed by a frozen BatchNorm2d, computed as one conv with the folded, quantized weight.
+
+    Holds the conv parameters (``weight``, ``bias``) and the BatchNorm module ``bn`` (``gamma``, ``beta``
+    trainable; running statistics frozen, used in training and evaluation alike).
+    """
+
+    bn: nn.BatchNorm2d
+
+    @classmethod
+    def from_qconv(cls, conv: QConv2d, bn: nn.BatchNorm2d) -> QConvBn2d:
+        if bn.running_var is None or bn.running_mean is None:
+            raise ValueError("QConvBn2d needs a BatchNorm2d with running statistics (track_running_stats=True)")
+        q = cls.from_float(conv, conv.input_quant, conv.weight_quant, conv.out_quant)
+        q.bn = bn
+        return q
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """(folded weight ``W gamma / sigma``, folded bias ``beta + (b - mean) gamma / sigma``)."""
+        bn = self.bn
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(sigma)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(sigma)
+        f = gamma / sigma
+        b = self.bias if self.bias is not None else torch.zeros_like(sigma)
+        return self.weight * f.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * f
+
+    def quantized_weight(self) -> Tensor:
+        w, _ = self.folded()
+        return self.weight_quant(w) if self.weight_quant is not None else w
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.folded()
+        wq = self.weight_quant(w) if self.weight_quant is not None else w
+        return self._post(F.conv2d(self._pre(x), wq, b, self.stride, self.padding, self.dilation, self.groups))
+
+    def to_qconv(self) -> QConv2d:
+        """A plain QConv2d with the folded weight and bias (same quantizers, same output)."""
+        with torch.no_grad():
+            w, b = self.folded()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=True, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+        q = QConv2d.from_float(conv, self.input_quant, self.weight_quant, self.out_quant)
+        return q.train(self.training)
+
+

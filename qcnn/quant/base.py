@@ -41,10 +41,33 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def binary_sign(x: Tensor) -> Tensor:
+    """sign with sign(0) = +1 (two levels, never 0): the forward of every binary quantizer."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class _SignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grad_fn):
+        ctx.save_for_backward(x)
+        ctx.grad_fn = grad_fn
+        return binary_sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ctx.grad_fn(x).to(g.dtype), None
+
+
+def sign_with_grad(x: Tensor, grad_fn) -> Tensor:
+    """:func:`binary_sign` forward; backward ``g * grad_fn(x)`` (the surrogate derivative of a binary method:
+    Bi-Real's ApproxSign, DoReFa's ``|x| <= 1`` mask, ...)."""
+    return _SignFn.apply(x, grad_fn)
+
+
 def sign_ste(x: Tensor) -> Tensor:
     """sign(x) with sign(0) = +1 forward, identity backward."""
-    s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-    return x + (s - x).detach()
+    return x + (binary_sign(x) - x).detach()
 
 
 @dataclass
@@ -85,13 +108,16 @@ class Grid:
         return t.reshape(shape)
 
     def to_codes(self, x: Tensor) -> Tensor:
-        """Integer codes (int32) of an on-grid tensor ``x``."""
+        """Integer codes (int32) of an on-grid tensor ``x``. A channel of scale 0 (e.g. the Bi-Real / ELQ
+        grid of an all-zero output channel) holds only the value 0: its codes are the zero point (0), not
+        the int32 cast of ``0 / 0``."""
         if self.levels is not None:
             lv = self.levels.to(x.device, x.dtype)
             return torch.argmin((x.unsqueeze(-1) - lv).abs(), dim=-1).to(torch.int32)
         s = self._bcast(self.scale.to(x.device), x.dim())
         z = self._bcast(self.zero_point.to(x.device), x.dim()) if self.zero_point is not None else 0
-        q = torch.round(x / s) + z
+        zero = s == 0
+        q = torch.where(zero, torch.zeros_like(x), torch.round(x / torch.where(zero, torch.ones_like(s), s))) + z
         return q.clamp(self.qmin, self.qmax).to(torch.int32)
 
     def from_codes(self, q: Tensor) -> Tensor:
@@ -138,6 +164,16 @@ class Quantizer(nn.Module):
                 f"{type(self).__name__} is used before calibration: run the model inside "
                 "qcnn.calib.calibrating(model) on some data first (or load a calibrated state_dict)"
             )
+
+
+class ScaleBufferMixin:
+    """Weight quantizers whose ``scale`` buffer (recomputed from the weight at every forward) may be per
+    tensor or per channel: loading a state_dict takes the saved shape."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "scale" in state_dict:
+            self.scale = torch.empty_like(state_dict[prefix + "scale"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GradientQuantizer(nn.Module):

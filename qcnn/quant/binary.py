@@ -27,17 +27,10 @@ Architecture and training (real-valued shortcut around every binary conv, two-st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from qcnn.quant.base import Grid, Quantizer
-from qcnn.quant.registry import LayerContext, Method, register_method
-
-
-def _sign(x: Tensor) -> Tensor:
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+from qcnn.quant.base import Grid, Quantizer, binary_sign, sign_with_grad
 
 
 def approx_sign_grad(x: Tensor) -> Tensor:
@@ -45,21 +38,9 @@ def approx_sign_grad(x: Tensor) -> Tensor:
     return torch.where((x >= -1) & (x < 0), 2 + 2 * x, torch.where((x >= 0) & (x < 1), 2 - 2 * x, torch.zeros_like(x)))
 
 
-class _ApproxSignFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * approx_sign_grad(x)
-
-
 def approx_sign(x: Tensor) -> Tensor:
     """sign(x) forward, ApproxSign backward."""
-    return _ApproxSignFn.apply(x)
+    return sign_with_grad(x, approx_sign_grad)
 
 
 def _channel_mean_abs(w: Tensor) -> Tensor:
@@ -73,7 +54,7 @@ class _MagBinaryFn(torch.autograd.Function):
     def forward(ctx, w):
         s = _channel_mean_abs(w)
         ctx.save_for_backward(w, s)
-        return s * _sign(w)
+        return s * binary_sign(w)
 
     @staticmethod
     def backward(ctx, g):
@@ -123,45 +104,5 @@ class MagnitudeAwareBinaryWeight(Quantizer):
         return _binary_levels_grid(self.scale.detach().clone(), 0 if self.scale.dim() else None)
 
 
-@dataclass
-class BiRealOptions:
-    #: also binarize the 1x1 downsample convolutions (Bi-Real keeps them real-valued)
-    binarize_1x1: bool = False
-
-
-@register_method
-class BiRealMethod(Method):
-    """Bi-Real Net: ApproxSign binary activations and magnitude-aware binary weights on every hidden conv /
-    linear layer; 1x1 downsample convs stay real (option ``binarize_1x1``), residual adds stay real. First
-    and last layers follow the recipe's ``first_last`` policy (Bi-Real keeps them real: ``fp32``)."""
-
-    requires_quantized_activations = True
-    name = "bireal"
-    Options = BiRealOptions
-    weight_bits = (1,)
-    act_bits = (1,)
-
-    def _real_1x1(self, ctx: LayerContext) -> bool:
-        m = ctx.module
-        return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and not self.options.binarize_1x1
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        if self._real_1x1(ctx):
-            return None
-        if ctx.w_bits == 1:
-            return MagnitudeAwareBinaryWeight()
-        return super().weight_quantizer(ctx)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        if self._real_1x1(ctx):
-            return None
-        if ctx.a_bits == 1:
-            return ApproxSignQuantizer()
-        return super().act_quantizer(ctx)
-
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return None
-
-
-__all__ = ["ApproxSignQuantizer", "BiRealMethod", "MagnitudeAwareBinaryWeight", "approx_sign", "approx_sign_grad",
+__all__ = ["ApproxSignQuantizer", "MagnitudeAwareBinaryWeight", "approx_sign", "approx_sign_grad",
            "magnitude_aware_binary"]

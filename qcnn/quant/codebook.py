@@ -26,14 +26,10 @@ method option ``act_bits``, go through the uniform quantizer of :mod:`qcnn.quant
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
 from qcnn.quant.base import Grid, Quantizer, check_bits
-from qcnn.quant.registry import LayerContext, Method, register_method
 
 EPS = 1e-12
 
@@ -181,83 +177,4 @@ class FixedCodebook(Quantizer):
         return Grid(bits=self.bits, signed=True, levels=self.levels.detach().clone())
 
 
-@dataclass
-class ClipQOptions:
-    #: clipping fraction p of every layer without a per-layer entry
-    p: float = 0.5
-    #: per-layer (p, b): {fnmatch pattern: [p, bits]} (or {p: .., bits: ..}); later entries win
-    layers: dict = field(default_factory=dict)
-    #: None = float activations; else uniform activation bits (e.g. 8)
-    act_bits: int | None = None
-    #: remove the clipped gap before partitioning (see module docstring)
-    gapless: bool = False
-
-    def __post_init__(self):
-        check_p(self.p)
-        if self.act_bits is not None:
-            check_bits(self.act_bits, "act_bits")
-        if not isinstance(self.layers, dict):
-            raise ValueError(f"layers={self.layers!r} must be a mapping {{pattern: [p, bits]}}")
-        for pat, v in self.layers.items():
-            p, b = _parse_layer_entry(pat, v)
-            if p is not None:
-                check_p(p, f"p of layer pattern {pat!r}")
-            if b is not None:
-                check_bits(b, f"bits of layer pattern {pat!r}")
-
-
-def _parse_layer_entry(pat: str, v) -> tuple[float | None, int | None]:
-    if isinstance(v, dict):
-        bad = sorted(set(v) - {"p", "bits"})
-        if bad:
-            raise ValueError(f"unknown key(s) {bad} for layer pattern {pat!r}; valid keys: ['bits', 'p']")
-        return v.get("p"), v.get("bits")
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return v[0], v[1]
-    raise ValueError(f"layer pattern {pat!r}: expected [p, bits] or {{p: .., bits: ..}}, got {v!r}")
-
-
-def layer_params(options: ClipQOptions, name: str, default_bits: int) -> tuple[float, int]:
-    """(p, bits) of layer ``name``: the options' per-layer entries, else ``options.p`` and ``default_bits``."""
-    p, b = options.p, default_bits
-    for pat, v in options.layers.items():
-        if fnmatch.fnmatchcase(name, pat):
-            lp, lb = _parse_layer_entry(pat, v)
-            p = lp if lp is not None else p
-            b = lb if lb is not None else b
-    return float(p), int(b)
-
-
-class ClipQMethod(Method):
-    """CLIP-Q: per-layer clip/partition/quantize weights; activations float or uniform ``act_bits``.
-
-    The bits ``b`` of a layer are the recipe's ``w_bits`` (with its overrides and first/last policy) unless
-    ``params.layers`` names the layer.
-    """
-
-    name = "clipq"
-    Options = ClipQOptions
-    quantizes_activations = False
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        p, b = layer_params(self.options, ctx.name, ctx.w_bits)
-        return ClipQQuantizer(b, p, gapless=self.options.gapless)
-
-    def _act(self, signed: bool, calib: str) -> Quantizer | None:
-        if self.options.act_bits is None:
-            return None
-        return self.calibrated_act(self.options.act_bits, signed, calib)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return self._act(ctx.input_signed, ctx.calib)
-
-    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return self._act(True, ctx.calib)
-
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return self._act(True, calib)
-
-
-register_method(ClipQMethod)
-
-__all__ = ["ClipQMethod", "ClipQOptions", "ClipQQuantizer", "FixedCodebook", "clipq_quantize", "layer_params"]
+__all__ = ["ClipQQuantizer", "FixedCodebook", "clipq_quantize"]

@@ -27,20 +27,17 @@ each conv/linear output)
     unbiased), ``g_q = 2m (quantize_k(clip(g', 0, 1)) - 1/2)``. A sample with ``m = 0`` gets ``g_q = 0``.
 
 First / last layers at 8 bits (``first_last: 8bit``): the paper keeps them in float; here they take the
-uniform int8 grid of the base :class:`~qcnn.quant.registry.Method` (symmetric per-channel weights,
+uniform int8 grid of the base :class:`~qcnn.methods.base.Method` (symmetric per-channel weights,
 calibrated activations), the grid integer deployments use (:class:`EdgeUniformMethod`). With
 ``first_last: same`` they get the DoReFa quantizers like every other layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, check_bits, round_ste
-from qcnn.quant.registry import LayerContext, Method, register_method
+from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, ScaleBufferMixin, binary_sign, round_ste, sign_with_grad
 
 EPS = 1e-8
 
@@ -49,11 +46,6 @@ def quantize_k(x: Tensor, bits: int) -> Tensor:
     """``round((2^k - 1) x) / (2^k - 1)`` with a straight-through gradient (DoReFa eq. 5)."""
     n = 2**bits - 1
     return round_ste(x * n) / n
-
-
-def binary_sign(x: Tensor) -> Tensor:
-    """sign with sign(0) = +1 (two levels, never 0)."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
 class _ClipQuantFn(torch.autograd.Function):
@@ -71,18 +63,9 @@ class _ClipQuantFn(torch.autograd.Function):
         return g * ((x >= ctx.lo) & (x <= 1.0)).to(g.dtype), None, None
 
 
-class _SignClipFn(torch.autograd.Function):
-    """``sign(x)`` forward (sign(0) = +1), gradient masked to ``|x| <= 1``."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return binary_sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1.0).to(g.dtype)
+def _inside_unit(x: Tensor) -> Tensor:
+    """The straight-through mask ``|x| <= 1`` of the signed 1-bit clip."""
+    return x.abs() <= 1.0
 
 
 def clip_quantize(x: Tensor, bits: int, signed: bool) -> Tensor:
@@ -90,7 +73,7 @@ def clip_quantize(x: Tensor, bits: int, signed: bool) -> Tensor:
     if not signed:
         return _ClipQuantFn.apply(x, 2**bits - 1, 0.0)
     if bits == 1:
-        return _SignClipFn.apply(x)
+        return sign_with_grad(x, _inside_unit)
     return _ClipQuantFn.apply(x, 2 ** (bits - 1) - 1, -1.0)
 
 
@@ -103,16 +86,6 @@ def clip_grid(bits: int, signed: bool) -> Grid:
     qmin = -n if signed else 0
     return Grid(bits=bits, signed=signed, scale=torch.tensor(1.0 / n), zero_point=torch.tensor(0, dtype=torch.int32),
                 qmin=qmin, qmax=n)
-
-
-class ScaleBufferMixin:
-    """Weight quantizers whose ``scale`` buffer (recomputed from the weight at every forward) may be per
-    tensor or per channel: loading a state_dict takes the saved shape."""
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "scale" in state_dict:
-            self.scale = torch.empty_like(state_dict[prefix + "scale"])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class DoReFaActivation(Quantizer):
@@ -191,58 +164,5 @@ class DoReFaGradQuantizer(GradientQuantizer):
         return 2 * m * (q - 0.5)
 
 
-class EdgeUniformMethod(Method):
-    """Base for the low-bit methods: first/last layers (role ``first``/``last``) at 8 or more bits use the
-    base class's uniform int8 quantizers; everything else is left to the subclass's ``low_*`` factories."""
-
-    @staticmethod
-    def edge(ctx: LayerContext, bits: int) -> bool:
-        return ctx.role != "hidden" and bits >= 8
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        if self.edge(ctx, ctx.w_bits):
-            return super().weight_quantizer(ctx)
-        return self.low_weight(ctx)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        if self.edge(ctx, ctx.a_bits):
-            return super().act_quantizer(ctx)
-        return self.low_act(ctx)
-
-    def low_weight(self, ctx: LayerContext) -> Quantizer | None:
-        raise NotImplementedError
-
-    def low_act(self, ctx: LayerContext) -> Quantizer | None:
-        raise NotImplementedError
-
-
-@dataclass
-class DoReFaOptions:
-    #: also quantize the gradients at the first and last layers' outputs (the paper leaves them float)
-    grad_first_last: bool = False
-    #: multiply the k>1 weights by max|w| (keeps a float checkpoint's BatchNorm statistics valid)
-    weight_rescale: bool = False
-
-
-@register_method
-class DoReFaMethod(EdgeUniformMethod):
-    """DoReFa-Net: tanh/sign weights, ``quantize_k(clip(a,0,1))`` activations, optional k_G-bit gradients
-    (``recipe.g_bits``) on every hidden conv/linear output."""
-
-    name = "dorefa"
-    Options = DoReFaOptions
-
-    def low_weight(self, ctx: LayerContext) -> Quantizer:
-        return DoReFaWeight(ctx.w_bits, rescale=self.options.weight_rescale)
-
-    def low_act(self, ctx: LayerContext) -> Quantizer:
-        return DoReFaActivation(ctx.a_bits, signed=ctx.input_signed)
-
-    def grad_quantizer(self, ctx: LayerContext) -> GradientQuantizer | None:
-        if ctx.g_bits is None or (ctx.role != "hidden" and not self.options.grad_first_last):
-            return None
-        return DoReFaGradQuantizer(check_bits(ctx.g_bits, "g_bits"))
-
-
-__all__ = ["DoReFaActivation", "DoReFaGradQuantizer", "DoReFaMethod", "DoReFaWeight", "EdgeUniformMethod",
-           "ScaleBufferMixin", "binary_sign", "clip_grid", "clip_quantize", "quantize_k"]
+__all__ = ["DoReFaActivation", "DoReFaGradQuantizer", "DoReFaWeight", "binary_sign", "clip_grid", "clip_quantize",
+           "quantize_k"]

@@ -22,27 +22,19 @@ Backward: identity for the free weights, 0 for the frozen ones (their gradient i
 restores them after every step so that weight decay and momentum cannot move them either). When every
 weight is frozen the layer is exactly ``alpha T``.
 
-The training objective (:func:`elq_penalty`) is ``loss + lambda sum_layers ||W - W_q||^2`` over the free
-weights (``W_q = alpha T(W)``, no gradient through ``W_q``), which pulls the free weights towards the grid
+The training objective (:func:`qcnn.methods.elq.elq_penalty`) is ``loss + lambda sum_layers ||W - W_q||^2``
+over the free weights (``W_q = alpha T(W)``, no gradient through ``W_q``), which pulls the free weights towards the grid
 so that freezing them later changes the loss little (the paper's explicit quantization-error term).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from qcnn.quant.base import Grid, Quantizer, check_bits
-from qcnn.quant.registry import LayerContext, Method, register_method
-from qcnn.quant.uniform import UniformQuantizer
+from qcnn.quant.base import Grid, Quantizer, binary_sign, check_bits
 
 CRITERIA = ("loss", "error")
-
-
-def _sign(x: Tensor) -> Tensor:
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
 def ternary_params(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,7 +54,7 @@ def binary_params(w: Tensor) -> tuple[Tensor, Tensor]:
 def codes(w: Tensor, delta: Tensor, bits: int) -> Tensor:
     """T: ``sign(W)`` (1 bit) or ``sign(W) 1{|W| > delta}`` (2 bits)."""
     if bits == 1:
-        return _sign(w)
+        return binary_sign(w)
     return torch.sign(w) * (w.abs() > delta).to(w.dtype)
 
 
@@ -186,78 +178,4 @@ class ELQWeightQuantizer(Quantizer):
         return f"bits={self.bits}, criterion={self.criterion}"
 
 
-def elq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers carrying an :class:`ELQWeightQuantizer`."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(getattr(m, "weight_quant", None), ELQWeightQuantizer)]
-
-
-def elq_penalty(model: nn.Module) -> Tensor:
-    """``sum_layers ||W - alpha T(W)||^2`` over the free (not frozen) weights; no gradient through ``W_q``."""
-    total = None
-    for _, m in elq_layers(model):
-        q = m.weight_quant
-        d = (m.weight - q.quantized(m.weight).detach()).masked_fill(q.frozen, 0.0)
-        s = d.pow(2).sum()
-        total = s if total is None else total + s
-    if total is None:
-        p = next(model.parameters())
-        return torch.zeros((), device=p.device, dtype=p.dtype)
-    return total
-
-
-@dataclass
-class ELQOptions:
-    #: importance used to choose which weights to freeze: ``loss`` (|g (W - W_q)|) or ``error`` (|W - W_q|)
-    criterion: str = "loss"
-    #: frozen fraction of each layer at the start of each training stage (ends at 1.0)
-    schedule: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.875, 1.0])
-    #: weight lambda of the ||W - W_q||^2 term
-    penalty: float = 1e-4
-
-    def __post_init__(self):
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion={self.criterion!r} is not one of {CRITERIA}")
-        s = [float(f) for f in self.schedule]
-        if not s or any(not 0 < f <= 1 for f in s) or any(b < a for a, b in zip(s, s[1:])) or s[-1] != 1.0:
-            raise ValueError(f"schedule={self.schedule!r} must be non-decreasing fractions in (0, 1] ending at 1.0")
-        self.schedule = s
-        if self.penalty < 0:
-            raise ValueError(f"penalty={self.penalty!r} must be >= 0")
-
-
-@register_method
-class ELQMethod(Method):
-    """ELQ: binary/ternary incremental weight quantization, activations float (procedure ``elq``).
-
-    Layers with more than 2 weight bits (an ``8bit`` first/last policy) get plain 8-bit uniform weights."""
-
-    name = "elq"
-    Options = ELQOptions
-    weight_bits = (1, 2)
-    quantizes_activations = False
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        if ctx.w_bits <= 2:
-            return ELQWeightQuantizer(ctx.w_bits, self.options.criterion)
-        return UniformQuantizer(ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return None
-
-    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return None
-
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return None
-
-    def step_hook(self, model: nn.Module, step: int) -> None:
-        """Track the gradient mean and put frozen weights back (they never move)."""
-        for _, m in elq_layers(model):
-            if m.weight.grad is not None:
-                m.weight_quant.update_grad(m.weight.grad)
-            m.weight_quant.restore(m.weight)
-
-
-__all__ = ["CRITERIA", "ELQMethod", "ELQOptions", "ELQWeightQuantizer", "binary_params", "codes", "elq_layers",
-           "elq_penalty", "ternary_params"]
+__all__ = ["CRITERIA", "ELQWeightQuantizer", "binary_params", "codes", "ternary_params"]

@@ -17,8 +17,6 @@ widths (accuracy-aware search). Per-channel weight QCodes (one ``fl`` per output
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -26,7 +24,7 @@ import qcnn.calib.histogram  # noqa: F401 - registers the percentile / mse / kl 
 from qcnn.calib.histogram import initial_fl
 from qcnn.calib.observers import check_finite, make_observer, reduce_minmax
 from qcnn.quant.base import Grid, Quantizer, check_bits, qrange
-from qcnn.quant.registry import LayerContext, Method, register_method
+from qcnn.quant.uniform import fake_quant_float64
 
 #: fl is kept inside this range (a constant-zero tensor would otherwise ask for an infinite fl)
 FL_MIN, FL_MAX = -32, 40
@@ -43,7 +41,6 @@ def fixed_point_quant(x: Tensor, fl: Tensor, qmin: int, qmax: int, axis: int | N
     """``clip(round(x 2^fl), qmin, qmax) 2^-fl`` with the masked straight-through gradient."""
     scale = torch.exp2(-fl.float())
     if x.dtype == torch.float64:
-        from qcnn.quant.uniform import fake_quant_float64
 
         return fake_quant_float64(x, scale, torch.zeros((), dtype=torch.int32), qmin, qmax, axis)
     if fl.dim() == 0 or axis is None:
@@ -156,45 +153,10 @@ class FixedPointQuantizer(Quantizer):
         return f"bits={self.bits}, signed={self.signed}, {ch}, range={self.observer.name}"
 
 
-@dataclass
-class QCodeOptions:
-    #: range estimator of the weight QCodes (activations use the recipe's ``calib``)
-    weight_calib: str = "minmax"
-    #: quantize activations after ReLU on the unsigned grid [0, 2^B - 1] (the paper keeps them signed)
-    unsigned_acts: bool = False
-
-
-class QCodeMethod(Method):
-    """Per-layer dynamic fixed point for weights and activations (Ristretto-style QCode)."""
-
-    name = "qcode"
-    weight_bits = tuple(range(2, 17))  # a signed 1-bit fixed-point grid is {-1, 0}: no positive weight survives
-    Options = QCodeOptions
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        make_observer(self.options.weight_calib)  # validate the name early
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        calib = self.options.weight_calib if not ctx.per_channel else "minmax"
-        return FixedPointQuantizer(ctx.w_bits, signed=True, observer=calib, per_channel=ctx.per_channel,
-                                   init_from_input=True)
-
-    def calibrated_act(self, bits: int, signed: bool, calib: str) -> Quantizer:
-        return FixedPointQuantizer(bits, signed=signed or not self.options.unsigned_acts, observer=calib)
-
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return FixedPointQuantizer(a_bits, signed=True, observer=calib)
-
-
-register_method(QCodeMethod)
-
-
 def qcode_fl(x: Tensor, bits: int, signed: bool = True) -> int:
     """The initial fl of a tensor (host value, for reports and tests)."""
     amax = float(x.detach().abs().max()) if signed else float(x.detach().clamp(min=0).max())
     return max(FL_MIN, min(FL_MAX, initial_fl(amax, bits, signed)))
 
 
-__all__ = ["FL_MAX", "FL_MIN", "FixedPointQuantizer", "QCodeMethod", "QCodeOptions", "fixed_point_quant",
-           "fl_from_amax", "qcode_fl"]
+__all__ = ["FL_MAX", "FL_MIN", "FixedPointQuantizer", "fixed_point_quant", "fl_from_amax", "qcode_fl"]

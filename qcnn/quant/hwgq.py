@@ -50,21 +50,17 @@ an EMA of the batch values in training (momentum 0.1), fixed in eval mode (:clas
 its BatchNorm affine. ``bn_affine: false`` strips every BatchNorm (the earlier behaviour of qcnn; the
 quantizers right behind a BN then see ``N(0, 1)``, the others are scaled), ``bn_affine: true`` strips none
 (every HWGQ quantizer is scaled). First/last layers at 8 bits use the uniform int8 grid
-(:class:`~qcnn.quant.dorefa.EdgeUniformMethod`); the first layer's input (the image) is never HWGQ.
+(:class:`~qcnn.methods.base.EdgeUniformMethod`); the first layer's input (the image) is never HWGQ.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor
 
-from qcnn.quant.base import Grid, Quantizer, check_bits
-from qcnn.quant.dorefa import EdgeUniformMethod, ScaleBufferMixin, binary_sign
-from qcnn.quant.registry import LayerContext, Method, register_method
+from qcnn.quant.base import Grid, Quantizer, ScaleBufferMixin, binary_sign, check_bits
 
 EPS = 1e-8
 #: levels printed in the paper (half-normal, standard-normal input)
@@ -273,129 +269,5 @@ class BinaryChannelWeight(ScaleBufferMixin, Quantizer):
                     axis=0 if s.dim() else None, qmin=-1, qmax=1)
 
 
-@dataclass
-class HWGQOptions:
-    #: ``uniform`` ({0.538, 1.076, 1.614} at 2 bits) or ``lloyd`` (Lloyd-Max {0.318, 1.0, 1.894})
-    levels: str = "uniform"
-    #: log-tailed ReLU backward above the top level
-    log_tail: bool = False
-    #: ``auto``: BatchNorm affine off exactly where the BN output feeds a hidden layer's HWGQ quantizer (the
-    #: official placement, module docstring); ``false``: off on every BN; ``true``: kept on every BN
-    bn_affine: bool | str = "auto"
-    #: EMA momentum of the scale ``s`` of quantizers whose input is not a normalised BN output
-    scale_momentum: float = 0.1
-
-
-#: operations between a BatchNorm and an HWGQ quantizer that keep the quantized values those of the BN output
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_COMMUTING_MODULES = _RELU_MODULES + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
-_COMMUTING_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.max_pool2d, torch.max_pool2d,
-                    torch.flatten}
-_COMMUTING_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous"}
-_BN = nn.modules.batchnorm._BatchNorm
-
-
-def _strip_affine(bn: nn.Module) -> None:
-    if bn.affine:
-        bn.affine = False
-        bn.weight = None
-        bn.bias = None
-
-
-def normalized_inputs(model: nn.Module) -> dict[str, str]:
-    """``{layer: batchnorm}`` for every Conv2d/Linear of ``model`` whose input is the output of a BatchNorm
-    through operations that commute with the HWGQ quantizer (module docstring); ``{}`` if ``torch.fx``
-    cannot trace the model. Graph order, as :func:`qcnn.transform.quantize` numbers the layers."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - quantize() warns and falls back to a module swap
-        return {}
-    modules = dict(gm.named_modules())
-
-    def commutes(n: fx.Node) -> bool:
-        if n.op == "call_module":
-            return isinstance(modules[n.target], _COMMUTING_MODULES)
-        if n.op == "call_function":
-            return n.target in _COMMUTING_FUNCS
-        return n.op == "call_method" and n.target in _COMMUTING_METHODS
-
-    out: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
-            continue
-        src = node.args[0] if node.args else None
-        while isinstance(src, fx.Node):
-            if src.op == "call_module" and isinstance(modules[src.target], _BN):
-                out[node.target] = src.target
-                break
-            if not (commutes(src) and src.args):
-                break
-            src = src.args[0]
-    return out
-
-
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Conv2d/Linear module names in ``torch.fx`` graph order (``[]`` if the model cannot be traced)."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001
-        return []
-    modules = dict(gm.named_modules())
-    return [n.target for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.Linear))]
-
-
-@register_method
-class HWGQMethod(EdgeUniformMethod):
-    """HWGQ activations (after ReLU), binary per-channel weights, BatchNorm affine as in the official code."""
-
-    name = "hwgq"
-    Options = HWGQOptions
-    #: levels are solved for up to 8 bits (the paper prints 1 and 2)
-    act_bits = tuple(range(1, 9))
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        if self.options.levels not in KINDS:
-            raise ValueError(f"HWGQ levels={self.options.levels!r} is not one of {KINDS}")
-        if self.options.bn_affine not in (True, False, "auto"):
-            raise ValueError(f"HWGQ bn_affine={self.options.bn_affine!r} is not one of auto, true, false")
-        #: layer name -> the BatchNorm module whose normalised output its HWGQ quantizer sees
-        self._bn_of: dict[str, nn.Module] = {}
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        mode = self.options.bn_affine
-        self._bn_of = {}
-        if mode is True:
-            return model
-        if mode is False:
-            for m in model.modules():
-                if isinstance(m, _BN):
-                    _strip_affine(m)
-            self._bn_of = {n: model.get_submodule(b) for n, b in normalized_inputs(model).items()}
-            return model
-        # auto: hidden layers only (the classifier's BN keeps gamma/beta, as the official CIFAR VGG's bn3);
-        # the BN is stripped when the layer's HWGQ quantizer is created (low_act), so a layer that stays
-        # float (override skip) or gets another quantizer leaves its BN untouched
-        order = quantizable_layers(model)
-        hidden = set(order[1:-1])
-        self._bn_of = {n: model.get_submodule(b) for n, b in normalized_inputs(model).items() if n in hidden}
-        return model
-
-    def low_weight(self, ctx: LayerContext) -> Quantizer:
-        if ctx.w_bits == 1:
-            return BinaryChannelWeight()
-        return Method.weight_quantizer(self, ctx)
-
-    def low_act(self, ctx: LayerContext) -> Quantizer:
-        if ctx.input_signed:
-            return self.calibrated_act(ctx.a_bits, True, ctx.calib)
-        bn = self._bn_of.get(ctx.name)
-        if bn is not None:
-            _strip_affine(bn)  # no-op with bn_affine: false (already stripped)
-        return HWGQActivation(ctx.a_bits, self.options.levels, self.options.log_tail, normalized=bn is not None,
-                              momentum=self.options.scale_momentum)
-
-
-__all__ = ["BinaryChannelWeight", "HWGQActivation", "HWGQMethod", "PAPER_LEVELS", "half_normal_levels",
-           "half_normal_mse", "hwgq_levels", "normalized_inputs", "quantizable_layers"]
+__all__ = ["BinaryChannelWeight", "HWGQActivation", "PAPER_LEVELS", "half_normal_levels", "half_normal_mse",
+           "hwgq_levels"]

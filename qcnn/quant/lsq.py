@@ -10,7 +10,12 @@ Backward  ``dx_q/dx = 1`` for ``-Q_N <= v <= Q_P``, else 0 (straight through the
           weights of the layer (per output channel when per-channel) or features of one sample of the
           activation (``x.numel() / batch``).
 Init      ``s = 2 mean|x| / sqrt(Q_P)``: from the weights when the quantizer is built, from the
-          calibration batches (the mean of the per-batch ``mean|x|``) for activations.
+          calibration batches (the mean of the per-batch ``mean|x|``) for activations. ``init="mse"``
+          starts every step at the MSE-optimal step of its grid instead (the initialisation of LSQ+,
+          Bhalgat et al. 2020): weights by :func:`qcnn.quant.uniform.mse_scale`, activations by a search
+          over ``s = t / Q_P`` with ``t`` on a geometric grid below ``max|x|`` of a sample of the calibration
+          data. At 2 bits the paper's ``2 mean|w|`` zeroes 50-70 % of a pretrained ResNet-20's weights, far
+          more than the MSE step, and a short fine-tune does not learn the step back.
 
 ``s`` is used as ``max(s, 1e-8)``, so a step pushed to 0 or below cannot produce NaN.
 As in the paper, the first and last layers (and the network input) at 8 bits are quantized with LSQ too.
@@ -20,15 +25,28 @@ As in the paper, the first and last layers (and the network input) at 8 bits are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from qcnn.calib.observers import check_finite
 from qcnn.quant.base import Grid, Quantizer
-from qcnn.quant.registry import LayerContext, Method, register_method
+from qcnn.quant.uniform import mse_scale
 
 EPS = 1e-8
+#: calibration elements kept per batch for the activations' MSE init
+_SAMPLE = 1 << 18
+
+
+@torch.no_grad()
+def mse_step_geometric(x: Tensor, qn: int, qp: int, n_grid: int = 161) -> Tensor:
+    """The step ``s = t / Q_P`` minimising ``mean (x - s round(clip(x / s, -Q_N, Q_P)))^2`` over thresholds
+    ``t = max|x| 10^(-4 k / (n_grid - 1))`` (a geometric grid: activations have rare huge outliers)."""
+    x = x.detach().float().reshape(-1)
+    top = x.abs().max().clamp_min(EPS)
+    steps = torch.logspace(-4, 0, n_grid, device=x.device) * top / qp
+    errs = torch.stack([((x / s).clamp(-qn, qp).round() * s - x).pow(2).mean() for s in steps])
+    return steps[int(errs.argmin())]
 
 
 def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -87,11 +105,15 @@ class LSQQuantizer(Quantizer):
         activation: ``N`` of the gradient scale counts the features of one sample (batch dim excluded).
         init: tensor to initialise the step from (weights).
         grad_scale: apply ``g = 1/sqrt(N Q_P)`` (paper); False uses ``g = 1``.
+        init_rule: ``paper`` (``2 mean|x| / sqrt(Q_P)``) or ``mse`` (weights: the MSE-optimal step).
     """
 
     def __init__(self, bits: int, signed: bool, per_channel: bool = False, activation: bool = True,
-                 init: Tensor | None = None, grad_scale: bool = True):
+                 init: Tensor | None = None, grad_scale: bool = True, init_rule: str = "paper"):
         super().__init__(bits, signed)
+        if init_rule not in ("paper", "mse"):
+            raise ValueError(f"LSQ init={init_rule!r}: choose 'paper' or 'mse'")
+        self.init_rule = init_rule
         self.qn, self.qp = lsq_range(bits, signed)
         self.axis = 0 if per_channel else None
         self.activation = activation
@@ -101,6 +123,7 @@ class LSQQuantizer(Quantizer):
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("calib_sum", torch.zeros(()))
         self.register_buffer("calib_count", torch.zeros((), dtype=torch.long))
+        self._samples: list[Tensor] = []
         self._ready = False
         if init is not None:
             self.init_from(init)
@@ -113,10 +136,14 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
-        """``s = 2 mean|x| / sqrt(Q_P)`` (per channel along axis 0 when per-channel)."""
-        a = x.detach().abs().float()
-        m = a.reshape(a.shape[0], -1).mean(dim=1) if self.axis is not None else a.mean()
-        s = (2 * m / math.sqrt(self.qp)).clamp_min(EPS)
+        """``s = 2 mean|x| / sqrt(Q_P)``, or the MSE-optimal step with ``init_rule="mse"`` (per channel along
+        axis 0 when per-channel)."""
+        if self.init_rule == "mse":
+            s = mse_scale(x, -self.qn, self.qp, self.axis).clamp_min(EPS)
+        else:
+            a = x.detach().abs().float()
+            m = a.reshape(a.shape[0], -1).mean(dim=1) if self.axis is not None else a.mean()
+            s = (2 * m / math.sqrt(self.qp)).clamp_min(EPS)
         if s.shape != self.step.shape:
             self.step = nn.Parameter(s.to(self.step.device))
         else:
@@ -129,9 +156,15 @@ class LSQQuantizer(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             if not self.is_initialized() or self.activation:
+                check_finite(x)  # a NaN batch would make the step NaN, and every output after it
                 with torch.no_grad():
                     self.calib_sum += x.detach().abs().float().mean()
                     self.calib_count += 1
+                    if self.init_rule == "mse" and self.activation:
+                        flat = x.detach().reshape(-1).float()
+                        if flat.numel() > _SAMPLE:
+                            flat = flat[torch.randint(0, flat.numel(), (_SAMPLE,), device=x.device)]
+                        self._samples.append(flat)
             return x if self.activation else self._quant(x)
         if not self._ready:
             self._require_initialized()  # checked once: no host sync per call afterwards
@@ -151,8 +184,12 @@ class LSQQuantizer(Quantizer):
     @torch.no_grad()
     def finish_calibration(self) -> None:
         if self.activation and int(self.calib_count) > 0:
-            m = self.calib_sum / self.calib_count
-            self.step.copy_((2 * m / math.sqrt(self.qp)).clamp_min(EPS).expand_as(self.step))
+            if self._samples:
+                s = mse_step_geometric(torch.cat(self._samples), self.qn, self.qp)
+                self._samples = []
+            else:
+                s = 2 * (self.calib_sum / self.calib_count) / math.sqrt(self.qp)
+            self.step.copy_(s.clamp_min(EPS).expand_as(self.step))
             self.initialized.fill_(True)
             self._ready = True
 
@@ -166,41 +203,4 @@ class LSQQuantizer(Quantizer):
         return f"bits={self.bits}, signed={self.signed}, {ch}, grad_scale={self.use_grad_scale}"
 
 
-@dataclass
-class LSQOptions:
-    #: multiply the step gradient by 1/sqrt(N Q_P) (paper); False: plain gradient
-    grad_scale: bool = True
-    #: quantize first/last layers (at their recipe bits) with LSQ as the paper does; False: uniform int8 grid
-    lsq_first_last: bool = True
-
-
-@register_method
-class LSQMethod(Method):
-    """LSQ on weights (signed, per layer or per output channel), activations and the network input."""
-
-    name = "lsq"
-    Options = LSQOptions
-    #: signed 1-bit data has no LSQ grid
-    weight_bits = tuple(range(2, 17))
-
-    def _edge_uniform(self, ctx: LayerContext) -> bool:
-        return ctx.role != "hidden" and not self.options.lsq_first_last
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer:
-        if self._edge_uniform(ctx):
-            return super().weight_quantizer(ctx)
-        return LSQQuantizer(ctx.w_bits, signed=True, per_channel=ctx.per_channel, activation=False,
-                            init=ctx.module.weight, grad_scale=self.options.grad_scale)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer:
-        if self._edge_uniform(ctx):
-            return super().act_quantizer(ctx)
-        return LSQQuantizer(ctx.a_bits, signed=ctx.input_signed, grad_scale=self.options.grad_scale)
-
-    def input_quantizer(self, ctx: LayerContext) -> Quantizer:
-        if self._edge_uniform(ctx):
-            return super().input_quantizer(ctx)
-        return LSQQuantizer(ctx.a_bits, signed=True, grad_scale=self.options.grad_scale)
-
-
-__all__ = ["LSQMethod", "LSQQuantizer", "lsq", "lsq_range"]
+__all__ = ["LSQQuantizer", "lsq", "lsq_range"]

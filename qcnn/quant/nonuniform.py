@@ -38,14 +38,11 @@ uses the snapped levels ``scale * n_i``, so training sees exactly what integer h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from qcnn.calib.observers import check_finite
 from qcnn.quant.base import Grid, Quantizer, check_bits, qrange
-from qcnn.quant.registry import LayerContext, Method, register_method
 
 EPS = 1e-12
 
@@ -199,7 +196,6 @@ class QuantileActQuantizer(_QuantileBase):
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
-        from qcnn.calib.observers import check_finite
 
         check_finite(x)
         if self._seen >= self.max_samples:
@@ -240,97 +236,5 @@ class QuantileActQuantizer(_QuantileBase):
         return _LevelFn.apply(x, self.levels.to(x.dtype), self.edges.to(x.dtype), True)
 
 
-@dataclass
-class NonUniformOptions:
-    #: bits of the integers that represent the levels (single scale per tensor)
-    int_bits: int = 8
-    #: use the integer-representable levels ``scale * n_i`` in the forward pass
-    snap: bool = True
-    #: calibration samples kept per activation quantizer
-    max_samples: int = 1 << 18
-    #: EMA momentum of the activation levels in training (None: levels fixed after calibration)
-    track_momentum: float | None = 0.9
-
-
-@register_method
-class NonUniformMethod(Method):
-    """k-quantile weights (Gaussian fit) and activations (empirical), single-scale integer levels."""
-
-    name = "nonuniform"
-    Options = NonUniformOptions
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        o = self.options
-        return QuantileWeightQuantizer(ctx.w_bits, max(o.int_bits, ctx.w_bits), o.snap)
-
-    def _act(self, bits: int, signed: bool) -> Quantizer:
-        o = self.options
-        return QuantileActQuantizer(bits, signed, max(o.int_bits, bits), o.snap, o.max_samples,
-                                    track_momentum=o.track_momentum)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return self._act(ctx.a_bits, ctx.input_signed)
-
-    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return self._act(ctx.a_bits, True)
-
-
-def level_sets(model: nn.Module) -> list[dict]:
-    """Level set of every quantile quantizer of ``model``: name, kind, bits, levels, int_levels, scale, and
-    the largest error of the integer representation relative to the largest level (0 when ``snap``)."""
-    rows = []
-    for name, q in model.named_modules():
-        if not isinstance(q, _QuantileBase):
-            continue
-        g = q.grid()
-        exact = g.levels.float()
-        rows.append({
-            "name": name,
-            "kind": "weight" if isinstance(q, QuantileWeightQuantizer) else "activation",
-            "bits": q.bits,
-            "signed": q.signed,
-            "levels": [round(float(v), 5) for v in exact],
-            "int_levels": [int(v) for v in g.int_levels],
-            "scale": float(g.scale),
-        })
-    return rows
-
-
-def level_report(model: nn.Module, out_dir: str | Path, title: str = "k-quantile level sets") -> tuple[Path, Path]:
-    """Write ``levels.md`` (Markdown table) and ``levels.png`` (one row of level markers per quantizer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = level_sets(model)
-    if not rows:
-        raise ValueError("the model has no non-uniform (quantile) quantizer")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "| quantizer | kind | bits | scale | integer levels | levels |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        ints = ", ".join(str(v) for v in r["int_levels"])
-        lv = ", ".join(f"{v:.4g}" for v in r["levels"])
-        lines.append(f"| {r['name']} | {r['kind']} | {r['bits']} | {r['scale']:.4g} | {ints} | {lv} |")
-    md = out / "levels.md"
-    md.write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.55 * len(rows) + 1.2), squeeze=False)
-    for ax, r in zip(axes[:, 0], rows):
-        lv = r["levels"]
-        ax.vlines(lv, 0, 1, color="C0" if r["kind"] == "weight" else "C1")
-        ax.set_yticks([])
-        ax.set_ylabel(r["name"].replace("weight_quant", "W").replace("input_quant", "A"), rotation=0,
-                      ha="right", va="center", fontsize=7)
-        ax.tick_params(axis="x", labelsize=6)
-    axes[0, 0].set_title(title, fontsize=9)
-    fig.tight_layout()
-    png = out / "levels.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return md, png
-
-
-__all__ = ["NonUniformMethod", "QuantileActQuantizer", "QuantileWeightQuantizer", "empirical_quantile_levels",
-           "gaussian_quantile_levels", "integer_representation", "level_report", "level_sets"]
+__all__ = ["QuantileActQuantizer", "QuantileWeightQuantizer", "empirical_quantile_levels", "gaussian_quantile_levels",
+           "integer_representation"]

@@ -12,13 +12,20 @@ Parameters from a range ``[lo, hi]`` (extended to contain 0 so that zero is exac
 * power of two (``pot``): ``s`` rounded up to ``2^ceil(log2 s)``, i.e. a fixed-point QCode ``fl = -log2 s``.
 
 ``s`` is never below ``eps`` so a constant tensor gives a valid grid, never NaN.
-Weights (``dynamic=True``) take their range from the tensor itself at every call; activations take it
+Weights (``dynamic=True``) take their range from the tensor itself at every call: its min/max
+(``weight_range="minmax"``, Jacob et al.), or the clipping threshold ``t`` that minimises the quantization
+error ``sum (w - Q_t(w))^2`` over ``t = max|w| k / K``, ``k = 1..K`` (``weight_range="mse"``, :func:`mse_scale`;
+per channel when per-channel). At 2 bits min/max puts ``s = max|w|``, so every weight below ``max|w| / 2`` is
+zero (about 90 % of a ResNet-20's); the MSE threshold keeps the grid where the weights are. activations take it
 from an observer (see :mod:`qcnn.calib`) during calibration. With ``track_in_training`` the range keeps
 following the data during QAT as an exponential moving average of the batch min/max, starting from the
 calibrated range: ``r <- m r + (1 - m) r_batch`` with ``m = track_momentum`` (0.99, torch.ao's
-moving-average observer; an ``ema`` observer goes on with its own ``gamma``, FQN's 0.999). Whatever the
-calibration estimator (``minmax``, ``mse``, ``kl``, ...), training never keeps a running max, so one bad
-range at the start is forgotten within a few hundred steps.
+moving-average observer; an ``ema`` observer goes on with its own ``gamma``, FQN's 0.999). ``r_batch`` is
+the batch's min/max, or, when calibration used the ``mse`` estimator, the batch's own MSE-optimal range
+(:func:`mse_range`, on a fixed-size sample of the batch: the EMA of per-batch MSE ranges of MQBench's
+``EMAMSEObserver``), so that an MSE-calibrated range is not pulled back to the outliers' max during
+training. Whatever the estimator, training never keeps a running max, so one bad range at the start is
+forgotten within a few hundred steps.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qcnn.calib.observers import EMAObserver, make_observer, reduce_minmax
+from qcnn.calib.observers import EMAObserver, check_finite, make_observer, reduce_minmax
 from qcnn.quant.base import Grid, Quantizer, qrange
 
 EPS = 1e-8
@@ -82,6 +89,44 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.to(torch.int32), axis, qmin, qmax)
 
 
+@torch.no_grad()
+def mse_scale(x: Tensor, qmin: int, qmax: int, axis: int | None = None, n_grid: int = 64) -> Tensor:
+    """Scale ``s = t / qmax`` of the zero-centred grid ``s [qmin, qmax]`` whose threshold ``t`` among
+    ``max|x| k / n_grid`` (``k = 1..n_grid``) minimises ``sum (x - s clamp(round(x / s), qmin, qmax))^2``, per
+    slice along ``axis`` (0-d when ``axis`` is None). ``k = n_grid`` is the min/max scale of a symmetric grid;
+    ties keep the smaller threshold."""
+    flat = x.detach().float().reshape(1, -1) if axis is None else x.detach().float().transpose(0, axis).flatten(1)
+    amax = flat.abs().amax(dim=1).clamp_min(EPS)  # [C]
+    ratios = torch.arange(1, n_grid + 1, device=x.device, dtype=torch.float32) / n_grid  # [K]
+    scales = (ratios[:, None] * amax[None, :]) / qmax  # [K, C]
+    q = torch.clamp(torch.round(flat[None] / scales[..., None]), qmin, qmax) * scales[..., None]
+    err = (q - flat[None]).pow(2).sum(dim=2)  # [K, C]
+    best = scales.gather(0, err.argmin(dim=0, keepdim=True))[0]
+    return best[0] if axis is None else best
+
+
+#: elements of a batch the per-batch MSE range is computed on
+MSE_SAMPLE = 1 << 16
+
+
+@torch.no_grad()
+def mse_range(x: Tensor, bits: int, signed: bool, symmetric: bool, n_grid: int = 32,
+              sample: int = MSE_SAMPLE) -> tuple[Tensor, Tensor]:
+    """The range ``r [lo, hi]`` (``lo, hi`` = the min/max of ``x``, ``r = k / n_grid``) whose grid
+    (:func:`qparams_from_range`) minimises the squared quantization error of ``x``, per tensor, on an evenly
+    strided sample of at most ``sample`` elements (deterministic). Ties keep the smaller range."""
+    flat = x.detach().float().reshape(-1)
+    if flat.numel() > sample:
+        flat = flat[:: flat.numel() // sample][:sample]
+    lo, hi = torch.clamp(flat.min(), max=0.0), torch.clamp(flat.max(), min=0.0)
+    ratios = torch.arange(1, n_grid + 1, device=x.device, dtype=torch.float32) / n_grid
+    qmin, qmax = qrange(bits, signed)
+    scale, zp = qparams_from_range(lo * ratios, hi * ratios, bits, signed, symmetric)  # [K]
+    q = (torch.clamp(torch.round(flat[None] / scale[:, None]) + zp[:, None], qmin, qmax) - zp[:, None]) * scale[:, None]
+    best = int((q - flat[None]).pow(2).sum(dim=1).argmin())
+    return lo * ratios[best], hi * ratios[best]
+
+
 class _RangeTracker(EMAObserver):
     """EMA of batch ranges during training, seeded with the calibrated range (:meth:`seed`).
 
@@ -118,6 +163,8 @@ class UniformQuantizer(Quantizer):
         track_momentum: the EMA's momentum ``m`` when the observer is not itself an EMA.
         pot: power-of-two scale (fixed-point QCode).
         narrow: drop the most negative signed code (symmetric int8 as in TensorRT/ONNX weight ranges).
+        weight_range: with ``dynamic``, ``minmax`` (the tensor's range) or ``mse`` (the MSE-optimal symmetric
+            threshold, :func:`mse_scale`; symmetric grids only).
     """
 
     def __init__(
@@ -133,9 +180,15 @@ class UniformQuantizer(Quantizer):
         pot: bool = False,
         narrow: bool = False,
         track_momentum: float = 0.99,
+        weight_range: str = "minmax",
         **observer_kwargs,
     ):
         super().__init__(bits, signed)
+        if weight_range not in ("minmax", "mse"):
+            raise ValueError(f"weight_range={weight_range!r}: choose 'minmax' or 'mse'")
+        if weight_range == "mse" and not (dynamic and symmetric):
+            raise ValueError("weight_range='mse' needs a dynamic symmetric grid (weights)")
+        self.weight_range = weight_range
         if signed and symmetric and bits < 2:
             raise ValueError(f"bits={bits} is not supported by a signed symmetric uniform grid (codes {{-1, 0}}): "
                              "use bits >= 2, or a binary method (dorefa, bireal, hwgq) for 1-bit weights")
@@ -152,6 +205,8 @@ class UniformQuantizer(Quantizer):
         self.tracker = None
         if track_in_training and self.observer is not None and not isinstance(self.observer, EMAObserver):
             self.tracker = _RangeTracker(axis=self.axis, gamma=track_momentum)
+        #: the training tracker averages per-batch MSE ranges (per-tensor, calibrated with ``mse``)
+        self.track_mse = self.tracker is not None and observer == "mse" and self.axis is None
         self._tracker_checked = False  # whether the tracker's seeding was checked (once, not every step)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
@@ -193,16 +248,24 @@ class UniformQuantizer(Quantizer):
             if not self.tracker.is_initialized() and bool(self.initialized):
                 self.tracker.seed(*self._implied_range())  # a calibrated state saved before trackers existed
             self._tracker_checked = True
-        obs.update(x)
+        if self.track_mse:
+            obs.update_range(*mse_range(x, self.bits, self.signed, self.symmetric))
+        else:
+            obs.update(x)
         self._set_qparams(*obs.compute_range(self.bits, self.signed))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dynamic:
             with torch.no_grad():
-                self._set_qparams(*reduce_minmax(x, self.axis))
+                if self.weight_range == "mse":
+                    self.scale = mse_scale(x, self.qmin, self.qmax, self.axis)
+                    if self.pot:
+                        self.scale = torch.exp2(torch.ceil(torch.log2(self.scale)))
+                    self.zero_point = torch.zeros_like(self.scale, dtype=torch.int32)
+                else:
+                    self._set_qparams(*reduce_minmax(x, self.axis))
         elif self.observing:
-            from qcnn.calib.observers import check_finite
 
             check_finite(x)
             self.observer.update(x)
@@ -231,5 +294,5 @@ class UniformQuantizer(Quantizer):
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         ch = f"per-channel(axis={self.axis})" if self.per_channel else "per-tensor"
-        src = "dynamic" if self.dynamic else (self.observer.name if self.observer else "")
+        src = f"dynamic {self.weight_range}" if self.dynamic else (self.observer.name if self.observer else "")
         return f"bits={self.bits}, signed={self.signed}, {kind}, {ch}, range={src}, pot={self.pot}"

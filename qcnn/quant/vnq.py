@@ -39,15 +39,11 @@ log theta^2``, exceeds a threshold (2 by default) becomes 0; every other weight 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Grid, Quantizer
-from qcnn.quant.registry import LayerContext, Method, register_method
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_CLAMP = 10.0
@@ -117,139 +113,4 @@ class VNQQuantizer(Quantizer):
         return f"ternary, r={float(self.r.abs()):.4g}"
 
 
-class _Variational:
-    """Local reparameterisation forward for a layer whose ``weight_quant`` is a :class:`VNQQuantizer`."""
-
-    def _noisy(self, x: Tensor, op) -> Tensor:
-        x = self._pre(x)
-        mu = op(x, self.weight, self.bias)
-        var = op(x * x, torch.exp(self.weight_quant.log_sigma2), None)
-        return self._post(mu + torch.sqrt(var + EPS) * torch.randn_like(mu))
-
-
-class VNQConv2d(_Variational, QConv2d):
-    """QConv2d with the local reparameterisation trick in training (mean weights in eval)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(x)
-        return self._noisy(x, self._conv_forward)
-
-
-class VNQLinear(_Variational, QLinear):
-    """QLinear with the local reparameterisation trick in training (mean weights in eval)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(x)
-        return self._noisy(x, F.linear)
-
-
-def variational_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every quantized layer whose weight quantizer is a :class:`VNQQuantizer`."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (QConv2d, QLinear)) and isinstance(m.weight_quant, VNQQuantizer)]
-
-
-def to_variational(model: nn.Module) -> nn.Module:
-    """Swap (in place) every VNQ-quantized ``QConv2d``/``QLinear`` for its noisy training version.
-
-    Parameters and state_dict keys are shared, so a checkpoint of either version loads into the other.
-    """
-    for name, m in variational_layers(model):
-        if isinstance(m, (VNQConv2d, VNQLinear)):
-            continue
-        cls = VNQConv2d if isinstance(m, QConv2d) else VNQLinear
-        new = cls.from_float(m, m.input_quant, m.weight_quant, m.out_quant)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    return model
-
-
-def kl_total(model: nn.Module) -> Tensor:
-    """Sum of the KL terms of all variational layers."""
-    terms = [m.weight_quant.kl(m.weight) for _, m in variational_layers(model)]
-    if not terms:
-        raise ValueError("the model has no VNQ layer: quantize it with method 'vnq' first")
-    return torch.stack(terms).sum()
-
-
-@torch.no_grad()
-def prune_and_snap(model: nn.Module, threshold: float = 2.0) -> dict:
-    """Replace every variational layer's weights by their pruned ternary values (no fine-tuning).
-
-    Returns per-layer statistics: ``{name: {"r", "zero_fraction", "neg_fraction", "pos_fraction",
-    "pruned_fraction", "numel"}}``: the fractions of weights at ``0``, ``-r`` and ``+r``, and the fraction
-    set to 0 by the ``log alpha`` threshold (the other zeros are weights nearest to 0).
-    """
-    stats = {}
-    for name, m in variational_layers(model):
-        wq = m.weight_quant
-        la0 = wq.log_sigma2 - torch.log(m.weight * m.weight + EPS)
-        q = wq.snap(m.weight, threshold)
-        m.weight.copy_(q)
-        stats[name] = {"r": float(wq.r.detach().abs()), "zero_fraction": float((q == 0).float().mean()),
-                       "neg_fraction": float((q < 0).float().mean()), "pos_fraction": float((q > 0).float().mean()),
-                       "pruned_fraction": float((la0 > threshold).float().mean()), "numel": q.numel()}
-    return stats
-
-
-@dataclass
-class VNQOptions:
-    #: initial log sigma^2 of every weight
-    log_sigma2_init: float = -8.0
-    #: learn the codebook value r (else fixed at its ternary initialisation)
-    learn_r: bool = True
-    #: learning rate of log sigma^2 and r (None = the recipe's)
-    sigma_lr: float | None = None
-    #: clip every mean weight theta to [-r, r] after each optimizer step (see the module docstring)
-    clip_theta: bool = False
-
-
-class VNQMethod(Method):
-    """VNQ: variational weights with a ternary multi-spike prior; activations float (weights-only method)."""
-
-    name = "vnq"
-    Options = VNQOptions
-    weight_bits = (2,)
-    quantizes_activations = False
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return VNQQuantizer(ctx.module.weight, self.options.log_sigma2_init, self.options.learn_r)
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return None
-
-    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return None
-
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return None
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict] | None:
-        """``log sigma^2`` and ``r`` without weight decay (the KL is their only regulariser), at ``sigma_lr``."""
-        var = [p for n, p in model.named_parameters() if n.endswith("weight_quant.log_sigma2")
-               or n.endswith("weight_quant.r")]
-        ids = {id(p) for p in var}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        decay = [p for p in rest if p.dim() >= 2]
-        no_decay = [p for p in rest if p.dim() < 2]
-        group = {"params": var, "weight_decay": 0.0}
-        if self.options.sigma_lr is not None:
-            group["lr"] = self.options.sigma_lr
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}, group]
-
-    @torch.no_grad()
-    def step_hook(self, model: nn.Module, step: int) -> None:
-        """With ``clip_theta``: ``theta <- clamp(theta, -r, r)`` in every VNQ layer after each step."""
-        if not self.options.clip_theta:
-            return
-        for _, m in variational_layers(model):
-            r = m.weight_quant.r.detach().abs()
-            m.weight.clamp_(-r, r)
-
-
-register_method(VNQMethod)
-
-__all__ = ["K1", "K2", "K3", "VNQConv2d", "VNQLinear", "VNQMethod", "VNQOptions", "VNQQuantizer", "kl_total",
-           "neg_kl", "prune_and_snap", "ternary_r", "to_variational", "variational_layers"]
+__all__ = ["K1", "K2", "K3", "VNQQuantizer", "neg_kl", "ternary_r"]

@@ -44,14 +44,11 @@ Loss: sum of squared errors ``0.5 * sum_c (onehot - out)^2`` (:func:`sse_loss`);
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, check_bits
-from qcnn.quant.registry import LayerContext, Method, register_method
 
 #: bits of the fine quantization applied to ``lr * g_n`` before stochastic rounding (the code's ``bitsR``)
 BITS_R = 16
@@ -187,105 +184,5 @@ def wage_update(g: Tensor, lr: float, g_bits: int, generator: torch.Generator | 
     return torch.sign(u) * (lo + (r < (a - lo)).to(a.dtype)) / 2.0 ** (g_bits - 1)
 
 
-class WageSGD(torch.optim.Optimizer):
-    """Plain SGD with WAGE's quantized update: ``W <- C(W - dW, kW)``, ``dW = wage_update(g, lr, kG)``.
-
-    Parameter groups may set ``w_bits`` (clip range; ``None`` = no clip, e.g. float BN in a non-WAGE net)
-    and ``g_bits``.
-    """
-
-    def __init__(self, params, lr: float = 8.0, g_bits: int = 8, w_bits: int | None = 2):
-        check_bits(g_bits, "g_bits", 1, 16)
-        if lr <= 0:
-            raise ValueError(f"lr={lr!r} must be positive")
-        super().__init__(params, dict(lr=lr, g_bits=g_bits, w_bits=w_bits))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.sub_(wage_update(p.grad, group["lr"], group["g_bits"]))
-                if group["w_bits"] is not None:
-                    p.copy_(wage_c(p, group["w_bits"]))
-        return loss
-
-
-def sse_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """``0.5 * sum_c (onehot(y) - out)^2``, averaged over the batch."""
-    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
-    return 0.5 * (onehot - logits).pow(2).sum(1).mean()
-
-
-def wage_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers carrying a :class:`WageWeightQuantizer`."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(getattr(m, "weight_quant", None), WageWeightQuantizer)]
-
-
-@torch.no_grad()
-def wage_init(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Initialise every WAGE layer: ``U(-max(L, Lmin), max(L, Lmin))`` then ``W <- C(Q(W, kW), kW)``
-    (the official code quantizes W once at the start)."""
-    for _, m in wage_layers(model):
-        k = m.weight_quant.bits
-        lim = max(layer_limits(m.weight_quant.fan_in, k))
-        w = torch.empty(m.weight.shape, dtype=m.weight.dtype).uniform_(-lim, lim, generator=generator)
-        m.weight.copy_(wage_c(wage_q(w, k), k).to(m.weight.device))
-        if m.bias is not None:
-            m.bias.zero_()
-    return model
-
-
-@torch.no_grad()
-def wage_clip_(model: nn.Module) -> None:
-    """``W <- C(W, kW)`` for every WAGE layer."""
-    for _, m in wage_layers(model):
-        m.weight.copy_(wage_c(m.weight, m.weight_quant.bits))
-
-
-@dataclass
-class WageOptions:
-    #: quantize the network input with A (the code maps images to [-1, 1] and quantizes them); off by default
-    #: because qcnn inputs are mean/std-normalised and A would clip them at 1 - sigma(kA)
-    quantize_input: bool = False
-
-
-@register_method
-class WageMethod(Method):
-    """WAGE (module docstring): W, A and E quantizers on every layer; G lives in :class:`WageSGD` (procedure
-    ``wage`` in :mod:`qcnn.methods.wage`)."""
-
-    requires_quantized_activations = True
-    name = "wage"
-    Options = WageOptions
-
-    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return WageWeightQuantizer(min(ctx.w_bits, 15), fan_in=fan_in_of(ctx.module))
-
-    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return WageActQuantizer(min(ctx.a_bits, 15), ctx.e_bits if ctx.e_bits is not None else 8)
-
-    def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
-        return WageActQuantizer(min(ctx.a_bits, 15), None) if self.options.quantize_input else None
-
-    def grad_quantizer(self, ctx: LayerContext):
-        if ctx.role == "last":
-            return WageErrorQuantizer(ctx.e_bits if ctx.e_bits is not None else 8)
-        return None
-
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return WageActQuantizer(min(a_bits, 15), None)
-
-    def step_hook(self, model: nn.Module, step: int) -> None:
-        wage_clip_(model)
-
-
-__all__ = ["BITS_R", "WageActQuantizer", "WageErrorQuantizer", "WageMethod", "WageSGD", "WageWeightQuantizer",
-           "layer_alpha", "layer_limits", "shift", "sigma", "sse_loss", "wage_c", "wage_clip_", "wage_init",
-           "wage_layers", "wage_q", "wage_update"]
+__all__ = ["BITS_R", "WageActQuantizer", "WageErrorQuantizer", "WageWeightQuantizer", "layer_alpha", "layer_limits",
+           "shift", "sigma", "wage_c", "wage_q", "wage_update"]

@@ -19,19 +19,15 @@ Weights (signed), ``k`` bits, ``n = 2^(k-1) - 1`` (2 bits = ternary {-1, 0, 1}):
 
 Widening is a property of the network, not of the quantizer: build the model with the zoo's ``width``
 multiplier (``build_model("resnet20", width=2.0)``, ``qcnn qat --width 2``) and quantize it with this method.
-First/last layers at 8 bits use the uniform int8 grid (:class:`~qcnn.quant.dorefa.EdgeUniformMethod`).
+First/last layers at 8 bits use the uniform int8 grid (:class:`~qcnn.methods.base.EdgeUniformMethod`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from qcnn.quant.base import Grid, Quantizer
-from qcnn.quant.dorefa import DoReFaActivation, EdgeUniformMethod, ScaleBufferMixin, binary_sign
-from qcnn.quant.registry import LayerContext, register_method
+from qcnn.quant.base import Grid, Quantizer, ScaleBufferMixin, binary_sign
 
 EPS = 1e-8
 SCALES = ("none", "max", "mean")
@@ -102,33 +98,4 @@ class WRPNWeight(ScaleBufferMixin, Quantizer):
         return f"bits={self.bits}, weight_scale={self.weight_scale}, binary_scale={self.binary_scale}"
 
 
-@dataclass
-class WRPNOptions:
-    #: k > 1 weights: ``none`` (clip the raw weights to [-1, 1], paper) or ``max`` (grid on [-max|w|, max|w|])
-    weight_scale: str = "none"
-    #: 1-bit weights: ``mean`` (sign(w) mean|w|), ``max`` or ``none`` (+-1)
-    binary_scale: str = "mean"
-
-
-@register_method
-class WRPNMethod(EdgeUniformMethod):
-    """WRPN: unsigned clip-to-[0,1] activations, signed clip-to-[-1,1] weights; widen with ``width``."""
-
-    name = "wrpn"
-    Options = WRPNOptions
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        for name in ("weight_scale", "binary_scale"):
-            v = getattr(self.options, name)
-            if v not in SCALES:
-                raise ValueError(f"{name}={v!r} is not one of {SCALES}")
-
-    def low_weight(self, ctx: LayerContext) -> Quantizer:
-        return WRPNWeight(ctx.w_bits, self.options.weight_scale, self.options.binary_scale, ctx.per_channel)
-
-    def low_act(self, ctx: LayerContext) -> Quantizer:
-        return DoReFaActivation(ctx.a_bits, signed=ctx.input_signed)
-
-
-__all__ = ["WRPNMethod", "WRPNWeight"]
+__all__ = ["WRPNWeight"]

@@ -31,6 +31,27 @@ FIRST_LAST = ("fp32", "8bit", "same")
 _SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently:
+    ``w_bits: 4`` then ``w_bits: 2`` would quietly train 2-bit weights)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` (its keys may be overridden)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _check_value(key: str, value, annotation: str, where: str):
     """``value`` of field ``key`` checked (and a numeric string coerced for a float field) against the
     field's annotation; a ValueError names the place, the key and the value."""
@@ -52,14 +73,19 @@ def _check_value(key: str, value, annotation: str, where: str):
     raise ValueError(f"{where}: {key}={value!r} must be {' or '.join(kinds)} (got {type(value).__name__})")
 
 
-def _strict(cls, d: dict | None, where: str):
+def checked_fields(cls, d: dict | None, where: str, unknown: str | None = None) -> dict:
+    """The mapping ``d`` for the dataclass ``cls``: unknown keys refused with the valid ones listed, every value
+    checked against its field's annotation (:func:`_check_value`). The one options mechanism of qcnn: recipes,
+    their ``train`` and ``overrides``, method ``params`` and procedure ``procedure_params`` all go through it.
+    ``unknown`` replaces the start of the unknown-key message (default ``unknown key(s) [...] in <where>``)."""
     if d is not None and not isinstance(d, dict):
         raise ValueError(f"{where} must be a mapping of keys to values, got {type(d).__name__} {d!r}")
     d = dict(d or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     bad = sorted(set(d) - set(fields))
     if bad:
-        raise ValueError(f"unknown key(s) {bad} in {where}; valid keys: {sorted(fields)}")
+        head = f"{unknown} {bad}" if unknown else f"unknown key(s) {bad} in {where}"
+        raise ValueError(f"{head}; valid keys: {sorted(fields) or 'none'}")
     for k, v in d.items():
         ann = fields[k].type if isinstance(fields[k].type, str) else getattr(fields[k].type, "__name__", "")
         d[k] = _check_value(k, v, ann, where)
@@ -93,6 +119,10 @@ class TrainSpec:
     augment: bool = True
     amp: bool = False
 
+    def __post_init__(self):  # built directly, it is checked as a recipe's ``train:`` mapping is
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "train"))
+
 
 @dataclass
 class Recipe:
@@ -114,6 +144,9 @@ class Recipe:
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # e.g. Recipe(per_channel="no") is refused, not taken as True
+            if f.name not in ("params", "procedure_params", "overrides", "train"):
+                setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "recipe"))
         check_bits(self.w_bits, "w_bits")
         if self.a_bits is not None:
             check_bits(self.a_bits, "a_bits")
@@ -125,7 +158,9 @@ class Recipe:
             raise ValueError(f"calib_images={self.calib_images!r} must be a positive integer")
         if self.first_last not in FIRST_LAST:
             raise ValueError(f"first_last={self.first_last!r} is not one of {FIRST_LAST}")
-        self.overrides = [o if isinstance(o, Override) else Override(**_strict(Override, o, "override"))
+        if not isinstance(self.overrides, (list, tuple)):
+            raise ValueError(f"overrides={self.overrides!r} must be a list of {{pattern: ..., w_bits: ...}} mappings")
+        self.overrides = [o if isinstance(o, Override) else Override(**checked_fields(Override, o, "override"))
                           for o in self.overrides]
         for o in self.overrides:
             if o.w_bits is not None:
@@ -133,28 +168,34 @@ class Recipe:
             if o.a_bits is not None:
                 check_bits(o.a_bits, f"a_bits of override {o.pattern!r}")
         if not isinstance(self.train, TrainSpec):
-            self.train = TrainSpec(**_strict(TrainSpec, self.train, "train"))
+            self.train = TrainSpec(**checked_fields(TrainSpec, self.train, "train"))
         for key in ("params", "procedure_params"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a mapping of option names to values")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "recipe") -> Recipe:
-        d = _strict(cls, d, where)
+        if not isinstance(d, dict):  # None too: an absent recipe is not the default one
+            raise ValueError(f"{where} must be a mapping of keys to values, got {type(d).__name__} {d!r}")
+        d = checked_fields(cls, d, where)
         if "train" in d and not isinstance(d["train"], TrainSpec):
-            d["train"] = TrainSpec(**_strict(TrainSpec, d["train"], f"{where}, train"))
+            d["train"] = TrainSpec(**checked_fields(TrainSpec, d["train"], f"{where}, train"))
         if isinstance(d.get("overrides"), list):
-            d["overrides"] = [Override(**_strict(Override, o, f"{where}, override {i}")) if isinstance(o, dict) else o
-                              for i, o in enumerate(d["overrides"])]
+            d["overrides"] = [Override(**checked_fields(Override, o, f"{where}, override {i}"))
+                              if isinstance(o, dict) else o for i, o in enumerate(d["overrides"])]
         return cls(**d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"recipe {str(path)!r} is a directory, not a recipe file")
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
         try:
-            d = yaml.safe_load(path.read_text())
+            d = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"recipe {str(path)!r} is not UTF-8 text ({e})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"recipe {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if d is None:
@@ -172,7 +213,7 @@ class Recipe:
         train = changes.pop("train", None)
         r = dataclasses.replace(self, **changes)
         if train:
-            r.train = dataclasses.replace(r.train, **_strict(TrainSpec, train, "train"))
+            r.train = dataclasses.replace(r.train, **checked_fields(TrainSpec, train, "train"))
         return r
 
 
@@ -206,4 +247,5 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return Recipe.from_yaml(find_recipe(name_or_path))
 
 
-__all__ = ["FIRST_LAST", "Override", "Recipe", "TrainSpec", "find_recipe", "list_recipes", "load_recipe"]
+__all__ = ["checked_fields", "FIRST_LAST", "Override", "Recipe", "TrainSpec", "find_recipe", "list_recipes",
+           "load_recipe"]

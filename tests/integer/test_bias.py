@@ -11,7 +11,7 @@ from qcnn.calib import calibrating
 from qcnn.integer import AccumulatorBias, add_bias_quantizers, to_integer
 from qcnn.integer.agreement import compare_codes, simulation_codes
 from qcnn.integer.onnx_export import ort_codes, to_onnx
-from qcnn.transform import quantize
+from qcnn.methods import quantize
 
 
 class _Net(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from qcnn.calib import calibrating
 from qcnn.integer import IntegerModel, to_integer
 from qcnn.integer.agreement import compare_codes, simulation_codes
-from qcnn.transform import quantize
+from qcnn.methods import quantize
 
 
 class _Block(nn.Module):

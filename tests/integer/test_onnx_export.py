@@ -12,7 +12,7 @@ from qcnn.calib import calibrating
 from qcnn.integer import IntegerModel, add_residual_quantizers, run_engine, to_integer
 from qcnn.integer.agreement import compare_codes, simulation_codes
 from qcnn.integer.onnx_export import OrtModel, optimized_op_counts, ort_codes, to_onnx
-from qcnn.transform import quantize
+from qcnn.methods import quantize
 
 
 class _Res(nn.Module):

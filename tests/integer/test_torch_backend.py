@@ -9,7 +9,7 @@ from torch import nn
 from qcnn.calib import calibrating
 from qcnn.integer import add_bias_quantizers, to_integer
 from qcnn.integer.torch_backend import to_torch_quantized
-from qcnn.transform import quantize
+from qcnn.methods import quantize
 
 pytestmark = pytest.mark.skipif(not torch.backends.quantized.supported_engines or
                                 torch.backends.quantized.engine == "none", reason="no quantized CPU engine")

@@ -10,7 +10,7 @@ import torch
 
 from qcnn.methods import run_recipe
 from qcnn.methods.bireal import bireal_network, split_epochs
-from qcnn.models import build_model
+from qcnn.models import arch_record, build_model
 from qcnn.models.bireal import BiRealCifarResNet, LeNet5BiReal
 from qcnn.quant.binary import MagnitudeAwareBinaryWeight
 from qcnn.recipes import Recipe
@@ -102,7 +102,7 @@ def _synthetic_bundle(n=16, channels=3, side=32):
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet56", "lenet5"])
 def test_model_pt_records_the_bireal_architecture_of_every_depth(name, tmp_path):
-    """The qat command's path: run_recipe -> metrics.pop("arch", arch) -> save_model; load_model rebuilds
+    """The qat command's path: run_recipe -> the model's arch record -> save_model; load_model rebuilds
     the Bi-Real network of the right depth and computes exactly the same outputs."""
     from qcnn.checkpoint import load_model, save_model
 
@@ -114,7 +114,7 @@ def test_model_pt_records_the_bireal_architecture_of_every_depth(name, tmp_path)
     recipe = Recipe.from_yaml(RECIPES / "bireal.yaml").replace(
         procedure_params={"pretrain_epochs": 0, "binary_epochs": 0, "bn_epochs": 0})
     q, metrics = run_recipe(model, bundle, recipe)
-    arch = metrics.pop("arch", arch)  # as qcnn/commands/qat.py does
+    arch = arch_record(q) or arch  # as qcnn/commands/qat.py does
     expect = f"bireal_{name}" if name != "lenet5" else "lenet5_bireal"
     assert arch["name"] == expect
     with torch.no_grad():  # non-trivial BN statistics, so that a state not reloaded would show
@@ -134,7 +134,7 @@ def test_model_pt_records_the_bireal_architecture_of_every_depth(name, tmp_path)
 
 def test_every_cifar_depth_maps_to_its_zoo_record():
     from qcnn.models import build_model as build
-    from qcnn.models.bireal import CIFAR_DEPTHS, arch_record
+    from qcnn.models.bireal import CIFAR_DEPTHS
 
     for depth in CIFAR_DEPTHS:
         net, _, _ = bireal_network(build(f"resnet{depth}", width=0.25))

@@ -7,11 +7,11 @@ import optuna
 import pytest
 import torch
 
-from qcnn.methods import run_recipe
+from qcnn.methods import quantize, run_recipe
 from qcnn.methods.clipq import SearchOptions, bits_per_weight, search, select
 from qcnn.models import build_model
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize, quantized_layers
+from qcnn.transform import quantized_layers
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def fashion(fashion_dir):
 
 
 def _recipe(**pp):
-    return Recipe.from_dict({"method": "clipq", "w_bits": 3, "first_last": "same", "procedure": "clipq",
+    return Recipe.from_dict({"method": "clipq", "w_bits": 3, "a_bits": None, "first_last": "same", "procedure": "clipq",
                              "procedure_params": pp,
                              "train": {"epochs": 1, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}})
 
@@ -60,7 +60,7 @@ def test_select_meets_target_ratio():
 def test_clipq_training_on_fashion_mnist_improves_loss(fashion):
     torch.manual_seed(0)
     q = quantize(build_model("lenet5", in_channels=1), Recipe.from_dict(
-        {"method": "clipq", "w_bits": 3, "first_last": "same", "params": {"p": 0.5}}))
+        {"method": "clipq", "w_bits": 3, "a_bits": None, "first_last": "same", "params": {"p": 0.5}}))
     x_eval, y_eval = next(iter(fashion.test))
     opt = torch.optim.Adam(q.parameters(), lr=3e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -105,7 +105,7 @@ def test_bad_procedure_params():
 
 
 def _layers_recipe(layers, **pp):
-    return Recipe.from_dict({"method": "clipq", "w_bits": 3, "first_last": "same", "procedure": "clipq",
+    return Recipe.from_dict({"method": "clipq", "w_bits": 3, "a_bits": None, "first_last": "same", "procedure": "clipq",
                              "procedure_params": {"layers": layers, **pp},
                              "train": {"epochs": 0}})
 

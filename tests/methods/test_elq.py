@@ -7,9 +7,8 @@ import dataclasses
 import torch
 
 from qcnn.methods import run_recipe
-from qcnn.methods.elq import stage_starts
+from qcnn.methods.elq import elq_layers, stage_starts
 from qcnn.models import build_model
-from qcnn.quant.elq import elq_layers
 from qcnn.recipes import Recipe
 
 
@@ -28,7 +27,7 @@ def test_elq_schedule_and_frozen_weights_on_fashion_mnist(fashion_dir):
     model = build_model("lenet5", in_channels=1)
     spec = Recipe().train
     fit(model, b, dataclasses.replace(spec, epochs=1, lr=0.05, schedule="constant"))  # a float start
-    recipe = Recipe.from_dict(dict(method="elq", w_bits=2, a_bits=8, first_last="fp32", procedure="elq",
+    recipe = Recipe.from_dict(dict(method="elq", w_bits=2, a_bits=None, first_last="fp32", procedure="elq",
                                    params=dict(criterion="loss", schedule=[0.5, 0.75, 0.875, 1.0], penalty=1e-4),
                                    train=dict(epochs=1, batch_size=64, lr=0.01, schedule="constant")))
 

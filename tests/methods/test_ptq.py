@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from qcnn.methods import quantize
 from qcnn.methods.ptq import best_weight_fl, post_training_quantize, recipe_of, top1
 from qcnn.quant.fixed_point import FixedPointQuantizer, fixed_point_quant
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def _net(seed=0):

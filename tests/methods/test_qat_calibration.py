@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from qcnn.calib import batchnorm_in_train_mode, reestimate_bn
-from qcnn.methods import calibrate, quantize_and_calibrate
+from qcnn.methods import calibrate, quantize, quantize_and_calibrate
 from qcnn.nn.layers import QAdd
 from qcnn.quant.pact import PACTQuantizer
 from qcnn.recipes import Recipe, load_recipe
-from qcnn.transform import quantize
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcnn.methods import run_recipe
-from qcnn.methods.vnq import ELBOLoss, VNQProcedureOptions
+from qcnn.methods import quantize, run_recipe
+from qcnn.methods.vnq import ELBOLoss, VNQProcedureOptions, kl_total
 from qcnn.models import build_model
-from qcnn.quant.vnq import kl_total, to_variational, variational_layers
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.transform import to_variational, variational_layers
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def fashion(fashion_dir):
 
 
 def _recipe(**pp):
-    return Recipe.from_dict({"method": "vnq", "w_bits": 2, "first_last": "same", "procedure": "vnq",
+    return Recipe.from_dict({"method": "vnq", "w_bits": 2, "a_bits": None, "first_last": "same", "procedure": "vnq",
                              "params": {"sigma_lr": 0.01}, "procedure_params": pp,
                              "train": {"epochs": 2, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}})
 
@@ -83,7 +82,8 @@ def test_reestimate_bn_uses_snapped_mean_weights_and_trains_nothing():
 
     from qcnn.methods.vnq import reestimate_bn
     from qcnn.nn.layers import QLinear
-    from qcnn.quant.vnq import VNQLinear, VNQQuantizer
+    from qcnn.nn.vnq import VNQLinear
+    from qcnn.quant.vnq import VNQQuantizer
 
     torch.manual_seed(0)
     lin = QLinear.from_float(nn.Linear(3, 2), weight_quant=None)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from qcnn.quant.binary import ApproxSignQuantizer, BiRealMethod, MagnitudeAwareBinaryWeight, approx_sign_grad
+from qcnn.methods import quantize
+from qcnn.methods.bireal import BiRealMethod
+from qcnn.quant.binary import ApproxSignQuantizer, MagnitudeAwareBinaryWeight, approx_sign_grad
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_approx_sign_forward_and_backward_by_hand():

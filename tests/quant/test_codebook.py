@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcnn.quant.codebook import ClipQOptions, ClipQQuantizer, FixedCodebook, clipq_quantize, layer_params
+from qcnn.methods import quantize
+from qcnn.methods.clipq import ClipQOptions, layer_params
+from qcnn.quant.codebook import ClipQQuantizer, FixedCodebook, clipq_quantize
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize, quantized_layers
+from qcnn.transform import quantized_layers
 
 
 def test_clip_per_side_and_interval_means():
@@ -92,7 +94,7 @@ def test_recipe_per_layer_params():
     assert layer_params(opts, "fc3", 3) == (0.8, 5)
     from qcnn.models import build_model
 
-    r = Recipe.from_dict({"method": "clipq", "w_bits": 3, "first_last": "same",
+    r = Recipe.from_dict({"method": "clipq", "w_bits": 3, "a_bits": None, "first_last": "same",
                           "params": {"p": 0.4, "layers": {"fc*": [0.8, 2]}}})
     q = quantize(build_model("lenet5", in_channels=1), r)
     got = {n: (round(float(m.weight_quant.p), 3), m.weight_quant.bits) for n, m in quantized_layers(q)}

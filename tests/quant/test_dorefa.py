@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcnn.calib import calibrating
+from qcnn.methods import quantize
 from qcnn.nn.layers import QConv2d
 from qcnn.quant.dorefa import DoReFaActivation, DoReFaGradQuantizer, DoReFaWeight, quantize_k
 from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_quantize_k_values_and_ste():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcnn.quant.elq import ELQOptions, ELQWeightQuantizer, binary_params, codes, elq_penalty, ternary_params
+from qcnn.methods.elq import ELQOptions, elq_penalty
+from qcnn.quant.elq import ELQWeightQuantizer, binary_params, codes, ternary_params
 
 
 def test_ternary_and_binary_closed_form_by_hand():

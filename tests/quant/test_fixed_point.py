@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qcnn.calib import calibrating
+from qcnn.methods import quantize
 from qcnn.quant.fixed_point import FixedPointQuantizer, fl_from_amax, qcode_fl
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_forward_hand_values():
@@ -119,7 +119,8 @@ def test_qcode_method_places_quantizers():
 def test_one_bit_signed_qcode_is_refused_and_marked_undefined():
     import pytest
 
-    from qcnn.quant.fixed_point import FixedPointQuantizer, QCodeMethod
+    from qcnn.methods.qcode import QCodeMethod
+    from qcnn.quant.fixed_point import FixedPointQuantizer
 
     with pytest.raises(ValueError, match="bits=1 is not supported by a signed QCode"):
         FixedPointQuantizer(1, signed=True)

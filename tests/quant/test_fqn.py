@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from qcnn.calib import calibrating
-from qcnn.nn.layers import QConv2d, QLinear
-from qcnn.quant.fqn import QConvBn2d, fold_conv_bn
+from qcnn.methods import quantize
+from qcnn.nn.layers import QConv2d, QConvBn2d, QLinear
 from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.transform import fold_conv_bn
 
 
 class _Net(nn.Module):

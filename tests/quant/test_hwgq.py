@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcnn.methods import calibrate
+from qcnn.methods import calibrate, quantize
 from qcnn.quant.hwgq import BinaryChannelWeight, HWGQActivation, half_normal_levels, half_normal_mse, hwgq_levels
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_numerical_levels_match_paper():

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcnn.calib import calibrating
+from qcnn.methods import quantize
+from qcnn.methods.hwgq import normalized_inputs
 from qcnn.models import build_model
-from qcnn.quant.hwgq import HWGQActivation, normalized_inputs
+from qcnn.quant.hwgq import HWGQActivation
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 RECIPE = "recipes/hwgq.yaml"
 BLOCKS = [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]

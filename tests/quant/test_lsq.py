@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from qcnn.methods import calibrate
+from qcnn.methods import calibrate, quantize
 from qcnn.quant.lsq import LSQQuantizer, lsq, lsq_range
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_ranges():
@@ -82,3 +81,31 @@ def test_method_state_dict_round_trip():
     q2 = quantize(net, recipe)
     q2.load_state_dict(q.state_dict())
     assert torch.equal(q2.eval()(x), q(x))
+
+
+def test_mse_init_weights_and_activations():
+    """LSQ+ initialisation: the weight step is the MSE-optimal one (fewer zeros than 2 mean|w| at 2 bits),
+    the activation step minimises the calibration data's quantization error on its geometric grid."""
+    from qcnn.calib import calibrating
+    from qcnn.quant.lsq import mse_step_geometric
+    from qcnn.quant.uniform import mse_scale
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    paper = LSQQuantizer(2, True, activation=False, init=w)
+    mse = LSQQuantizer(2, True, activation=False, init=w, init_rule="mse")
+    assert torch.equal(mse.step.detach(), mse_scale(w, -2, 1))
+    assert ((mse(w) - w) ** 2).sum() < ((paper(w) - w) ** 2).sum()
+    assert (mse(w) == 0).float().mean() < (paper(w) == 0).float().mean() - 0.1
+
+    x = torch.relu(torch.randn(4, 8, 16, 16))
+    a = LSQQuantizer(2, False, init_rule="mse")
+    with calibrating(a):
+        a(x)
+    s = float(a.step)
+    assert s == pytest.approx(float(mse_step_geometric(x, 0, 3)))
+    grid = torch.logspace(-4, 0, 161) * x.max() / 3
+    errs = torch.stack([((x / g).clamp(0, 3).round() * g - x).pow(2).mean() for g in grid])
+    assert ((x / s).clamp(0, 3).round() * s - x).pow(2).mean() <= errs.min() + 1e-7
+    with pytest.raises(ValueError, match="'paper' or 'mse'"):
+        LSQQuantizer(2, True, init_rule="max")

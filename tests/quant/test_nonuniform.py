@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 
 from qcnn.calib import calibrating
+from qcnn.methods import quantize
 from qcnn.quant.nonuniform import (
     QuantileActQuantizer,
     QuantileWeightQuantizer,
     empirical_quantile_levels,
     gaussian_quantile_levels,
     integer_representation,
-    level_report,
 )
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
+from qcnn.report.levels import level_report
 
 
 def test_gaussian_levels_are_normal_quantiles():

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from qcnn.calib import calibrating
-from qcnn.methods import calibrate
+from qcnn.methods import calibrate, quantize
 from qcnn.models import build_model
 from qcnn.quant.nonuniform import QuantileActQuantizer, empirical_quantile_levels
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 RECIPE = "recipes/nonuniform.yaml"
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcnn.methods import calibrate
+from qcnn.methods import calibrate, quantize
+from qcnn.methods.pact import PACTMethod
 from qcnn.quant.dorefa import DoReFaWeight
-from qcnn.quant.pact import PACTMethod, PACTQuantizer, pact
+from qcnn.quant.pact import PACTQuantizer, pact
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_unsigned_forward_and_gradients():

@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from qcnn.methods.vnq import prune_and_snap
 from qcnn.nn.layers import QLinear
-from qcnn.quant.vnq import K1, VNQLinear, VNQQuantizer, neg_kl, prune_and_snap, ternary_r, to_variational
+from qcnn.nn.vnq import VNQLinear
+from qcnn.quant.vnq import K1, VNQQuantizer, neg_kl, ternary_r
+from qcnn.transform import to_variational
 
 
 def _hand_neg_kl(la: float) -> float:
@@ -74,12 +77,12 @@ def test_local_reparameterisation_moments():
 
 
 def test_to_variational_and_prune_and_snap_give_ternary_layers():
+    from qcnn.methods import quantize
     from qcnn.models import build_model
     from qcnn.recipes import Recipe
-    from qcnn.transform import quantize
 
     q = to_variational(quantize(build_model("lenet5", in_channels=1),
-                                Recipe.from_dict({"method": "vnq", "w_bits": 2, "first_last": "same"})))
+                                Recipe.from_dict({"method": "vnq", "w_bits": 2, "a_bits": None, "first_last": "same"})))
     assert isinstance(q.fc1, VNQLinear)
     loss = q.train()(torch.randn(4, 1, 28, 28)).sum()
     loss.backward()
@@ -110,7 +113,7 @@ def test_prune_and_snap_level_fractions():
 
 
 def test_clip_theta_step_hook():
-    from qcnn.quant.registry import get_method
+    from qcnn.methods.base import get_method
 
     lin = QLinear.from_float(nn.Linear(4, 1, bias=False), weight_quant=None)
     with torch.no_grad():

@@ -7,21 +7,19 @@ import math
 import pytest
 import torch
 
+from qcnn.methods import quantize
+from qcnn.methods.wage import WageSGD, wage_clip_, wage_init
 from qcnn.quant.wage import (
     WageActQuantizer,
     WageErrorQuantizer,
-    WageSGD,
     WageWeightQuantizer,
     layer_alpha,
     shift,
     wage_c,
-    wage_clip_,
-    wage_init,
     wage_q,
     wage_update,
 )
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def on_grid(x: torch.Tensor, k: int) -> bool:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcnn.methods import calibrate
+from qcnn.methods import calibrate, quantize
+from qcnn.methods.base import get_method
 from qcnn.quant.dorefa import DoReFaActivation
-from qcnn.quant.registry import get_method
 from qcnn.quant.wrpn import WRPNWeight
 from qcnn.recipes import Recipe
-from qcnn.transform import quantize
 
 
 def test_ternary_weights_literal_form_and_masked_ste():

@@ -1,10 +1,11 @@
-"""Method registry: how each method places quantizers on a network.
+"""The method contract and registry: how each method places quantizers on a network.
 
 A :class:`Method` answers, for one layer described by a :class:`LayerContext`, which quantizer goes on
 its weight, on the activation it consumes, and (optionally) on the gradient leaving its output. The
-method files in :mod:`qcnn.quant` define their quantizers and register a ``Method`` subclass with
-:func:`register_method`; :func:`qcnn.transform.quantize` only talks to this interface, so there are no
-switches on method names anywhere else.
+quantizer math lives in :mod:`qcnn.quant`; each family's ``Method`` subclass (its policy and options)
+lives in ``qcnn/methods/<family>.py`` and registers itself with :func:`register_method`;
+:func:`qcnn.methods.quantize` only talks to this interface, so there are no switches on method names
+anywhere else.
 
 Method-specific options are a dataclass (``Method.Options``); a recipe's ``params`` are checked against
 it, and unknown keys are refused with the list of valid ones.
@@ -12,7 +13,6 @@ it, and unknown keys are refused with the list of valid ones.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,22 +21,23 @@ from torch import nn
 
 from qcnn.quant.base import GradientQuantizer, Quantizer
 from qcnn.quant.uniform import UniformQuantizer
+from qcnn.recipes import checked_fields
 
-#: modules holding method files; each registers its methods on import
+#: modules holding method policies; each registers its methods on import
 METHOD_MODULES = (
-    "qcnn.quant.fixed_point",
-    "qcnn.quant.dorefa",
-    "qcnn.quant.pact",
-    "qcnn.quant.wrpn",
-    "qcnn.quant.hwgq",
-    "qcnn.quant.lsq",
-    "qcnn.quant.wage",
-    "qcnn.quant.binary",
-    "qcnn.quant.elq",
-    "qcnn.quant.nonuniform",
-    "qcnn.quant.codebook",
-    "qcnn.quant.vnq",
-    "qcnn.quant.fqn",
+    "qcnn.methods.qcode",
+    "qcnn.methods.dorefa",
+    "qcnn.methods.pact",
+    "qcnn.methods.wrpn",
+    "qcnn.methods.hwgq",
+    "qcnn.methods.lsq",
+    "qcnn.methods.wage",
+    "qcnn.methods.bireal",
+    "qcnn.methods.elq",
+    "qcnn.methods.nonuniform",
+    "qcnn.methods.clipq",
+    "qcnn.methods.vnq",
+    "qcnn.methods.fqn",
 )
 
 METHODS: dict[str, type[Method]] = {}
@@ -90,6 +91,8 @@ class Method:
     quantizes_activations: ClassVar[bool] = True
     #: True where quantized activations are part of the method itself (float activations undefined)
     requires_quantized_activations: ClassVar[bool] = False
+    #: True for fixed-point (power-of-two) grids whose fractional lengths the PTQ searches may choose
+    fl_search: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -109,24 +112,23 @@ class Method:
 
     @classmethod
     def make_options(cls, params: dict | None) -> Any:
-        params = dict(params or {})
-        names = {f.name for f in dataclasses.fields(cls.Options)}
-        bad = sorted(set(params) - names)
-        if bad:
-            raise ValueError(
-                f"unknown option(s) {bad} for method {cls.name!r}; valid options: {sorted(names) or 'none'}"
-            )
-        return cls.Options(**params)
+        """The method's Options from a recipe's ``params``: unknown keys and ill-typed values refused by name."""
+        return cls.Options(**checked_fields(cls.Options, params, f"params of method {cls.name!r}",
+                                            unknown=f"unknown option(s) for method {cls.name!r}:"))
 
     # -- quantizer factories -------------------------------------------------------------------
     def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
         return UniformQuantizer(ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True)
 
     def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if not self.quantizes_activations:
+            return None
         return self.calibrated_act(ctx.a_bits, ctx.input_signed, ctx.calib)
 
     def input_quantizer(self, ctx: LayerContext) -> Quantizer | None:
         """Quantizer on the network input (the first layer's activation): signed, calibrated."""
+        if not self.quantizes_activations:
+            return None
         return self.calibrated_act(ctx.a_bits, True, ctx.calib)
 
     def grad_quantizer(self, ctx: LayerContext) -> GradientQuantizer | None:
@@ -135,6 +137,8 @@ class Method:
 
     def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
         """Quantizer on the output of a residual add (needed for integer-only inference)."""
+        if not self.quantizes_activations:
+            return None
         return self.calibrated_act(a_bits, True, calib)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -157,16 +161,29 @@ class Method:
         return f"{type(self).__name__}({self.options})"
 
 
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay kernels (ndim >= 2); BN parameters, biases and scalar quantizer parameters are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+class EdgeUniformMethod(Method):
+    """Base for the low-bit methods: first/last layers (role ``first``/``last``) at 8 or more bits use the
+    base class's uniform int8 quantizers; everything else is left to the subclass's ``low_*`` factories."""
+
+    @staticmethod
+    def edge(ctx: LayerContext, bits: int) -> bool:
+        return ctx.role != "hidden" and bits >= 8
+
+    def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self.edge(ctx, ctx.w_bits):
+            return super().weight_quantizer(ctx)
+        return self.low_weight(ctx)
+
+    def act_quantizer(self, ctx: LayerContext) -> Quantizer | None:
+        if self.edge(ctx, ctx.a_bits):
+            return super().act_quantizer(ctx)
+        return self.low_act(ctx)
+
+    def low_weight(self, ctx: LayerContext) -> Quantizer | None:
+        raise NotImplementedError
+
+    def low_act(self, ctx: LayerContext) -> Quantizer | None:
+        raise NotImplementedError
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -180,6 +197,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 class UniformOptions:
     #: power-of-two scales (fixed-point friendly)
     pot: bool = False
+    #: weight range: ``minmax`` (the tensor's own, Jacob et al.) or ``mse`` (MSE-optimal clipping per call)
+    weight_range: str = "minmax"
 
 
 class UniformMethod(Method):
@@ -191,7 +210,8 @@ class UniformMethod(Method):
 
     def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
         return UniformQuantizer(
-            ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True, pot=self.options.pot
+            ctx.w_bits, signed=True, symmetric=True, per_channel=ctx.per_channel, dynamic=True, pot=self.options.pot,
+            weight_range=self.options.weight_range,
         )
 
     def calibrated_act(self, bits: int, signed: bool, calib: str) -> Quantizer:
@@ -238,7 +258,6 @@ __all__ = [
     "Method",
     "NoOptions",
     "available_methods",
-    "default_param_groups",
     "get_method",
     "register_method",
 ]

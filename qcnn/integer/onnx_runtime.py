@@ -1,0 +1,76 @@
+"""Running exported models in ONNX Runtime: :class:`OrtModel`, :func:`ort_codes`, :func:`optimized_op_counts`."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from qcnn.integer.onnx_builder import load_onnx
+
+
+class OrtModel:
+    """ONNX Runtime session on an exported model (all graph optimisations on, CPU by default)."""
+
+    def __init__(self, model, threads: int | None = None, providers: list[str] | None = None,
+                 optimized_path: str | Path | None = None):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        if optimized_path is not None:
+            so.optimized_model_filepath = str(optimized_path)
+        data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+        self.session = ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+        arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+        return self.session.run(None, {self.input_name: arr})
+
+    def __call__(self, x) -> torch.Tensor:
+        return torch.from_numpy(self.run(x)[0])
+
+
+def ort_codes(model, names: dict[str, str], x: torch.Tensor, force: dict[str, torch.Tensor] | None = None,
+              threads: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run a ``with_codes`` export (``to_onnx(..., with_codes=True[, forced=True])``) in ONNX Runtime on ``x``;
+    ``force`` gives the codes fed to the ``force:<point>`` inputs (engine codes, int64). Returns ``(logits, point
+    -> engine codes as int64)``."""
+    props = {p.key: p.value for p in model.metadata_props}
+    offsets = json.loads(props.get("qcnn.code_offsets", "{}"))
+    session = OrtModel(model, threads=threads)
+    feeds = {"input": x.detach().cpu().float().numpy()}
+    for i in session.session.get_inputs():
+        if i.name.startswith("force:"):
+            if force is None or i.name[6:] not in force:
+                raise ValueError(f"the model reads forced codes for {i.name[6:]!r}; pass them in force")
+            dt = np.uint8 if "uint8" in i.type else np.int64 if "int64" in i.type else np.int8
+            feeds[i.name] = (force[i.name[6:]].cpu().numpy() + offsets.get(i.name, 0)).astype(dt)
+    outs = session.session.run(None, feeds)
+    got = {p: torch.from_numpy(outs[session.output_names.index(n)].astype(np.int64) - offsets.get(n, 0))
+           for p, n in names.items() if n in session.output_names}
+    return torch.from_numpy(outs[0]), got
+
+
+def optimized_op_counts(model, threads: int | None = None) -> dict[str, int]:
+    """Operator counts of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
+    onnx = load_onnx()[0]
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "optimized.onnx"
+        OrtModel(model, threads=threads, optimized_path=p)
+        g = onnx.load(str(p)).graph
+    counts: dict[str, int] = {}
+    for n in g.node:
+        key = n.op_type if not n.domain or n.domain == "ai.onnx" else f"{n.domain}.{n.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+__all__ = ["OrtModel", "optimized_op_counts", "ort_codes"]
