@@ -13,8 +13,8 @@ the same codes as :class:`~qcnn.integer.runtime.IntegerModel` with ``requant="in
   weights), which ``ConvInteger`` does not take, by the FQN expansion ``sum x (w - z_w) = sum x w - z_w sum x``
   with ``sum x`` from a ``ConvInteger`` with an all-ones kernel; the int32 bias of ``bias_mode="accumulator"``;
 * ``requant`` / ``add``: ``Mul`` by the int32 multipliers ``K_i`` on int64, ``Mul`` by ``2^l_i``, ``Add`` of the
-  offset, then ``RoundingDivideByPOT(t, n) = Sign(t) * Div(Abs(t) + 2^(n-1), 2^n)`` (integer ``Div`` of
-  non-negative numbers is a floor: ties away from zero, as gemmlowp), ``+ z``, ``Clip``;
+  offset, then the engine's rounding shift with ties to even: ``r = Mod(t, 2^n)``, ``f = Div(t - r, 2^n)``
+  (exact), ``f + (r > 2^(n-1)) + (r == 2^(n-1)) Mod(f, 2)``, ``+ z``, ``Clip``;
 * ``clamp``: ``Mul`` by ``2^k``, ``Add``, ``Max`` / ``Min``; ``maxpool``: ``MaxPool`` on a float64 copy (every
   value is an integer below 2^53, exact); ``sumpool``: ``ReduceSum`` (global) or a sum of strided ``Slice``
   views (windows); ``reshape`` / ``getitem`` / ``pad``: ``Reshape`` / ``Slice`` / ``Pad`` on int64;
@@ -66,13 +66,20 @@ class IntegerBuilder(GraphBuilder):
         return out
 
     def _round_shift(self, t: str, n, ndim: int, base: str) -> str:
-        """``RoundingDivideByPOT(t, n)`` with ONNX integer operators (``n`` >= 0, per channel)."""
+        """``round(t / 2^n)``, ties to even (the engine's ``rounding_divide_by_pot_even``; ``n`` >= 0, per
+        channel) with opset-13 integer operators: ``r = Mod(t, 2^n)`` (in ``[0, 2^n)``), ``f = (t - r) / 2^n``
+        (exact), ``f + (r > h) + (r == h) Mod(f, 2)`` with ``h = 2^(n-1)`` (``h = 1`` where ``n = 0``: no tie)."""
         n = self._bcast(n, ndim)
-        half = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0).astype(np.int64)
+        half = np.left_shift(np.int64(1), np.maximum(n - 1, 0)).astype(np.int64)
         div = np.left_shift(np.int64(1), n).astype(np.int64)
-        mag = self.node("Add", [self.node("Abs", [t], base + "_abs"), self.i64("half", half)], base + "_half")
-        q = self.node("Div", [mag, self.i64("pot", div)], base + "_div")
-        return self.node("Mul", [q, self.node("Sign", [t], base + "_sign")], base + "_round")
+        pot, h = self.i64("pot", div), self.i64("half", half)
+        r = self.node("Mod", [t, pot], base + "_rem", fmod=0)
+        f = self.node("Div", [self.node("Sub", [t, r], base + "_down"), pot], base + "_floor")
+        above = self.node("Cast", [self.node("Greater", [r, h], base + "_gt")], base + "_up", to=self.TP.INT64)
+        tie = self.node("Cast", [self.node("Equal", [r, h], base + "_eq")], base + "_tie", to=self.TP.INT64)
+        odd = self.node("Mod", [f, self.i64("two", np.int64(2))], base + "_odd", fmod=0)
+        up = self.node("Add", [above, self.node("Mul", [tie, odd], base + "_tieodd")], base + "_inc")
+        return self.node("Add", [f, up], base + "_round")
 
     def _finish(self, t: str, a: dict, base: str) -> str:
         t = self.node("Add", [t, self.i64("z", a["zero_point"])], base + "_zp") if a["zero_point"] else t

@@ -23,8 +23,10 @@ their int64 ``MultiplyByQuantizedMultiplier``::
     y = RoundingDivideByPOT(sum_i (x_i * K_i) << l_i + offset, n)    K_i = round(M_i 2^n_i) in [2^30, 2^31)
 
 with ``n = max_i n_i`` and ``l_i = n - n_i`` (per channel), lowered only where the int64 sum could reach
-2^62. So ``y = round(sum_i x_i M_i + o)`` to the 31-bit precision of every multiplier (ties away from zero),
-and a residual add rounds once instead of once per operand.
+2^62. So ``y = round(sum_i x_i M_i + o)`` to the 31-bit precision of every multiplier (ties to even),
+and a residual add rounds once instead of once per operand. Unlike gemmlowp, that one rounding takes
+ties to even (``rounding_divide_by_pot_even``), as the simulation's ``torch.round``: with power-of-two scales
+(QCode, ``pot``) exact ties are common (bias-free convs, residual adds, 2^k-window average pools).
 
 Everything runs on int64 torch tensors (the int32 products of the paper need 64 bits), so the functions are
 bit-exact with the reference C++ for int32 inputs. ``pack_int4`` / ``unpack_int4`` store codes of grids with
@@ -89,6 +91,22 @@ def rounding_divide_by_pot(x: Tensor, exponent: Tensor | int) -> Tensor:
     return torch.bitwise_right_shift(x, e) + (remainder > threshold).to(torch.int64)
 
 
+def rounding_divide_by_pot_even(x: Tensor, exponent: Tensor | int) -> Tensor:
+    """``round(x / 2^exponent)`` with ties to even, as ``torch.round`` (exponent >= 0, exact on int64).
+
+    ``x = f 2^n + r`` with ``f = x >> n`` (floor) and ``0 <= r < 2^n``: round up where ``r > 2^(n-1)``, and
+    on an exact tie ``r = 2^(n-1)`` where ``f`` is odd. Negative ``x`` needs nothing special."""
+    x = x.to(torch.int64)
+    e = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
+    one = torch.ones((), dtype=torch.int64, device=x.device)
+    mask = torch.bitwise_left_shift(one, e) - 1
+    remainder = torch.bitwise_and(x, mask)
+    floor = torch.bitwise_right_shift(x, e)
+    half = torch.bitwise_left_shift(one, torch.clamp(e - 1, min=0))  # n = 0: half = 1 > r = 0, no tie
+    up = (remainder > half) | ((remainder == half) & (e > 0) & (torch.bitwise_and(floor, one) == 1))
+    return floor + up.to(torch.int64)
+
+
 def multiply_by_quantized_multiplier(x: Tensor, m0: Tensor, e: Tensor) -> Tensor:
     """``round(x * M)`` the TFLite way: left shift for ``e > 0``, high-mul, rounding right shift."""
     e = torch.as_tensor(e, dtype=torch.int64, device=x.device)
@@ -145,7 +163,8 @@ def wide_multipliers(terms: list[tuple[Tensor, float]], offset: Tensor | None = 
 
 def wide_requantize(xs: list[Tensor], ks: list[Tensor], n: Tensor, offset: Tensor | None = None,
                     lshifts: list[Tensor] | None = None) -> Tensor:
-    """``RoundingDivideByPOT(sum_i (x_i K_i) << l_i + offset, n)`` on int64 (one rounding, ties away from 0)."""
+    """``round(sum_i (x_i K_i) << l_i + offset, n) / 2^n)`` on int64: one rounding, ties to even as the
+    simulation's ``torch.round`` (:func:`rounding_divide_by_pot_even`)."""
     total = None
     for i, (x, k) in enumerate(zip(xs, ks)):
         t = x.to(torch.int64) * k.to(x.device)
@@ -154,7 +173,16 @@ def wide_requantize(xs: list[Tensor], ks: list[Tensor], n: Tensor, offset: Tenso
         total = t if total is None else total + t
     if offset is not None:
         total = total + offset.to(total.device)
-    return rounding_divide_by_pot(total, n.to(total.device))
+    return rounding_divide_by_pot_even(total, n.to(total.device))
+
+
+def pot_multiplier_even(x: Tensor, m0: Tensor, e: Tensor) -> Tensor:
+    """``round(x * M)`` for an exact power-of-two multiplier (``M0 = 2^30``: ``M = 2^(e - 1)``) as one shift,
+    ties to even; gemmlowp's MBQM would round twice (high-mul, then shift), each time half away from zero."""
+    s = torch.as_tensor(e, dtype=torch.int64, device=x.device) - 1
+    x = x.to(torch.int64)
+    return torch.where(s >= 0, torch.bitwise_left_shift(x, torch.clamp(s, min=0)),
+                       rounding_divide_by_pot_even(x, torch.clamp(-s, min=0)))
 
 
 # -- int4 storage --------------------------------------------------------------------------------------------
@@ -184,8 +212,10 @@ __all__ = [
     "multiply_by_quantized_multiplier",
     "pack_int4",
     "quantize_multiplier",
+    "pot_multiplier_even",
     "requantize",
     "rounding_divide_by_pot",
+    "rounding_divide_by_pot_even",
     "saturating_rounding_doubling_high_mul",
     "unpack_int4",
     "wide_multipliers",

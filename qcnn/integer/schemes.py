@@ -7,7 +7,11 @@ shifts and offsets a ``requant`` / ``add`` op stores) and at run time (how they 
   31-bit multipliers ``K_i`` (:func:`~qcnn.integer.requant.wide_multipliers`); the ops carry
   ``"scheme": "int64"``;
 * ``int32``: gemmlowp's ``MBQM`` with int32 intermediates, ``F <= 16`` extra fractional bits and one more
-  rounding, bit-exact with TFLite's int8 kernels (ops without a ``scheme`` attribute).
+  rounding, bit-exact with TFLite's int8 kernels (ops without a ``scheme`` attribute) except on ties: an
+  exact power-of-two multiplier (``M0 = 2^30``) is applied as one shift and the final ``F``-bit rounding
+  takes ties to even, as the simulation's ``torch.round``.
+
+Every rounding that stands for a ``torch.round`` of the simulation takes ties to even.
 
 The compiler picks a scheme once (:func:`get_scheme`); a kernel or exporter reads it back from an op with
 :func:`scheme_of`.
@@ -23,8 +27,9 @@ from torch import Tensor
 from qcnn.integer.ir import Op, operand_tensors, operand_zero_points
 from qcnn.integer.requant import (
     multiply_by_quantized_multiplier,
+    pot_multiplier_even,
     quantize_multiplier,
-    rounding_divide_by_pot,
+    rounding_divide_by_pot_even,
     wide_multipliers,
     wide_requantize,
 )
@@ -147,12 +152,16 @@ class Int32Scheme(RequantScheme):
         total = 0
         for x, z, m0, e in zip(xs, operand_zero_points(op), operand_tensors(op, "multiplier"),
                                operand_tensors(op, "shift")):
-            x = x - z
-            total = total + multiply_by_quantized_multiplier(x, m0.to(x.device), e.to(x.device))
+            x, m0, e = x - z, m0.to(x.device), e.to(x.device)
+            y = multiply_by_quantized_multiplier(x, m0, e)
+            pot = m0 == 2**30  # an exact power of two: one shift, ties to even (the simulation's torch.round)
+            if bool(pot.any()):
+                y = torch.where(pot, pot_multiplier_even(x, m0, e), y)
+            total = total + y
         if "offset" in t:
             total = total + t["offset"].to(total.device)
-        if "frac_bits" in op.attrs:  # the sum carries F fractional bits: one rounding to the output grid
-            total = rounding_divide_by_pot(total, op.attrs["frac_bits"])
+        if "frac_bits" in op.attrs:  # the sum carries F fractional bits: one rounding (ties to even) to the grid
+            total = rounding_divide_by_pot_even(total, op.attrs["frac_bits"])
         return _clamp_to_grid(op, total)
 
 
