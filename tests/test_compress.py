@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -208,3 +210,18 @@ def test_compress_command_takes_a_bireal_checkpoint(tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), ref(x))
+
+
+def test_a_flipped_bit_in_a_qcz_is_refused_with_the_file_named(tmp_path):
+    """torch.load ignores the zip CRCs: a flipped bit in the packed codes would load as another model."""
+    q, r = _clipq_model()
+    path = tmp_path / "m.qcz"
+    compress_model(q, path, arch=ARCH, recipe=r.to_dict())
+    data = bytearray(path.read_bytes())
+    blob_at = data.find(b"blob")  # the packed weight codes' member
+    assert blob_at > 0
+    i = blob_at + (len(data) - blob_at) // 3
+    data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*corrupted"):
+        load_compressed(path)
