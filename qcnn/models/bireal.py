@@ -20,9 +20,9 @@ ordinary real layers.
   layers change shape at every step, so it has no shortcuts (a binary LeNet trained the Bi-Real way).
   Names ``conv1, bn1, conv2, bn2, fc1, bn3, fc2, bn4, fc3``: the ``lenet5`` weights transfer by name.
 
-Every factory here records on the model it returns the zoo arguments that rebuild it
-(:func:`qcnn.models.arch_record`, as :func:`qcnn.models.build_model` does for every model), so a procedure
-that builds one of these networks saves it under its true architecture whatever its depth.
+A network built with :func:`qcnn.models.build_model` carries the zoo arguments that rebuild it
+(:func:`qcnn.models.arch_record`), so a procedure that builds one of these networks saves it under its true
+architecture whatever its depth.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcnn.models import record_arch, register_model, scaled
+from qcnn.models import register_model, scaled
 from qcnn.models.lenet import default_image_size, image_side, lenet_geometry
 
 
@@ -144,8 +144,7 @@ def _cifar_factory(depth: int):
     name = f"bireal_resnet{depth}"
 
     def factory(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> BiRealCifarResNet:
-        return record_arch(BiRealCifarResNet(depth, num_classes, in_channels, width), name, num_classes, in_channels,
-                         width)
+        return BiRealCifarResNet(depth, num_classes, in_channels, width)
 
     factory.__name__ = name
     factory.__doc__ = f"Bi-Real ResNet-{depth} for CIFAR-size input (real-valued form)."
@@ -161,16 +160,14 @@ bireal_resnet56 = _cifar_factory(56)
 @register_model("bireal_resnet18")
 def bireal_resnet18(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> BiRealResNet18:
     """Bi-Real ResNet-18 for ImageNet-size input (real-valued form)."""
-    return record_arch(BiRealResNet18(num_classes, in_channels, width), "bireal_resnet18", num_classes, in_channels,
-                     width)
+    return BiRealResNet18(num_classes, in_channels, width)
 
 
 @register_model("lenet5_bireal")
 def lenet5_bireal(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size=None) -> LeNet5BiReal:
     """LeNet-5 for Bi-Real binarization (BN after every hidden layer, clip activations)."""
     side = default_image_size(in_channels) if image_size is None else image_side(image_size)
-    return record_arch(LeNet5BiReal(num_classes, in_channels, width, side), "lenet5_bireal", num_classes, in_channels,
-                     width, image_size=side)
+    return LeNet5BiReal(num_classes, in_channels, width, side)
 
 
 __all__ = ["CIFAR_DEPTHS", "BiRealBlock", "BiRealCifarResNet", "BiRealResNet18", "LeNet5BiReal",

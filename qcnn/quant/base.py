@@ -41,6 +41,16 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+@torch.no_grad()
+def geometric_mse_search(x: Tensor, top: Tensor | float, quantize, n_grid: int = 161) -> Tensor:
+    """The threshold ``t`` among ``top 10^(-4 k / (n_grid - 1))`` (``k = 0..n_grid-1``; a geometric grid, as
+    activations have rare huge outliers) minimising ``mean (quantize(x, t) - x)^2``: the MSE-optimal clip of
+    calibration data (PACT's ``init_mse`` alpha, LSQ's ``init: mse`` activation step)."""
+    cands = torch.logspace(-4, 0, n_grid, device=x.device) * top
+    errs = torch.stack([(quantize(x, t) - x).pow(2).mean() for t in cands])
+    return cands[int(errs.argmin())]
+
+
 def binary_sign(x: Tensor) -> Tensor:
     """sign with sign(0) = +1 (two levels, never 0): the forward of every binary quantizer."""
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))

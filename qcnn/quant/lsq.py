@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from qcnn.calib.observers import check_finite
-from qcnn.quant.base import Grid, Quantizer
+from qcnn.quant.base import Grid, Quantizer, geometric_mse_search
 from qcnn.quant.uniform import mse_scale
 
 EPS = 1e-8
@@ -39,14 +39,16 @@ _SAMPLE = 1 << 18
 
 
 @torch.no_grad()
-def mse_step_geometric(x: Tensor, qn: int, qp: int, n_grid: int = 161) -> Tensor:
-    """The step ``s = t / Q_P`` minimising ``mean (x - s round(clip(x / s, -Q_N, Q_P)))^2`` over thresholds
-    ``t = max|x| 10^(-4 k / (n_grid - 1))`` (a geometric grid: activations have rare huge outliers)."""
+def mse_step_geometric(x: Tensor, qn: int, qp: int) -> Tensor:
+    """The step ``s = t / Q_P`` minimising ``mean (x - s round(clip(x / s, -Q_N, Q_P)))^2`` over the thresholds
+    ``t`` of :func:`qcnn.quant.base.geometric_mse_search` below ``max|x|``."""
     x = x.detach().float().reshape(-1)
-    top = x.abs().max().clamp_min(EPS)
-    steps = torch.logspace(-4, 0, n_grid, device=x.device) * top / qp
-    errs = torch.stack([((x / s).clamp(-qn, qp).round() * s - x).pow(2).mean() for s in steps])
-    return steps[int(errs.argmin())]
+
+    def quantize(v: Tensor, t: Tensor) -> Tensor:
+        s = t / qp
+        return (v / s).clamp(-qn, qp).round() * s
+
+    return geometric_mse_search(x, x.abs().max().clamp_min(EPS), quantize) / qp
 
 
 def lsq_range(bits: int, signed: bool) -> tuple[int, int]:

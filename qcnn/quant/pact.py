@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from qcnn.quant.base import Grid, Quantizer
+from qcnn.quant.base import Grid, Quantizer, geometric_mse_search
 
 ALPHA_MIN = 1e-4
 #: at most this many elements per batch enter the calibration percentile
@@ -142,10 +142,7 @@ class PACTQuantizer(Quantizer):
             x = torch.cat(self._samples)
             self._samples = []
             top = float((x.abs() if self.signed else x.clamp_min(0)).max().clamp_min(ALPHA_MIN))
-            # geometric grid: activations with rare huge outliers need candidates far below max|x|
-            cands = torch.logspace(-4, 0, 161, device=x.device) * top
-            errs = torch.stack([(pact(x, a, self.bits, self.signed) - x).pow(2).mean() for a in cands])
-            self.alpha.copy_(cands[int(errs.argmin())])
+            self.alpha.copy_(geometric_mse_search(x, top, lambda v, a: pact(v, a, self.bits, self.signed)))
         elif self.init_percentile is not None and int(self.calib_count) > 0:
             self.alpha.copy_((self.calib_sum / self.calib_count).clamp_min(ALPHA_MIN))
 

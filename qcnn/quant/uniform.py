@@ -39,6 +39,11 @@ from qcnn.quant.base import Grid, Quantizer, qrange
 EPS = 1e-8
 
 
+def pot_ceil(scale: Tensor) -> Tensor:
+    """``2^ceil(log2 s)``: the power-of-two scale (fixed-point ``fl = -log2 s``) covering ``s``."""
+    return torch.exp2(torch.ceil(torch.log2(scale)))
+
+
 def qparams_from_range(
     lo: Tensor, hi: Tensor, bits: int, signed: bool, symmetric: bool, pot: bool = False, narrow: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -54,7 +59,7 @@ def qparams_from_range(
         scale = (hi - lo) / (qmax - qmin)
     scale = torch.clamp(scale, min=EPS)
     if pot:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = pot_ceil(scale)
     if not symmetric:
         zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
     return scale, zp
@@ -123,7 +128,7 @@ def mse_range(x: Tensor, bits: int, signed: bool, symmetric: bool, n_grid: int =
     qmin, qmax = qrange(bits, signed)
     scale, zp = qparams_from_range(lo * ratios, hi * ratios, bits, signed, symmetric)  # [K]
     q = (torch.clamp(torch.round(flat[None] / scale[:, None]) + zp[:, None], qmin, qmax) - zp[:, None]) * scale[:, None]
-    best = int((q - flat[None]).pow(2).sum(dim=1).argmin())
+    best = (q - flat[None]).pow(2).sum(dim=1).argmin()  # a tensor index: no host sync in the training step
     return lo * ratios[best], hi * ratios[best]
 
 
@@ -259,9 +264,8 @@ class UniformQuantizer(Quantizer):
         if self.dynamic:
             with torch.no_grad():
                 if self.weight_range == "mse":
-                    self.scale = mse_scale(x, self.qmin, self.qmax, self.axis)
-                    if self.pot:
-                        self.scale = torch.exp2(torch.ceil(torch.log2(self.scale)))
+                    s = mse_scale(x, self.qmin, self.qmax, self.axis)
+                    self.scale = pot_ceil(s) if self.pot else s
                     self.zero_point = torch.zeros_like(self.scale, dtype=torch.int32)
                 else:
                     self._set_qparams(*reduce_minmax(x, self.axis))
