@@ -1,6 +1,6 @@
 """Post-training quantization table for a CIFAR ResNet: W/A bits x range estimator x grid family.
 
-Rows: W/A = 8/8, 6/6, 5/5, 4/8, 4/4. Columns: calibration (minmax, percentile, mse, kl, kl_nozero) for
+Rows: W/A = 8/8, 6/6, 5/5, 4/8, 4/4. Columns: calibration (minmax, percentile, mse, kl_tensorrt, kl) for
 (a) per-tensor power-of-two QCode (``qcode``) and (b) per-channel free-scale uniform weights with
 uniform activations (``uniform --per-channel``). All layers are quantized, first and last included
 (``first_last=same``); BN folded; residual adds keep 8 bits. Calibration on the held-out calibration split
@@ -25,18 +25,18 @@ from qcnn.methods import quantize
 from qcnn.methods.ptq import (
     _act_quantizers,
     _batches,
-    _set_bits,
     calibrate_with_histograms,
     post_training_quantize,
     top1,
 )
+from qcnn.methods.regrid import set_bits
 from qcnn.models import build_model, load_weights
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.recipes import Recipe
 from qcnn.report.size import summarize
 
 BITS = ((8, 8), (6, 6), (5, 5), (4, 8), (4, 4))
-CALIBS = ("minmax", "percentile", "mse", "kl", "kl_nozero")
+CALIBS = ("minmax", "percentile", "mse", "kl_tensorrt", "kl")
 FAMILIES = {"qcode": dict(method="qcode", per_channel=False), "uniform-pc": dict(method="uniform", per_channel=True)}
 
 
@@ -44,8 +44,8 @@ def regrid(qmodel, w_bits: int, a_bits: int) -> None:
     """Set every layer's weight / input quantizer to new bits and recompute its grid from the observers."""
     for _, m in qmodel.named_modules():
         if isinstance(m, (QConv2d, QLinear)):
-            _set_bits(m.weight_quant, w_bits, None, None, "mse", 0)
-            _set_bits(m.input_quant, a_bits, None, None, "mse", 0)
+            set_bits(m.weight_quant, w_bits, None, None, "mse", 0)
+            set_bits(m.input_quant, a_bits, None, None, "mse", 0)
 
 
 def main(argv=None) -> int:

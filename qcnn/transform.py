@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcnn.nn.layers import QUANT_LAYERS, QAdd, QConv2d, QConvBn2d, QLinear
+from qcnn.nn.layers import QUANT_LAYERS, ChannelClamp, QAdd, QConv2d, QConvBn2d, QLinear
 from qcnn.nn.vnq import VNQConv2d, VNQLinear
 from qcnn.quant.vnq import VNQQuantizer
 
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_MODULES = (nn.ReLU, nn.ReLU6, ChannelClamp)
 _RELU_FUNCS = {F.relu, torch.relu, F.relu6, torch.relu_, F.hardtanh}
 _PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _PASS_FUNCS = {torch.flatten, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.dropout}

@@ -433,6 +433,8 @@ API_CASES = [
     ("get_data calib_size=-1", lambda t: get_data("fashion-mnist", calib_size=-1), ValueError, "calib_size=-1"),
     ("get_data calib_size too big", lambda t: get_data("fashion-mnist", calib_size=60001), ValueError,
      "calib_size=60001"),
+    ("get_data calib_size=all, excluded", lambda t: get_data("fashion-mnist", calib_size=60000, exclude_calib=True),
+     ValueError, "exclude_calib=True keeps at least one"),
     ("get_data world_size=0", lambda t: get_data("fashion-mnist", world_size=0), ValueError, "world_size=0"),
     ("get_data rank=2", lambda t: get_data("fashion-mnist", rank=2, world_size=2), ValueError, "rank=2"),
     ("get_data pad=-1", lambda t: get_data("fashion-mnist", pad=-1), ValueError, "pad=-1"),

@@ -12,20 +12,22 @@ data), so symmetric and asymmetric quantizers can both use it; a power-of-two qu
 * ``mse``: ``t`` minimising ``sum_k h_k (c_k - Q_t(c_k))^2`` over bin centres ``c_k``, where ``Q_t`` is the
   symmetric grid with ``q_max = 2^(B-1) - 1`` steps (signed) or ``2^B - 1`` (unsigned) covering ``[0, t]``;
   candidate edges every 8 bins, then every bin within 8 of the best.
-* ``kl``: TensorRT entropy calibration (Migacz, "8-bit inference with TensorRT", GTC 2017). For every
-  candidate ``i >= 128`` (bins): ``P = h[0:i]`` with the tail ``sum h[i:]`` folded into ``P[i-1]``;
+* ``kl_tensorrt``: TensorRT entropy calibration, literally (Migacz, "8-bit inference with TensorRT", GTC
+  2017). For every candidate ``i >= 128`` (bins): ``P = h[0:i]`` with the tail ``sum h[i:]`` folded into ``P[i-1]``;
   ``Q`` = ``h[0:i]`` merged into ``n_q`` groups of ``i // n_q`` bins (the last group also takes the
   remainder), each group's mass spread evenly over its non-empty bins (empty bins stay 0);
   ``t = edge[i]`` for ``i = argmin KL(P || Q)`` with ``KL = sum_{P>0} P log(P / Q)`` (``inf`` where
   ``Q = 0 < P``). ``n_q`` is the number of non-negative levels of the target grid: ``2^(B-1)`` signed,
   ``2^B`` unsigned. All candidates are evaluated at once from prefix sums (:func:`kl_divergences`).
-* ``kl_nozero``: the same with the count of bin 0 replaced by that of bin 1 before the search (the
-  variant of NVIDIA's pytorch-quantization); after a ReLU the exact zeros otherwise dominate ``P`` and
-  the plain algorithm clips far too much (see docs/ptq.md).
+* ``kl`` (the default entropy calibration; ``kl_nozero`` is the same estimator under its earlier name): the
+  same search with the count of bin 0 replaced by that of bin 1 before it (the variant of NVIDIA's
+  pytorch-quantization). After a ReLU the exact zeros hold 40-60 % of the mass and otherwise dominate
+  ``P``: the literal algorithm then clips far too much (ResNet-20 W8A8: -26 points, see docs/ptq.md).
 
 Fixed-point (QCode) grids can also be scored directly per fractional length ``fl``
 (:meth:`HistogramObserver.fl_scores`): the grid ``step = 2^-fl``, ``t = q_max * step`` is evaluated with
-the same MSE or KL criterion (the histogram is padded with empty bins when ``t`` lies beyond ``amax``).
+the same MSE or KL criterion (KL with bin 0 flattened, as ``kl``; the histogram is padded with empty
+bins when ``t`` lies beyond ``amax``).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ class HistogramObserver(Observer):
         if metric == "kl":
             t = (qmax + 1) * steps  # 2^(B-1-fl) signed, 2^(B-fl) unsigned
             stops = torch.round(t / self.bin_width.cpu()).clamp(min=1, max=64 * self.num_bins).long()
-            return kl_divergences(self.hist, stops, kl_num_quant_bins(bits, signed))
+            return kl_divergences(flatten_zero_bin(self.hist), stops, kl_num_quant_bins(bits, signed))
         raise ValueError(f"unknown fl search metric {metric!r}; choose 'mse' or 'kl'")
 
     def extra_repr(self) -> str:
@@ -242,13 +244,18 @@ class MSEObserver(HistogramObserver):
         return torch.tensor(float(i), dtype=torch.float64, device=self.amax.device) * self.bin_width
 
 
-@register_observer("kl")
+def flatten_zero_bin(hist: Tensor) -> Tensor:
+    """``hist`` with the count of bin 0 replaced by that of bin 1 (the exact zeros after a ReLU)."""
+    return torch.cat([hist[1:2], hist[1:]]) if hist.numel() > 1 else hist
+
+
+@register_observer("kl_tensorrt")
 class KLObserver(HistogramObserver):
     """TensorRT entropy calibration: ``t = edge[argmin_i KL(P_i || Q_i)]`` over ``i >= 128``.
 
-    ``flatten_zero_bin`` (off by default, not part of the published algorithm) replaces the count of bin 0
-    by that of bin 1 before the search, as NVIDIA's pytorch-quantization does, so that the exact zeros
-    after a ReLU do not dominate P.
+    ``flatten_zero_bin`` (off here: the published algorithm) replaces the count of bin 0 by that of bin 1
+    before the search, as NVIDIA's pytorch-quantization does, so that the exact zeros after a ReLU do not
+    dominate P; the ``kl`` estimator (:class:`KLNoZeroObserver`) sets it.
     """
 
     def __init__(self, axis: int | None = None, num_bins: int = NUM_BINS, start_bin: int = KL_START_BIN,
@@ -260,24 +267,24 @@ class KLObserver(HistogramObserver):
     def threshold(self, bits: int, signed: bool) -> Tensor:
         self._require()
         stops = torch.arange(self.start_bin, self.num_bins + 1)
-        hist = self.hist
-        if self.flatten_zero_bin:
-            hist = torch.cat([hist[1:2], hist[1:]])
+        hist = flatten_zero_bin(self.hist) if self.flatten_zero_bin else self.hist
         kl = kl_divergences(hist, stops, kl_num_quant_bins(bits, signed))
         return stops[int(torch.argmin(kl))].to(self.amax) * self.bin_width
 
 
+@register_observer("kl")
 @register_observer("kl_nozero")
 class KLNoZeroObserver(KLObserver):
-    """:class:`KLObserver` with ``flatten_zero_bin=True`` (bin 0 takes bin 1's count)."""
+    """The default entropy calibration (``kl``, also ``kl_nozero``): :class:`KLObserver` with
+    ``flatten_zero_bin=True`` (bin 0 takes bin 1's count), so that it works after a ReLU."""
 
     def __init__(self, axis: int | None = None, num_bins: int = NUM_BINS, start_bin: int = KL_START_BIN):
         super().__init__(axis, num_bins, start_bin, flatten_zero_bin=True)
 
 
 def entropy_threshold(x: Tensor, bits: int = 8, signed: bool = True, num_bins: int = NUM_BINS) -> float:
-    """Convenience: the KL threshold of one tensor."""
-    obs = KLObserver(num_bins=num_bins)
+    """Convenience: the KL threshold of one tensor (the ``kl`` estimator: bin 0 flattened)."""
+    obs = KLNoZeroObserver(num_bins=num_bins)
     obs.update(x)
     return float(obs.threshold(bits, signed))
 
@@ -296,6 +303,7 @@ __all__ = [
     "NUM_BINS",
     "PercentileObserver",
     "entropy_threshold",
+    "flatten_zero_bin",
     "initial_fl",
     "kl_divergences",
     "kl_num_quant_bins",

@@ -45,12 +45,37 @@ def add_parser(sub) -> None:
     g.add_argument("--w-bits", type=int, default=None, help="weight bits (default 8)")
     g.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
     g.add_argument("--calib", default=None,
-                   help="activation range estimator: minmax, ema, percentile, mse, kl, kl_nozero (default minmax)")
+                   help="activation range estimator: minmax (default), ema, percentile, mse, kl (entropy, after-ReLU "
+                        "form), kl_tensorrt (the literal TensorRT form)")
     g.add_argument("--calib-images", type=positive_int, default=None, help="calibration images (default 1000)")
     g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None,
                    help="first/last layer policy (default: the recipe's, 8bit)")
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
                    help="per-channel weight grids (default per tensor)")
+    t = p.add_argument_group("post-training steps (recipe ptq: fields of the same names)")
+    t.add_argument("--equalize", action="store_true", default=None,
+                   help="cross-layer equalization + high-bias absorption before calibration (Nagel et al. 2019)")
+    t.add_argument("--no-absorb-bias", dest="absorb_bias", action="store_false", default=None,
+                   help="with --equalize: skip high-bias absorption")
+    t.add_argument("--equalize-relu6", default=None, choices=["clip", "relu", "skip"],
+                   help="with --equalize: a ReLU6 between two equalized layers becomes a per-channel clamp (clip, "
+                        "default: the function is kept), a ReLU (relu: as Nagel et al.; integer-engine friendly) "
+                        "or the pair is left alone (skip)")
+    t.add_argument("--bias-correction", nargs="?", const="empirical", default=None,
+                   choices=["empirical", "analytic"],
+                   help="correct each layer's mean output shift (default when given: empirical, on the "
+                        "calibration images; analytic: from the BatchNorm statistics where the graph allows)")
+    t.add_argument("--round", default=None, choices=["nearest", "adaround", "brecq"],
+                   help="weight rounding: nearest (default), adaround (layer-wise learned rounding) or brecq "
+                        "(block reconstruction)")
+    t.add_argument("--round-iterations", type=positive_int, default=None,
+                   help="learned rounding: optimisation steps per layer / block (default 1000)")
+    t.add_argument("--round-drop-prob", type=float, default=None,
+                   help="learned rounding: QDrop probability of feeding float activations (default 0: off)")
+    t.add_argument("--mixed-precision", default=None, metavar="SIZE_OR_BOPS_BUDGET",
+                   help="per-layer weight bits by measured sensitivity under a budget: size:200KB, size:1.5MiB, "
+                        "bops:2G or 0.6x (of the --w-bits model's weight size)")
+    t.add_argument("--mp-candidates", default=None, help="mixed precision: weight bits to choose from (default 8,6,4)")
     s = p.add_argument_group("search")
     s.add_argument("--search", choices=["none", "greedy", "accuracy"], default="none",
                    help="greedy: QCode fl window search; accuracy: per-layer bit widths within --max-drop")
@@ -69,23 +94,59 @@ def recipe_from_args(args):
     from qcnn.recipes import Recipe
 
     recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe(method="qcode", per_channel=False)
+    ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
+           "bias_correction": args.bias_correction,
+           "round": args.round, "round_iterations": args.round_iterations, "round_drop_prob": args.round_drop_prob,
+           "mixed_precision": args.mixed_precision,
+           "mp_candidates": list(_bits_list(args.mp_candidates, "--mp-candidates")) if args.mp_candidates else None}
     return recipe.replace(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,
                           calib_images=args.calib_images, first_last=args.first_last, per_channel=args.per_channel,
-                          fold_bn=True)
+                          fold_bn=True, ptq={k: v for k, v in ptq.items() if v is not None})
 
 
-def _bits_list(text: str) -> tuple[int, ...]:
+def _bits_list(text: str, flag: str = "--bit-candidates") -> tuple[int, ...]:
     try:
         return tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
-        raise ValueError(f"--bit-candidates {text!r} must be comma-separated integers") from None
+        raise ValueError(f"{flag} {text!r} must be comma-separated integers") from None
+
+
+def _write_mixed_precision(mp, out: Path, model: str) -> None:
+    """``mixed_precision.md`` (bits per layer, sensitivities), ``mixed_precision.json`` and ``pareto.png``."""
+    import dataclasses
+
+    from qcnn.io import write_text
+    from qcnn.report.pareto import bits_table_md, plot_pareto
+
+    write_text(out / "mixed_precision.md", bits_table_md(mp))
+    write_json(out / "mixed_precision.json", dataclasses.asdict(mp), indent=1)
+    plot_pareto(mp, out / "pareto.png", title=f"{model}: mixed precision under {mp.budget_kind} budget")
+
+
+def _check_early(args, recipe) -> None:
+    """Refuse a bad method, option, budget, estimator or search flag before any data is loaded."""
+    from qcnn.calib.observers import make_observer
+    from qcnn.methods.base import get_method
+
+    get_method(recipe.method, recipe.params)
+    if recipe.ptq.mixed_precision:
+        from qcnn.methods.mixed_precision import parse_budget
+
+        parse_budget(recipe.ptq.mixed_precision)
+    import qcnn.calib.histogram  # noqa: F401 - registers percentile / mse / kl
+
+    make_observer(recipe.calib)
+    if recipe.calib_images < 1:
+        raise ValueError(f"calib_images={recipe.calib_images!r} must be >= 1 (--calib-images)")
+    if args.window < 0:
+        raise ValueError(f"--window {args.window!r} must be >= 0")
+    if args.max_drop < 0:
+        raise ValueError(f"--max-drop {args.max_drop!r} must be >= 0")
 
 
 def run(args) -> int:
-    from qcnn.calib.observers import make_observer
     from qcnn.checkpoint import save_model
     from qcnn.data import subset
-    from qcnn.methods.base import get_method
     from qcnn.methods.ptq import post_training_quantize
     from qcnn.report.layers import layer_table, write_layer_table
     from qcnn.report.size import summarize
@@ -94,16 +155,7 @@ def run(args) -> int:
     t0 = time.time()
     seed_everything(args.seed)
     recipe = recipe_from_args(args)
-    get_method(recipe.method, recipe.params)  # unknown method / options: fail before loading data
-    import qcnn.calib.histogram  # noqa: F401 - registers percentile / mse / kl
-
-    make_observer(recipe.calib)  # unknown calibration method: fail early, naming it
-    if recipe.calib_images < 1:
-        raise ValueError(f"calib_images={recipe.calib_images!r} must be >= 1 (--calib-images)")
-    if args.window < 0:
-        raise ValueError(f"--window {args.window!r} must be >= 0")
-    if args.max_drop < 0:
-        raise ValueError(f"--max-drop {args.max_drop!r} must be >= 0")
+    _check_early(args, recipe)
     bits = _bits_list(args.bit_candidates)
     calib_size = max(recipe.calib_images, args.eval_images if args.search == "accuracy" else 0)
     bundle = load_data_from_args(args, augment=False, calib_size=0)
@@ -137,9 +189,12 @@ def run(args) -> int:
                "search": args.search, "first_last": recipe.first_last, "per_channel": recipe.per_channel,
                "float_top1": float_top1, "top1": top1, "drop": float_top1 - top1,
                "size_bytes": size["size_bytes"], "bops": size["bops"]}
+    figures["ptq_steps"] = recipe.ptq.steps
+    figures["ptq_step_details"] = res.ptq_steps
     if args.search == "accuracy":
         figures["calib_float_top1"] = res.float_calib_top1
         figures["calib_top1"] = res.calib_top1
+        figures["calib_drop"] = res.float_calib_top1 - res.calib_top1  # held-out split vs test set ("drop")
         figures["weight_bits_total"] = sum(r["params"] * r["w_bits"] for r in size["layers"])
     if args.out:
         out = Path(args.out)
@@ -148,6 +203,8 @@ def run(args) -> int:
         write_json(out / "recipe.json", recipe.to_dict())
         if res.steps:
             write_json(out / "search.json", res.steps, indent=1)
+        if res.mixed_precision is not None:
+            _write_mixed_precision(res.mixed_precision, out, args.model)
         save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={**figures, "dataset": args.dataset})
         figures["model"] = str(out / "model.pt")
         figures["layers"] = str(out / "layers.md")

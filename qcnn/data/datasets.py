@@ -321,10 +321,12 @@ def _load_memo(spec: DatasetSpec, src: Source, cache, copy: bool) -> tuple:
     return (*tensors, list(classes), note)
 
 
-def _check_calib(name: str, n_train: int, calib_size: int) -> None:
-    if calib_size < 0 or calib_size >= n_train:
-        raise ValueError(f"calib_size={calib_size} must be in [0, {n_train}) for dataset {name} "
-                         f"({n_train} training images)")
+def _check_calib(name: str, n_train: int, calib_size: int, exclude_calib: bool = False) -> None:
+    """``calib_size`` may be every training image (a PTQ-only run), unless they are also excluded from training."""
+    top = n_train - 1 if exclude_calib else n_train
+    if calib_size < 0 or calib_size > top:
+        raise ValueError(f"calib_size={calib_size} must be in [0, {top}] for dataset {name} ({n_train} training "
+                         f"images{', exclude_calib=True keeps at least one for training' if exclude_calib else ''})")
 
 
 def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: int = 128,
@@ -381,7 +383,7 @@ def get_data(name: str, data_dir: str | os.PathLike | None = None, batch_size: i
         raise ValueError(f"dataset {spec.name}: the test split at {src.path} is empty")
     if tx.shape[1] != spec.in_channels:
         raise ValueError(f"dataset {spec.name}: {src.path} has {tx.shape[1]} channels, expected {spec.in_channels}")
-    _check_calib(spec.name, len(tx), calib_size)
+    _check_calib(spec.name, len(tx), calib_size, exclude_calib)
     tx, ty, vx, vy = (t.to(device) for t in (tx, ty, vx, vy))
     n_train = len(tx) - calib_size if exclude_calib else len(tx)
     common = dict(normalize=norm, seed=seed)
@@ -419,7 +421,7 @@ def _streaming_bundle(spec, src, batch_size, eval_bs, device, augment, seed, cal
         if not index.splits[split]:
             raise ValueError(f"dataset {spec.name}: the {split} split at {src.path} is empty")
     n = len(index.splits["train"])
-    _check_calib(spec.name, n, calib_size)
+    _check_calib(spec.name, n, calib_size, exclude_calib)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     ev = eval_transform(image_size)
     train_ds = FolderDataset(index, "train", train_transform(image_size) if augment else ev)

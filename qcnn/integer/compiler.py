@@ -41,7 +41,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from qcnn.integer.ir import ActGrid, Op, index_from_json, index_to_json
 from qcnn.integer.runtime import IntegerModel
 from qcnn.integer.values import Emitter, Layer, Value, codes
-from qcnn.nn.layers import QAdd, QConv2d, QLinear
+from qcnn.nn.layers import ChannelClamp, QAdd, QConv2d, QLinear
 from qcnn.quant.base import GradientQuantizer
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
@@ -377,6 +377,12 @@ def _not_quantized(c: _Compiler, node: fx.Node, mod: nn.Module) -> Value:
                      "every layer quantized (recipe first_last '8bit' or 'same', no skip overrides)")
 
 
+def _channel_clamp(c: _Compiler, node: fx.Node, mod: nn.Module) -> Value:
+    raise ValueError(f"module {node.target!r} (ChannelClamp: a ReLU6 rescaled per channel by cross-layer "
+                     "equalization) has no integer kernel yet; for integer inference equalize with "
+                     "ptq.equalize_relu6 'relu' or 'skip' (qcnn ptq: --equalize-relu6)")
+
+
 def _hardtanh_module(c: _Compiler, node: fx.Node, mod: nn.Hardtanh) -> Value:
     if mod.min_val < 0:
         raise _unsupported_module(node, mod)
@@ -397,6 +403,7 @@ _MODULE_HANDLERS: list[tuple[type | tuple[type, ...], Handler]] = [
     ((nn.BatchNorm2d, nn.BatchNorm1d), _Compiler.batchnorm),
     ((nn.ReLU, nn.ReLU6), lambda c, n, m: c.clamp(c.arg(n), 0.0, 6.0 if isinstance(m, nn.ReLU6) else None)),
     (nn.Hardtanh, _hardtanh_module),
+    (ChannelClamp, _channel_clamp),
     (_IDENTITY_MODULES, lambda c, n, m: c.arg(n)),
     (nn.Flatten, lambda c, n, m: c.reshape(c.arg(n), n.name, node_shape(n))),
     (nn.MaxPool2d, lambda c, n, m: c.maxpool(n, c.arg(n), m.kernel_size, m.stride, m.padding, m.dilation,

@@ -15,6 +15,10 @@ Steps (the float model is never modified; a quantized copy is returned):
 5. The first and last quantizable layers (in graph order) follow ``recipe.first_last``: ``fp32`` leaves
    them float, ``8bit`` gives them 8-bit weights and activations, ``same`` the recipe's bits.
 6. Per-layer overrides (``fnmatch`` patterns on module names) set bits or skip layers.
+7. ``recipe.ptq``: with ``equalize``, cross-layer equalization (:mod:`qcnn.methods.equalize`) rescales the
+   BN-folded layers before any calibration; with bias correction or high-bias absorption every layer gets a
+   bias (:func:`qcnn.methods.bias_correction.ensure_biases`). Both are structural, so a checkpoint is rebuilt
+   with the same modules; the data-dependent steps are :func:`qcnn.methods.ptq.post_training_quantize`'s.
 
 Models that ``torch.fx`` cannot trace fall back to a plain module swap (adds stay float) with a warning.
 Any weight-bearing layer type the method cannot quantize is named in a ``ValueError``.
@@ -28,6 +32,7 @@ import fnmatch
 from torch import nn
 
 from qcnn.methods.base import LayerContext, Method, get_method
+from qcnn.methods.bias_correction import ensure_biases
 from qcnn.models import arch_record, keep_arch
 from qcnn.recipes import Recipe
 from qcnn.transform import check_supported, fold_bn, layers_in_order, quantize_adds, swap_layer, trace
@@ -104,7 +109,24 @@ def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> 
     if gm is not None and recipe.quantize_adds and recipe.a_bits is not None:
         quantize_adds(gm, lambda: method.add_quantizer(max(recipe.a_bits, 8), recipe.calib))
         gm.recompile()
+    _post_training_structure(root, gm, recipe)
     return keep_arch(root, arch_record(model))  # the traced copy keeps the model's architecture record
+
+
+def _post_training_structure(root: nn.Module, gm, recipe: Recipe) -> None:
+    """What ``recipe.ptq`` changes in the layers before calibration, so that a checkpoint rebuilds the same
+    modules: cross-layer equalization (data-free; it may turn a ReLU6 between a pair into a ReLU) and a
+    bias on every layer when a later step writes biases."""
+    spec = recipe.ptq
+    if spec.equalize:
+        if not recipe.fold_bn or gm is None:
+            raise ValueError("ptq: equalize needs fold_bn=True and an fx-traceable model (cross-layer "
+                             "equalization works on the BN-folded graph); qcnn ptq folds BN")
+        from qcnn.methods.equalize import cross_layer_equalize
+
+        cross_layer_equalize(gm, relu6=spec.equalize_relu6)
+    if spec.bias_correction or (spec.equalize and spec.absorb_bias):
+        ensure_biases(root)
 
 
 __all__ = ["check_defined", "layer_bits", "quantize"]

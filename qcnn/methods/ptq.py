@@ -20,31 +20,41 @@ Three levels of effort, chosen by ``search``:
   that breaks the budget ends the descent of that layer. The result is the cheapest configuration found
   (fewest weight bits, then BOPs), returned as a Recipe with one override per layer; the fl values and
   ranges live in the model's state_dict. The test set is never used.
+
+The post-training steps of ``recipe.ptq`` run around the calibration, each in its own module:
+cross-layer equalization (structural, applied by ``quantize()``: :mod:`qcnn.methods.equalize`) and high-bias
+absorption before it; after it the mixed-precision search (:mod:`qcnn.methods.mixed_precision`), the weight
+grids fixed (:func:`freeze_weight_grids`), learned rounding (:mod:`qcnn.methods.adaround`) and bias correction
+(:mod:`qcnn.methods.bias_correction`), all on the calibration images; each step's wall and CPU seconds are in
+:attr:`PTQResult.ptq_steps`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from qcnn.calib import calibrating
 from qcnn.calib.histogram import HistogramObserver
 from qcnn.calib.observers import check_finite
 from qcnn.methods.base import get_method
+from qcnn.methods.bias_correction import analytic_bias_correction, empirical_bias_correction, float_twin
 from qcnn.methods.place import quantize
+from qcnn.methods.regrid import METRICS, best_act_fl, best_weight_fl, restore, set_bits, snapshot
 from qcnn.nn.layers import QConv2d, QLinear
-from qcnn.quant.base import Quantizer, check_bits, qrange
-from qcnn.quant.fixed_point import FixedPointQuantizer, fixed_point_quant
+from qcnn.quant.base import Quantizer, check_bits
+from qcnn.quant.fixed_point import FixedPointQuantizer
 from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Override, Recipe
 from qcnn.report.size import count_macs
 from qcnn.train import evaluate
+from qcnn.transform import layers_in_order
 
 SEARCHES = ("none", "greedy", "accuracy")
-METRICS = ("mse", "kl")
 
 
 @dataclass
@@ -56,6 +66,9 @@ class PTQResult:
     float_calib_top1: float | None = None  #: float top-1 on the held-out calibration split (accuracy search)
     calib_top1: float | None = None  #: quantized top-1 on that split
     steps: list[dict] = field(default_factory=list)  #: accuracy-search log (layer, kind, bits, top1, kept)
+    #: the post-training steps that ran (``recipe.ptq``), each with its CPU seconds and outcome figures
+    ptq_steps: dict[str, dict] = field(default_factory=dict)
+    mixed_precision: object | None = None  #: the MixedPrecisionResult of a ``ptq.mixed_precision`` search
 
 
 def _batches(loader, max_images: int | None) -> list[tuple[Tensor, Tensor]]:
@@ -110,47 +123,6 @@ def _act_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
     return out
 
 
-# -- fl window search ---------------------------------------------------------------------------------
-@torch.no_grad()
-def best_weight_fl(q: FixedPointQuantizer, w: Tensor, metric: str = "mse", window: int = 3) -> Tensor:
-    """fl in ``fl0 +- window`` minimising the weight's quantization error (per channel if ``q`` is)."""
-    w = w.detach().float()
-    lo, hi = (w.amin(), w.amax()) if q.axis is None else _channel_minmax(w, q.axis)
-    fl0 = q.fl_from_range(lo, hi)
-    deltas = torch.arange(-window, window + 1, dtype=torch.int32)
-    if metric == "kl" and q.axis is None:
-        h = HistogramObserver()
-        h.update(w)
-        scores = h.fl_scores(q.bits, q.signed, (fl0.cpu() + deltas).tolist(), "kl")
-        return fl0 + deltas[int(torch.argmin(scores))].to(fl0.device)
-    if metric not in METRICS:
-        raise ValueError(f"unknown fl search metric {metric!r}; choose one of {METRICS}")
-    errs = []
-    for d in deltas.tolist():
-        fl = fl0 + d
-        err = (fixed_point_quant(w, fl, q.qmin, q.qmax, q.axis) - w) ** 2
-        errs.append(err.sum() if q.axis is None else err.transpose(0, q.axis).reshape(err.shape[q.axis], -1).sum(1))
-    errs = torch.stack(errs)  # (deltas, [channels])
-    return fl0 + deltas.to(fl0.device)[torch.argmin(errs, dim=0)]
-
-
-def _channel_minmax(w: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
-    return flat.amin(1), flat.amax(1)
-
-
-@torch.no_grad()
-def best_act_fl(q: FixedPointQuantizer, hist: HistogramObserver, metric: str = "mse", window: int = 3) -> Tensor:
-    """fl in ``fl0 +- window`` minimising the MSE / KL of the recorded activation histogram."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown fl search metric {metric!r}; choose one of {METRICS}")
-    amax = torch.maximum(hist.min_val.abs(), hist.max_val.abs()) if q.signed else hist.max_val.clamp(min=0)
-    fl0 = q.fl_from_range(-amax, amax)
-    cands = fl0.cpu() + torch.arange(-window, window + 1, dtype=torch.int32)
-    scores = hist.fl_scores(q.bits, q.signed, cands.tolist(), metric)
-    return cands[int(torch.argmin(scores))]
-
-
 def greedy_fl_search(qmodel: nn.Module, hists: dict[str, HistogramObserver], metric: str = "mse",
                      window: int = 3) -> dict[str, int | list[int]]:
     """Set every QCode's fl by the window search (see module docstring); returns ``{quantizer: fl}``."""
@@ -176,60 +148,29 @@ def top1(model: nn.Module, batches) -> float:
     return float(evaluate(model, batches)["top1"])
 
 
-def _set_bits(q: Quantizer, bits: int, weight: Tensor | None, hist: HistogramObserver | None,
-              metric: str, window: int) -> None:
-    """Change a quantizer's bit width and re-choose its fl / range for the new grid."""
-    if isinstance(q, FixedPointQuantizer):
-        q.set_bits(bits)
-        if weight is not None:
-            q.set_fl(best_weight_fl(q, weight, metric, window))
-        elif hist is not None:
-            q.set_fl(best_act_fl(q, hist, metric, window))
-        else:
-            q.finish_calibration()
-    elif isinstance(q, UniformQuantizer):
-        q.bits = check_bits(bits)
-        q.qmin, q.qmax = qrange(bits, q.signed, q.narrow)
-        if not q.dynamic:
-            q.finish_calibration()
-    else:
-        raise ValueError(f"the accuracy search cannot change the bits of {type(q).__name__}")
-
-
-def _snapshot(q: Quantizer) -> dict:
-    return {"bits": q.bits, "state": {k: v.clone() for k, v in q.state_dict().items()}}
-
-
-def _restore(q: Quantizer, snap: dict) -> None:
-    if isinstance(q, FixedPointQuantizer):
-        q.set_bits(snap["bits"])
-    else:
-        q.bits = snap["bits"]
-        q.qmin, q.qmax = qrange(q.bits, q.signed, q.narrow)
-    q.load_state_dict(snap["state"])
-
-
 def accuracy_search(qmodel: nn.Module, eval_batches, float_top1: float, hists: dict[str, HistogramObserver],
                     max_drop: float = 0.5, bit_candidates=(8, 6, 5, 4), metric: str = "mse", window: int = 3,
-                    macs: dict[str, int] | None = None, log=None) -> list[dict]:
-    """Greedy bit-width descent (see module docstring). Changes ``qmodel`` in place; returns the step log."""
+                    macs: dict[str, int] | None = None, log=None, keep: set[str] | None = None) -> list[dict]:
+    """Greedy bit-width descent (see module docstring). Changes ``qmodel`` in place; returns the step log.
+    Layers in ``keep`` (the first/last layers under an ``8bit`` policy: :func:`policy_layers`) keep their bits."""
     cands = sorted({check_bits(b, "bit candidate") for b in bit_candidates}, reverse=True)
-    layers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (QConv2d, QLinear))]
+    keep = keep or set()
+    layers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (QConv2d, QLinear)) and n not in keep]
     floor = float_top1 - max_drop
     steps: list[dict] = []
     macs = macs or {}
 
     def descend(name: str, q: Quantizer, kind: str, weight, hist) -> None:
         for b in [c for c in cands if c < q.bits]:
-            snap = _snapshot(q)
-            _set_bits(q, b, weight, hist, metric, window)
+            snap = snapshot(q)
+            set_bits(q, b, weight, hist, metric, window)
             acc = top1(qmodel, eval_batches)
             kept = acc >= floor
             steps.append({"layer": name, "kind": kind, "bits": b, "top1": acc, "kept": kept})
             if log is not None:
                 log(f"  {name} {kind} {b} bits: top1 {acc:.2f} ({'kept' if kept else 'reverted'})")
             if not kept:
-                _restore(q, snap)
+                restore(q, snap)
                 return
 
     for name, m in sorted(layers, key=lambda nm: -nm[1].weight.numel()):
@@ -252,13 +193,87 @@ def recipe_of(qmodel: nn.Module, recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, overrides=overrides)
 
 
+def policy_layers(qmodel: nn.Module, recipe: Recipe) -> set[str]:
+    """The first and last quantized layers when ``recipe.first_last`` fixes their bits (``8bit``; ``fp32``
+    leaves them float): searches over bit widths must not change them."""
+    if recipe.first_last == "same":
+        return set()
+    gm = qmodel if isinstance(qmodel, fx.GraphModule) else None
+    names = [n for n, _ in layers_in_order(qmodel, gm)]
+    return {names[0], names[-1]} if names else set()
+
+
+class _Steps:
+    """Runs the post-training steps of ``recipe.ptq`` and records each one's wall and CPU (process) seconds
+    and outcome."""
+
+    def __init__(self, log):
+        self.log, self.record = log, {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0, w0 = time.process_time(), time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.record.setdefault(name, {}).update(cpu_seconds=round(time.process_time() - t0, 2),
+                                                seconds=round(time.perf_counter() - w0, 2))
+        if self.log is not None:
+            self.log(f"  ptq step {name}: {self.record[name]['seconds']} s ({self.record[name]['cpu_seconds']} s CPU)")
+        return out
+
+
+@torch.no_grad()
+def freeze_weight_grids(qmodel: nn.Module, x: Tensor) -> int:
+    """Fix every dynamic uniform weight grid at its current value (one forward on ``x`` first): the weights
+    do not change in the steps after calibration (bias correction writes biases; learned rounding freezes its
+    own grids), so the per-call range (an MSE search with ``weight_range: mse``) need not be recomputed at
+    every forward. Returns how many were frozen (saved in the state_dict, so a checkpoint keeps them)."""
+    qmodel.eval()(x)
+    n = 0
+    for m in qmodel.modules():
+        q = getattr(m, "weight_quant", None) if isinstance(m, (QConv2d, QLinear)) else None
+        if isinstance(q, UniformQuantizer) and q.dynamic and not bool(q.frozen):
+            q.freeze()
+            n += 1
+    return n
+
+
+def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) -> None:
+    """Learned rounding (AdaRound / BRECQ) then bias correction, as ``spec`` asks."""
+    if spec.round != "nearest":
+        from qcnn.methods.adaround import adaround
+
+        rep = steps.run(spec.round, adaround, qmodel, twin, calib_batches,
+                        mode="layer" if spec.round == "adaround" else "block",
+                        iterations=spec.round_iterations, drop_prob=spec.round_drop_prob)
+        steps.record[spec.round].update(
+            flipped=sum(rep.flipped.values()) / max(len(rep.flipped), 1),
+            recon_mse_nearest=sum(rep.recon_mse_nearest.values()),
+            recon_mse_learned=sum(rep.recon_mse_learned.values()))
+    if spec.bias_correction == "empirical":
+        shifts = steps.run("bias_correction", empirical_bias_correction, qmodel, twin, calib_batches)
+        steps.record["bias_correction"]["max_shift"] = max(shifts.values(), default=0.0)
+    elif spec.bias_correction == "analytic":
+        how = steps.run("bias_correction", analytic_bias_correction, qmodel, model, calib_batches)
+        steps.record["bias_correction"]["analytic_layers"] = sum(v == "analytic" for v in how.values())
+
+
+def _mixed_precision(steps: _Steps, qmodel, twin, calib_batches, recipe: Recipe):
+    from qcnn.methods.mixed_precision import sensitivity_search
+
+    spec = recipe.ptq
+    res = steps.run("mixed_precision", sensitivity_search, qmodel, twin, calib_batches, spec.mixed_precision,
+                    candidates=tuple(spec.mp_candidates), keep=policy_layers(qmodel, recipe))
+    steps.record["mixed_precision"].update(budget=res.budget, budget_kind=res.budget_kind, achieved=res.achieved)
+    return res
+
+
 def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, search: str = "none",
                            metric: str = "mse", max_drop: float = 0.5, bit_candidates=(8, 6, 5, 4),
                            window: int = 3, eval_images: int = 2000, log=None) -> PTQResult:
     """Quantize the float ``model`` without training (see module docstring).
 
     ``calib_loader`` yields ``(x, y)`` batches of the held-out calibration split (never the test set): the
-    first ``recipe.calib_images`` images calibrate, up to ``eval_images`` score the accuracy search.
+    first ``recipe.calib_images`` images calibrate (and drive the steps of ``recipe.ptq``), up to
+    ``eval_images`` score the accuracy search.
     """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}; choose one of {SEARCHES}")
@@ -270,27 +285,62 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
                          f"fixed-point method), got {recipe.method!r}")
     if recipe.calib_images <= 0:
         raise ValueError(f"calib_images={recipe.calib_images!r} must be positive")
+    spec = recipe.ptq
+    if spec.mixed_precision and search == "accuracy":
+        raise ValueError("ptq: mixed_precision and search='accuracy' both choose per-layer bit widths: pick one")
+    if spec.mixed_precision:
+        from qcnn.methods.mixed_precision import parse_budget
+
+        parse_budget(spec.mixed_precision)  # a malformed budget is refused before any work
     recipe = dataclasses.replace(recipe, fold_bn=True)
     model = model.eval()
-    qmodel = quantize(model, recipe).eval()
+    steps = _Steps(log)
+    qmodel = steps.run("quantize" + ("+equalize" if spec.equalize else ""), quantize, model, recipe).eval()
     n_images = max(recipe.calib_images, eval_images if search == "accuracy" else 0)
     batches = _batches(calib_loader, n_images)
     calib_batches = _batches(batches, recipe.calib_images)
+    if spec.equalize and spec.absorb_bias:
+        from qcnn.methods.equalize import absorb_high_bias
+
+        n = steps.run("absorb_bias", absorb_high_bias, qmodel, calib_batches)
+        steps.record["absorb_bias"]["channels"] = int(n)
+    twin = float_twin(qmodel) if (spec.round != "nearest" or spec.bias_correction or spec.mixed_precision) else None
     want_hists = fl_search and search != "none"
-    hists = calibrate_with_histograms(qmodel, calib_batches, record=want_hists)
+    hists = steps.run("calibrate", calibrate_with_histograms, qmodel, calib_batches, record=want_hists)
     if search in ("greedy", "accuracy") and fl_search:
         greedy_fl_search(qmodel, hists, metric, window)
     result = PTQResult(qmodel, recipe)
+    if spec.mixed_precision:
+        result.mixed_precision = _mixed_precision(steps, qmodel, twin, calib_batches, recipe)
+        result.recipe = recipe_of(qmodel, recipe)
+    if spec.round != "nearest" or spec.bias_correction:
+        steps.run("freeze_weight_grids", freeze_weight_grids, qmodel, calib_batches[0][0])
+    _round_and_correct(steps, qmodel, twin, model, calib_batches, spec)
     if search == "accuracy":
         eval_batches = _batches(batches, eval_images)
         result.float_calib_top1 = top1(model, eval_batches)
         macs = count_macs(qmodel, eval_batches[0][0])
         result.steps = accuracy_search(qmodel, eval_batches, result.float_calib_top1, hists, max_drop,
-                                       bit_candidates, metric, window, macs, log)
+                                       bit_candidates, metric, window, macs, log,
+                                       keep=policy_layers(qmodel, recipe))
         result.calib_top1 = top1(qmodel, eval_batches)
         result.recipe = recipe_of(qmodel, recipe)
+    result.ptq_steps = steps.record
     return result
 
 
-__all__ = ["METRICS", "PTQResult", "SEARCHES", "accuracy_search", "best_act_fl", "best_weight_fl",
-           "calibrate_with_histograms", "greedy_fl_search", "post_training_quantize", "recipe_of", "top1"]
+__all__ = [
+    "METRICS",
+    "PTQResult",
+    "SEARCHES",
+    "accuracy_search",
+    "best_act_fl",
+    "best_weight_fl",
+    "calibrate_with_histograms",
+    "freeze_weight_grids",
+    "greedy_fl_search",
+    "policy_layers",
+    "post_training_quantize",
+    "recipe_of",
+    "top1",
+]

@@ -108,6 +108,23 @@ class QAdd(nn.Module):
         return self.out_quant(y) if self.out_quant is not None else y
 
 
+class ChannelClamp(nn.Module):
+    """``clamp(x, 0, upper[c])`` with one upper bound per channel (dim 1): a ReLU6 whose channels were
+    rescaled by cross-layer equalization (``relu6(x) / s_c = clamp(x / s_c, 0, 6 / s_c)``), so that the
+    equalized network computes exactly the function of the original one."""
+
+    def __init__(self, upper: Tensor):
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        up = self.upper.to(x.dtype).reshape(1, -1, *[1] * (x.dim() - 2))
+        return torch.minimum(x.clamp(min=0), up)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}"
+
+
 QUANT_LAYERS = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
 class QConvBn2d(QConv2d):
     """QConv2d followed by a frozen BatchNorm2d, computed as one conv with the folded, quantized weight.

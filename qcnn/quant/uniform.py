@@ -15,7 +15,8 @@ Parameters from a range ``[lo, hi]`` (extended to contain 0 so that zero is exac
 Weights (``dynamic=True``) take their range from the tensor itself at every call: its min/max
 (``weight_range="minmax"``, Jacob et al.), or the clipping threshold ``t`` that minimises the quantization
 error ``sum (w - Q_t(w))^2`` over ``t = max|w| k / K``, ``k = 1..K`` (``weight_range="mse"``, :func:`mse_scale`;
-per channel when per-channel). At 2 bits min/max puts ``s = max|w|``, so every weight below ``max|w| / 2`` is
+per channel when per-channel); :meth:`UniformQuantizer.freeze` keeps the current grid instead (weights already
+rounded onto it, e.g. by AdaRound). At 2 bits min/max puts ``s = max|w|``, so every weight below ``max|w| / 2`` is
 zero (about 90 % of a ResNet-20's); the MSE threshold keeps the grid where the weights are. activations take it
 from an observer (see :mod:`qcnn.calib`) during calibration. With ``track_in_training`` the range keeps
 following the data during QAT as an exponential moving average of the batch min/max, starting from the
@@ -217,13 +218,29 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(bool(dynamic)))
         self._ready = bool(dynamic)
+        #: a frozen dynamic quantizer keeps its current scale / zero point (:meth:`freeze`)
+        self.register_buffer("frozen", torch.tensor(False))
+        self._frozen = False  # host copy of ``frozen``: no device read per call
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         for k in ("scale", "zero_point"):
             if prefix + k in state_dict:
                 setattr(self, k, torch.empty_like(state_dict[prefix + k]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "frozen" not in state_dict:  # saved before ``frozen`` existed: not frozen, not an error
+            missing_keys[:] = [k for k in missing_keys if k != prefix + "frozen"]
+            self.frozen.fill_(False)
+        self._frozen = bool(self.frozen)
         self._tracker_checked = False
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Keep the current ``scale`` / ``zero_point``: a dynamic quantizer stops recomputing them from its
+        input (e.g. weights already rounded onto this grid by AdaRound). Saved in the state_dict."""
+        self.frozen.fill_(True)
+        self._frozen = True
 
     def is_initialized(self) -> bool:
         return bool(self.initialized)
@@ -261,7 +278,7 @@ class UniformQuantizer(Quantizer):
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.dynamic:
+        if self.dynamic and not self._frozen:
             with torch.no_grad():
                 if self.weight_range == "mse":
                     s = mse_scale(x, self.qmin, self.qmax, self.axis)

@@ -124,6 +124,56 @@ class TrainSpec:
             setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "train"))
 
 
+ROUNDINGS = ("nearest", "adaround", "brecq")
+BIAS_CORRECTIONS = ("empirical", "analytic")
+
+
+@dataclass
+class PTQSpec:
+    """Post-training steps (``ptq:`` in a recipe; ``qcnn ptq`` flags of the same names), applied in this order:
+    cross-layer equalization (+ high-bias absorption), calibration, learned rounding, bias correction, then
+    the mixed-precision search. See docs/ptq.md."""
+
+    equalize: bool = False  #: cross-layer equalization (Nagel et al. 2019), data-free; needs fold_bn
+    absorb_bias: bool = True  #: with ``equalize``: high-bias absorption on calibration data
+    #: with ``equalize``: a ReLU6 between two equalized layers becomes a per-channel ``clip`` (exact), a ``relu``
+    #: (Nagel et al.; changes the function above 6) or the pair is ``skip``-ped
+    equalize_relu6: str = "clip"
+    bias_correction: str | None = None  #: empirical | analytic (None: off)
+    round: str = "nearest"  #: nearest | adaround (layer-wise) | brecq (block reconstruction)
+    round_iterations: int = 1000  #: optimisation steps per layer (adaround) or block (brecq)
+    round_drop_prob: float = 0.0  #: QDrop: probability of feeding a float activation during reconstruction
+    mixed_precision: str | None = None  #: size / BOPs budget, e.g. ``size:200KB``, ``bops:2G``, ``0.6x``
+    mp_candidates: list[int] = field(default_factory=lambda: [8, 6, 4])  #: weight bits the search may pick
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name != "mp_candidates":
+                setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "ptq"))
+        if self.equalize_relu6 not in ("clip", "relu", "skip"):
+            raise ValueError(f"ptq: equalize_relu6={self.equalize_relu6!r} is not one of ('clip', 'relu', 'skip')")
+        if self.round not in ROUNDINGS:
+            raise ValueError(f"ptq: round={self.round!r} is not one of {ROUNDINGS}")
+        if self.bias_correction is not None and self.bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"ptq: bias_correction={self.bias_correction!r} is not one of {BIAS_CORRECTIONS}")
+        if self.round_iterations < 1:
+            raise ValueError(f"ptq: round_iterations={self.round_iterations!r} must be >= 1")
+        if not 0.0 <= self.round_drop_prob < 1.0:
+            raise ValueError(f"ptq: round_drop_prob={self.round_drop_prob!r} must lie in [0, 1)")
+        if not isinstance(self.mp_candidates, (list, tuple)) or not self.mp_candidates:
+            raise ValueError(f"ptq: mp_candidates={self.mp_candidates!r} must be a non-empty list of bit widths")
+        self.mp_candidates = [check_bits(b, "ptq: mp_candidates") for b in self.mp_candidates]
+
+    @property
+    def steps(self) -> list[str]:
+        """The enabled steps, in the order they run (recorded in checkpoints and reports)."""
+        out = ["equalize"] if self.equalize else []
+        out += ["absorb_bias"] if self.equalize and self.absorb_bias else []
+        out += [] if self.round == "nearest" else [self.round]
+        out += [f"bias_correction:{self.bias_correction}"] if self.bias_correction else []
+        return out + ([f"mixed_precision:{self.mixed_precision}"] if self.mixed_precision else [])
+
+
 @dataclass
 class Recipe:
     method: str = "uniform"
@@ -142,10 +192,11 @@ class Recipe:
     procedure_params: dict[str, Any] = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)
     train: TrainSpec = field(default_factory=TrainSpec)
+    ptq: PTQSpec = field(default_factory=PTQSpec)  #: post-training steps (equalization, rounding, ...)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # e.g. Recipe(per_channel="no") is refused, not taken as True
-            if f.name not in ("params", "procedure_params", "overrides", "train"):
+            if f.name not in ("params", "procedure_params", "overrides", "train", "ptq"):
                 setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "recipe"))
         check_bits(self.w_bits, "w_bits")
         if self.a_bits is not None:
@@ -169,6 +220,8 @@ class Recipe:
                 check_bits(o.a_bits, f"a_bits of override {o.pattern!r}")
         if not isinstance(self.train, TrainSpec):
             self.train = TrainSpec(**checked_fields(TrainSpec, self.train, "train"))
+        if not isinstance(self.ptq, PTQSpec):
+            self.ptq = PTQSpec(**checked_fields(PTQSpec, self.ptq, "ptq"))
         for key in ("params", "procedure_params"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a mapping of option names to values")
@@ -180,6 +233,8 @@ class Recipe:
         d = checked_fields(cls, d, where)
         if "train" in d and not isinstance(d["train"], TrainSpec):
             d["train"] = TrainSpec(**checked_fields(TrainSpec, d["train"], f"{where}, train"))
+        if "ptq" in d and not isinstance(d["ptq"], PTQSpec):
+            d["ptq"] = PTQSpec(**checked_fields(PTQSpec, d["ptq"], f"{where}, ptq"))
         if isinstance(d.get("overrides"), list):
             d["overrides"] = [Override(**checked_fields(Override, o, f"{where}, override {i}"))
                               if isinstance(o, dict) else o for i, o in enumerate(d["overrides"])]
@@ -211,9 +266,12 @@ class Recipe:
         """A copy with the non-None ``changes`` applied (``train`` may be a partial dict)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         train = changes.pop("train", None)
+        ptq = changes.pop("ptq", None)
         r = dataclasses.replace(self, **changes)
         if train:
             r.train = dataclasses.replace(r.train, **checked_fields(TrainSpec, train, "train"))
+        if ptq:
+            r.ptq = dataclasses.replace(r.ptq, **checked_fields(PTQSpec, ptq, "ptq"))
         return r
 
 
@@ -247,5 +305,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return Recipe.from_yaml(find_recipe(name_or_path))
 
 
-__all__ = ["checked_fields", "FIRST_LAST", "Override", "Recipe", "TrainSpec", "find_recipe", "list_recipes",
+__all__ = ["BIAS_CORRECTIONS", "checked_fields", "FIRST_LAST", "Override", "PTQSpec", "Recipe", "ROUNDINGS",
+           "TrainSpec", "find_recipe", "list_recipes",
            "load_recipe"]

@@ -33,7 +33,46 @@ def test_ptq_then_eval_same_accuracy(cifar_zip, weights_dir, tmp_path, capsys):
     assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
 
 
+def test_ptq_steps_are_recorded_and_rebuilt_by_eval(cifar_zip, weights_dir, tmp_path, capsys):
+    """``--equalize --bias-correction --round adaround --mixed-precision``: the steps are in the printed
+    figures and the checkpoint's recipe, and ``qcnn eval`` of the checkpoint gives the same top-1 (the
+    equalized layers, learned rounding and corrected biases are rebuilt exactly)."""
+    out = tmp_path / "ptq"
+    common = ["--dataset", "cifar10", "--data-dir", str(cifar_zip), "--batch-size", "200"]
+    rc = main(["ptq", "--model", "resnet20", "--checkpoint", str(weights_dir / "resnet20-12fca82f.th"), *common,
+               "--method", "uniform", "--per-channel", "--w-bits", "8", "--a-bits", "8", "--calib", "mse",
+               "--first-last", "8bit", "--calib-images", "128", "--limit-test", "400", "--equalize",
+               "--bias-correction", "--round", "adaround", "--round-iterations", "20", "--mixed-precision", "0.7x",
+               "--mp-candidates", "8,4", "--out", str(out), "--json"])
+    assert rc == 0
+    res = _last_json(capsys.readouterr().out)
+    assert res["ptq_steps"] == ["equalize", "absorb_bias", "adaround", "bias_correction:empirical",
+                                "mixed_precision:0.7x"]
+    assert set(res["ptq_step_details"]) >= {"absorb_bias", "adaround", "bias_correction", "mixed_precision"}
+    assert abs(res["drop"]) <= 5.0
+    rows = {r["name"]: r for r in json.loads((out / "layers.json").read_text())}
+    assert rows["conv1"]["w_bits"] == 8 and rows["linear"]["w_bits"] == 8  # the 8bit first/last policy holds
+    assert any(r["w_bits"] == 4 for r in rows.values())
+    assert (out / "pareto.png").stat().st_size > 0 and "| layer1.0.conv1 |" in (out / "mixed_precision.md").read_text()
+    rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--test-images", "400", "--json"])
+    assert rc == 0
+    assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--round", "sideways"], "'sideways'"),
+    (["--bias-correction", "guess"], "'guess'"),
+])
+def test_bad_choices(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ptq", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "/nonexistent", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--round-drop-prob", "1.5"], "round_drop_prob=1.5"),
+    (["--mixed-precision", "lots"], "'lots'"),
+    (["--mp-candidates", "8,x"], "--mp-candidates '8,x'"),
     (["--w-bits", "0"], "w_bits=0"),
     (["--a-bits", "33"], "a_bits=33"),
     (["--calib", "entropy9"], "'entropy9'"),

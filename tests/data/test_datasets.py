@@ -60,8 +60,12 @@ def test_calib_split_is_fixed_tail_of_train(fashion_dir):
     xa = torch.cat([x for x, _ in a.calib])
     assert torch.equal(xa, a.calib.tensors()[0])  # no augmentation, stored order
     assert get_data("fashion-mnist", calib_size=0).calib is None
+    every = get_data("fashion-mnist", calib_size=60000)  # a PTQ-only run may calibrate on the whole set
+    assert torch.equal(every.calib.images, every.train.images) and every.calib.num_samples == 60000
     with pytest.raises(ValueError, match="calib_size=60000"):
-        get_data("fashion-mnist", calib_size=60000)
+        get_data("fashion-mnist", calib_size=60000, exclude_calib=True)
+    with pytest.raises(ValueError, match="calib_size=60001"):
+        get_data("fashion-mnist", calib_size=60001)
 
 
 def test_subset_helpers(fashion_dir):

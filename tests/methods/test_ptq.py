@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,66 @@ def test_accuracy_search_respects_max_drop_and_rebuilds():
     rebuilt.load_state_dict(res.model.state_dict())
     assert top1(rebuilt, data) == top1(res.model, data)
     assert recipe_of(res.model, recipe).overrides == res.recipe.overrides
+
+
+def _deep_net(seed=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(32, 4)).eval()
+
+
+def test_accuracy_search_keeps_the_first_last_policy():
+    """``first_last="8bit"`` fixes the first and last layers at 8 bits: the search lowers only the others
+    (it used to lower the classifier to 6 bits and the first layer's activations to 4)."""
+    model, data = _deep_net(), _data(512, 3)
+    with torch.no_grad():
+        data = [(x, model(x).argmax(1)) for x, _ in data]
+    recipe = Recipe(method="qcode", w_bits=8, a_bits=8, first_last="8bit", per_channel=False, calib_images=128)
+    res = post_training_quantize(model, recipe, data, search="accuracy", max_drop=100.0, eval_images=256)
+    bits = {o.pattern: (o.w_bits, o.a_bits) for o in res.recipe.overrides}
+    assert bits["0"] == (8, 8) and bits["8"] == (8, 8)
+    assert bits["2"] == bits["4"] == (4, 4)  # an unlimited budget takes the others to the lowest candidate
+    assert {s["layer"] for s in res.steps} == {"2", "4"}
+    same = post_training_quantize(model, dataclasses.replace(recipe, first_last="same"), data, search="accuracy",
+                                  max_drop=100.0, eval_images=256)
+    assert {s["layer"] for s in same.steps} == {"0", "2", "4", "8"}
+
+
+def _relu6_net(seed=5):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                        nn.BatchNorm2d(16), nn.ReLU6(), nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    with torch.no_grad():
+        net[0].weight[:4].mul_(20)  # unequal channel ranges, activations above 6
+    return net.eval()
+
+
+def test_equalized_checkpoint_rebuilds_the_same_model():
+    """``ptq.equalize`` is structural (ReLU6 between equalized layers -> per-channel clamps, every layer with a
+    bias): ``quantize(model, result.recipe)`` + the saved state reproduce the PTQ result exactly; the integer
+    engine refuses the clamps with the remedy named."""
+    from qcnn.integer import to_integer
+    from qcnn.nn.layers import ChannelClamp
+
+    model, data = _relu6_net(), _data(256, 2)
+    recipe = Recipe(method="qcode", w_bits=8, a_bits=8, first_last="same", per_channel=False, calib_images=128,
+                    ptq={"equalize": True, "bias_correction": "empirical"})
+    res = post_training_quantize(model, recipe, data)
+    assert sum(isinstance(m, ChannelClamp) for m in res.model.modules()) == 2
+    assert set(res.ptq_steps) == {"quantize+equalize", "absorb_bias", "calibrate", "freeze_weight_grids",
+                                  "bias_correction"}
+    rebuilt = quantize(model, res.recipe).eval()
+    rebuilt.load_state_dict(res.model.state_dict())
+    x = data[-1][0]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), res.model(x))
+    with pytest.raises(ValueError, match="equalize_relu6 'relu'"):
+        to_integer(res.model, x[:1])
+    relu = post_training_quantize(model, recipe.replace(ptq={"equalize_relu6": "relu"}), data).model
+    assert not any(isinstance(m, ChannelClamp) for m in relu.modules())
+    to_integer(relu, x[:1])  # the ReLU form runs integer-only
 
 
 def test_bad_input():
