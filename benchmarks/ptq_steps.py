@@ -162,23 +162,21 @@ def main(argv=None) -> int:
         if bad:
             raise SystemExit(f"unknown {name}(s) {bad}; choose from {list(table)}")
     head, score = (_imagenet if args.model.startswith("tv:") else _cifar)(args)
-    rows = []
+    out, tag = Path(args.out), args.model.replace("tv:", "")
     for cfg in configs:
         for st in steps:
             recipe = Recipe(**CONFIGS[cfg], first_last="same", calib_images=args.calib_images,
                             ptq={"round_iterations": args.iterations, **STEPS[st]})
             figures, details = score(recipe)
-            rows.append({"config": cfg, "steps": st, "recipe": recipe.to_dict(), **figures,
-                         "cpu_seconds": sum(_total(d, "cpu_seconds") for d in details),
-                         "seconds": sum(_total(d, "seconds") for d in details), "step_details": details})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("recipe", "step_details")}), flush=True)
-    tag = args.model.replace("tv:", "")
-    out = Path(args.out)
-    rows = _merge(out / f"ptq_steps_{tag}.json", rows, head)
-    result = {"model": args.model, **head, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"CPU, {torch.get_num_threads()} threads"}
-    write_json(out / f"ptq_steps_{tag}.json", result, indent=1)
-    write_text(out / f"ptq_steps_{tag}.md", _markdown(result))
+            row = {"config": cfg, "steps": st, "recipe": recipe.to_dict(), **figures,
+                   "cpu_seconds": sum(_total(d, "cpu_seconds") for d in details),
+                   "seconds": sum(_total(d, "seconds") for d in details), "step_details": details}
+            print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_details")}), flush=True)
+            result = {"model": args.model, **head, "rows": _merge(out / f"ptq_steps_{tag}.json", [row], head),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"CPU, {torch.get_num_threads()} threads"}
+            write_json(out / f"ptq_steps_{tag}.json", result, indent=1)  # after every cell: nothing is lost
+            write_text(out / f"ptq_steps_{tag}.md", _markdown(result))
     print(_markdown(result))
     return 0
 
