@@ -17,6 +17,7 @@ Nothing here knows about methods or recipes; the policy (which quantizer goes wh
 
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 
@@ -28,8 +29,6 @@ from qcnn.nn.layers import QUANT_LAYERS, ChannelClamp, QAdd, QConv2d, QConvBn2d,
 from qcnn.nn.vnq import VNQConv2d, VNQLinear
 from qcnn.quant.vnq import VNQQuantizer
 
-_RELU_MODULES = (nn.ReLU, nn.ReLU6, ChannelClamp)
-_RELU_FUNCS = {F.relu, torch.relu, F.relu6, torch.relu_, F.hardtanh}
 _PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _PASS_FUNCS = {torch.flatten, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.dropout}
 _PASS_METHODS = {"view", "reshape", "flatten", "mean", "contiguous"}
@@ -47,18 +46,49 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return model.train(was_training)
 
 
-def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+_INF = float("inf")
+#: ReLU-like functions: their (lo, hi) clip from the node's arguments
+_CLIP_FUNCS = {
+    F.relu: lambda n: (0.0, _INF), torch.relu: lambda n: (0.0, _INF), torch.relu_: lambda n: (0.0, _INF),
+    F.relu6: lambda n: (0.0, 6.0),
+    F.hardtanh: lambda n: (float(n.kwargs.get("min_val", n.args[1] if len(n.args) > 1 else -1.0)),
+                           float(n.kwargs.get("max_val", n.args[2] if len(n.args) > 2 else 1.0))),
+}
+
+
+def clip_bounds(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[float, float | torch.Tensor] | None:
+    """``(lo, hi)`` of a clipping activation node (ReLU: ``(0, inf)``, ReLU6: ``(0, 6)``, Hardtanh: its bounds,
+    :class:`ChannelClamp`: ``(0, upper)`` per channel); None for any other node."""
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, _RELU_MODULES):
-            return True
-        return isinstance(m, nn.Hardtanh) and m.min_val >= 0
-    if node.op == "call_function" and node.target in _RELU_FUNCS:
-        if node.target is F.hardtanh:
-            lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-            return lo >= 0
-        return True
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+        if isinstance(m, ChannelClamp):
+            return 0.0, m.upper
+        if isinstance(m, nn.Hardtanh):  # ReLU6 too
+            return float(m.min_val), float(m.max_val)
+        return (0.0, _INF) if isinstance(m, nn.ReLU) else None
+    if node.op == "call_function" and node.target in _CLIP_FUNCS:
+        return _CLIP_FUNCS[node.target](node)
+    return (0.0, _INF) if node.op == "call_method" and node.target in ("relu", "relu_") else None
+
+
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A clipping activation whose output is never negative (ReLU, ReLU6, Hardtanh(lo >= 0), ChannelClamp)."""
+    bounds = clip_bounds(node, modules)
+    return bounds is not None and bounds[0] >= 0
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of a quantized ``model`` with every quantizer slot emptied (input, weight, output and bias
+    quantizers of the layers, residual-add outputs) and no trainable parameter: the float function of its
+    current weights, with the same graph and module names."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        for slot in ("input_quant", "weight_quant", "out_quant", "bias_quant"):
+            if isinstance(getattr(m, slot, None), nn.Module):
+                setattr(m, slot, None)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

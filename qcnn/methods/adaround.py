@@ -70,7 +70,7 @@ from torch import Tensor, fx, nn
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Grid, Quantizer
 from qcnn.quant.uniform import UniformQuantizer
-from qcnn.transform import fold_bn, is_relu
+from qcnn.transform import float_twin, fold_bn, is_relu
 
 ZETA, GAMMA = 1.1, -0.1
 MODES = ("layer", "block")
@@ -79,7 +79,6 @@ MODES = ("layer", "block")
 MAX_BATCH_ELEMENTS = 1 << 20
 _Q_LAYERS = (QConv2d, QLinear)
 #: quantizer slots of the quantized modules (removed in the float twin)
-_SLOTS = ("input_quant", "weight_quant", "out_quant", "bias_quant")
 
 
 @dataclass
@@ -314,11 +313,7 @@ def _check_layers(gm: fx.GraphModule, names: list[str]) -> None:
 def _float_twin(gm: fx.GraphModule, float_model: nn.Module | None) -> fx.GraphModule:
     """``gm`` without quantizers (same graph and node names) holding ``float_model``'s weights (with its
     BatchNorm folded when ``gm`` has none left); None: ``gm``'s own current weights."""
-    twin = copy.deepcopy(gm)
-    for m in list(twin.modules()):
-        for slot in _SLOTS:
-            if isinstance(getattr(m, slot, None), nn.Module):
-                setattr(m, slot, None)
+    twin = float_twin(gm)
     if float_model is not None:
         if _has_bn(float_model) and not _has_bn(gm):  # quantized from the BN-folded model
             float_model = fold_bn(copy.deepcopy(float_model).eval())
@@ -326,9 +321,7 @@ def _float_twin(gm: fx.GraphModule, float_model: nn.Module | None) -> fx.GraphMo
         for name, m in twin.named_modules():
             if isinstance(m, _Q_LAYERS):
                 _copy_weights(name, m, ref.get(name))
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    return twin.eval()
+    return twin
 
 
 def _has_bn(model: nn.Module) -> bool:

@@ -8,8 +8,9 @@ layer adds to it through ``x``. Subtracting the shift from the bias makes the ou
 
 * **empirical** (:func:`empirical_bias_correction`): ``E[y~]`` and ``E[y]`` are measured on calibration
   batches, layer by layer in graph order, ``E[y~]`` on the quantized model with every earlier layer already
-  corrected, ``E[y]`` on its float twin (:func:`float_twin`: the same modules, every quantizer removed). This
-  covers weight and activation quantization error alike. Cost: one pass over the batches per layer.
+  corrected, ``E[y]`` on its float twin (:func:`qcnn.transform.float_twin`: the same modules, every
+  quantizer removed). This covers weight and activation quantization error alike. Cost: one pass over the
+  batches per layer.
 * **analytic** (:func:`analytic_bias_correction`, the paper's data-free form): ``E[x]`` of a layer whose input
   comes straight from a BatchNorm'd convolution ``k`` (through an optional ReLU / ReLU6 and shape-only
   ops) follows from that BatchNorm: the folded output of channel ``c`` is ``N(beta_c, gamma_c^2)``, so
@@ -33,21 +34,10 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
-from qcnn.nn.layers import ChannelClamp, QAdd, QConv2d, QLinear
-from qcnn.transform import _is_passthrough, fold_bn, is_relu, layers_in_order, trace
+from qcnn.nn.layers import QConv2d, QLinear
+from qcnn.transform import _is_passthrough, clip_bounds, float_twin, fold_bn, is_relu, layers_in_order, trace
 
 _Q_LAYERS = (QConv2d, QLinear)
-
-
-def float_twin(qmodel: nn.Module) -> nn.Module:
-    """A copy of ``qmodel`` with every quantizer removed: the float function of its current weights."""
-    twin = copy.deepcopy(qmodel)
-    for m in twin.modules():
-        if isinstance(m, _Q_LAYERS):
-            m.input_quant = m.weight_quant = m.out_quant = None
-        elif isinstance(m, QAdd):
-            m.out_quant = None
-    return twin.eval()
 
 
 def ensure_biases(model: nn.Module) -> list[str]:
@@ -130,19 +120,8 @@ def bn_stats_by_conv(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
-def _clip_upper(node: fx.Node, modules: dict[str, nn.Module]) -> float | Tensor:
-    """Upper clip of a ReLU-like node: inf for ReLU, 6 for ReLU6, ``max_val`` for hardtanh, the per-channel
-    bounds of a :class:`ChannelClamp`."""
-    if node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, ChannelClamp):
-            return m.upper.detach().double()
-        return float(m.max_val) if isinstance(m, nn.Hardtanh) else math.inf
-    if node.target is torch.nn.functional.relu6:
-        return 6.0
-    if node.target is torch.nn.functional.hardtanh:
-        return float(node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0))
-    return math.inf
+def _upper(hi: float | Tensor) -> float | Tensor:
+    return hi.detach().double() if isinstance(hi, Tensor) else hi
 
 
 def _producer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str | None, float | None]:
@@ -152,7 +131,7 @@ def _producer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str | None,
         if src.op == "call_module" and isinstance(modules[src.target], nn.Conv2d):
             return src.target, upper
         if is_relu(src, modules) and upper is None:
-            upper = _clip_upper(src, modules)
+            upper = _upper(clip_bounds(src, modules)[1])
         elif not (_is_passthrough(src, modules) and not _is_pool(src, modules)):
             return None, None
         src = src.args[0] if src.args else None
@@ -235,4 +214,4 @@ def analytic_bias_correction(qmodel: nn.Module, float_model: nn.Module, batches=
 
 
 __all__ = ["analytic_bias_correction", "bn_stats_by_conv", "clipped_normal_mean", "empirical_bias_correction",
-           "ensure_biases", "float_twin", "output_means"]
+           "ensure_biases", "output_means"]

@@ -61,7 +61,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qcnn.nn.layers import ChannelClamp, QConvBn2d
-from qcnn.transform import _is_passthrough, is_relu, set_module, trace
+from qcnn.transform import _is_passthrough, clip_bounds, is_relu, set_module, trace
 
 __all__ = ["EqualizeReport", "absorb_high_bias", "cross_layer_equalize", "equalization_pairs"]
 
@@ -154,19 +154,6 @@ def _depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels
 
 
-def _clip_min(node: fx.Node, modules: dict[str, nn.Module]) -> float | None:
-    """The lower clip of a Hardtanh / ReLU6 / ChannelClamp (module or function); None for anything else."""
-    if node.op == "call_module" and isinstance(modules[node.target], ChannelClamp):
-        return 0.0
-    if node.op == "call_module" and isinstance(modules[node.target], nn.Hardtanh):
-        return float(modules[node.target].min_val)
-    if node.op == "call_function" and node.target is F.relu6:
-        return 0.0
-    if node.op == "call_function" and node.target is F.hardtanh:
-        return float(node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0))
-    return None
-
-
 def _global_mean(node: fx.Node) -> bool:
     """``x.mean((2, 3))`` (or (-2, -1)), without keepdim: a global average pool to (N, C)."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -205,9 +192,9 @@ def _passthrough_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | Non
 
 def _step_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """How a node between two layers acts on its input: act / bounded / pool / gpool / gmean / flat, or None."""
-    lo = _clip_min(node, modules)
-    if lo is not None:
-        return "bounded" if lo == 0 else None
+    bounds = clip_bounds(node, modules)
+    if bounds is not None and not (isinstance(bounds[1], float) and bounds[1] == float("inf")):
+        return "bounded" if bounds[0] == 0 else None  # ReLU6 / Hardtanh / ChannelClamp: not homogeneous
     if is_relu(node, modules) or (node.op == "call_function" and node.target in _HOMOGENEOUS_FUNCS):
         return "act"
     if node.op == "call_module" and isinstance(modules[node.target], nn.LeakyReLU):
@@ -282,15 +269,6 @@ def equalization_pairs(gm: fx.GraphModule, relu6: str = "relu", editable: bool =
     return pairs
 
 
-def _clip_max(node: fx.Node, modules: dict[str, nn.Module]) -> float:
-    """The upper clip of a ReLU6 / Hardtanh(0, u) node."""
-    if node.op == "call_module":
-        return float(modules[node.target].max_val)
-    if node.target is F.relu6:
-        return 6.0
-    return float(node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0))
-
-
 def _replace_relu6(model: nn.Module, gm: fx.GraphModule, pairs: list[_Pair], mode: str) -> dict[str, list]:
     """ReLU6-like nodes between pairs become ReLU (``mode="relu"``) or a :class:`ChannelClamp` whose bounds
     follow the scales (``"clip"``). Returns ``{"replaced": names, "clamps": {pair first layer: clamps}}``."""
@@ -301,8 +279,8 @@ def _replace_relu6(model: nn.Module, gm: fx.GraphModule, pairs: list[_Pair], mod
             if node.op == "call_module" and isinstance(modules[node.target], ChannelClamp):
                 clamps.setdefault(p.first, []).append(modules[node.target])  # equalized before: keep it
                 continue
-            w = modules[p.first].weight
-            new = (ChannelClamp(torch.full((w.shape[0],), _clip_max(node, modules), dtype=w.dtype, device=w.device))
+            w, hi = modules[p.first].weight, clip_bounds(node, modules)[1]
+            new = (ChannelClamp(torch.full((w.shape[0],), hi, dtype=w.dtype, device=w.device))
                    if mode == "clip" else nn.ReLU(inplace=bool(getattr(modules.get(node.target), "inplace", False))))
             if node.op == "call_module":
                 _set_everywhere(model, gm, node.target, new)

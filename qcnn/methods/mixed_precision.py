@@ -128,7 +128,7 @@ def _budget_of(budget) -> tuple[str, float]:
 
 def _changeable(q) -> bool:
     """A QCode or uniform quantizer whose grid follows its bits (not one frozen on its grid, e.g. AdaRound)."""
-    return isinstance(q, _SEARCHABLE) and not bool(getattr(q, "frozen", False))
+    return isinstance(q, _SEARCHABLE) and not getattr(q, "_frozen", False)  # host flag: no device read
 
 
 # -- the model side: layers, applying bits, measuring the output noise ---------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 
 from qcnn.methods.base import LayerContext, Method, get_method
 from qcnn.methods.bias_correction import ensure_biases
+from qcnn.methods.equalize import cross_layer_equalize
 from qcnn.models import arch_record, keep_arch
 from qcnn.recipes import Recipe
 from qcnn.transform import check_supported, fold_bn, layers_in_order, quantize_adds, swap_layer, trace
@@ -122,8 +123,6 @@ def _post_training_structure(root: nn.Module, gm, recipe: Recipe) -> None:
         if not recipe.fold_bn or gm is None:
             raise ValueError("ptq: equalize needs fold_bn=True and an fx-traceable model (cross-layer "
                              "equalization works on the BN-folded graph); qcnn ptq folds BN")
-        from qcnn.methods.equalize import cross_layer_equalize
-
         cross_layer_equalize(gm, relu6=spec.equalize_relu6)
     if spec.bias_correction or (spec.equalize and spec.absorb_bias):
         ensure_biases(root)

@@ -41,8 +41,11 @@ from torch import Tensor, fx, nn
 from qcnn.calib import calibrating
 from qcnn.calib.histogram import HistogramObserver
 from qcnn.calib.observers import check_finite
+from qcnn.methods.adaround import adaround
 from qcnn.methods.base import get_method
-from qcnn.methods.bias_correction import analytic_bias_correction, empirical_bias_correction, float_twin
+from qcnn.methods.bias_correction import analytic_bias_correction, empirical_bias_correction
+from qcnn.methods.equalize import absorb_high_bias
+from qcnn.methods.mixed_precision import parse_budget, sensitivity_search
 from qcnn.methods.place import quantize
 from qcnn.methods.regrid import METRICS, best_act_fl, best_weight_fl, restore, set_bits, snapshot
 from qcnn.nn.layers import QConv2d, QLinear
@@ -52,7 +55,7 @@ from qcnn.quant.uniform import UniformQuantizer
 from qcnn.recipes import Override, Recipe
 from qcnn.report.size import count_macs
 from qcnn.train import evaluate
-from qcnn.transform import layers_in_order
+from qcnn.transform import float_twin, layers_in_order
 
 SEARCHES = ("none", "greedy", "accuracy")
 
@@ -230,7 +233,7 @@ def freeze_weight_grids(qmodel: nn.Module, x: Tensor) -> int:
     n = 0
     for m in qmodel.modules():
         q = getattr(m, "weight_quant", None) if isinstance(m, (QConv2d, QLinear)) else None
-        if isinstance(q, UniformQuantizer) and q.dynamic and not bool(q.frozen):
+        if isinstance(q, UniformQuantizer) and q.dynamic and not q._frozen:
             q.freeze()
             n += 1
     return n
@@ -239,8 +242,6 @@ def freeze_weight_grids(qmodel: nn.Module, x: Tensor) -> int:
 def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) -> None:
     """Learned rounding (AdaRound / BRECQ) then bias correction, as ``spec`` asks."""
     if spec.round != "nearest":
-        from qcnn.methods.adaround import adaround
-
         rep = steps.run(spec.round, adaround, qmodel, twin, calib_batches,
                         mode="layer" if spec.round == "adaround" else "block",
                         iterations=spec.round_iterations, drop_prob=spec.round_drop_prob)
@@ -257,8 +258,6 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
 
 
 def _mixed_precision(steps: _Steps, qmodel, twin, calib_batches, recipe: Recipe):
-    from qcnn.methods.mixed_precision import sensitivity_search
-
     spec = recipe.ptq
     res = steps.run("mixed_precision", sensitivity_search, qmodel, twin, calib_batches, spec.mixed_precision,
                     candidates=tuple(spec.mp_candidates), keep=policy_layers(qmodel, recipe))
@@ -289,8 +288,6 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
     if spec.mixed_precision and search == "accuracy":
         raise ValueError("ptq: mixed_precision and search='accuracy' both choose per-layer bit widths: pick one")
     if spec.mixed_precision:
-        from qcnn.methods.mixed_precision import parse_budget
-
         parse_budget(spec.mixed_precision)  # a malformed budget is refused before any work
     recipe = dataclasses.replace(recipe, fold_bn=True)
     model = model.eval()
@@ -300,8 +297,6 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
     batches = _batches(calib_loader, n_images)
     calib_batches = _batches(batches, recipe.calib_images)
     if spec.equalize and spec.absorb_bias:
-        from qcnn.methods.equalize import absorb_high_bias
-
         n = steps.run("absorb_bias", absorb_high_bias, qmodel, calib_batches)
         steps.record["absorb_bias"]["channels"] = int(n)
     twin = float_twin(qmodel) if (spec.round != "nearest" or spec.bias_correction or spec.mixed_precision) else None

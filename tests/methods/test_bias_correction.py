@@ -14,10 +14,10 @@ from qcnn.methods.bias_correction import (
     clipped_normal_mean,
     empirical_bias_correction,
     ensure_biases,
-    float_twin,
     output_means,
 )
 from qcnn.recipes import Recipe
+from qcnn.transform import float_twin
 
 LAYERS = ["0", "3", "6", "11"]
 
