@@ -11,7 +11,9 @@
   ``gamma`` every ``step_size`` epochs); ``cosine`` (to 0 over the run); ``onecycle`` (warm-up over the
   first 30% to ``lr`` then cosine annealing, with momentum cycled inversely).
 * mixed precision (``spec.amp``) on CUDA: float16 autocast and a gradient scaler; ignored on CPU.
-* progress bar (tqdm) on an interactive terminal, off when stderr is not a tty or ``QCNN_PROGRESS=0``.
+* progress on stderr (:func:`progress_mode`): a tqdm bar and one line per epoch on an interactive terminal;
+  outside one (a log file, a pipe) one plain line per epoch (epoch, train / test loss and top-1, seconds), so
+  that a log shows the run as it goes; nothing with ``QCNN_PROGRESS=0``.
 * a non-finite training loss stops the run with ``FloatingPointError`` before that epoch is evaluated or
   saved: ``last.pt`` and ``metrics.jsonl`` keep the last finite epoch.
 * with ``out_dir``: one JSON line per epoch in ``out_dir/metrics.jsonl`` and an atomic checkpoint
@@ -259,10 +261,25 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tu
     return F.cross_entropy(logits.float(), y), logits
 
 
+def progress_mode() -> str:
+    """How a run shows its progress on stderr: ``"bar"`` (tqdm, and one line per epoch) when stderr is an
+    interactive terminal; ``"lines"`` (one plain, flushed line per epoch and per finished step such as
+    calibration) when it is not (a log file, a pipe, a CI job, a notebook); ``"off"`` with ``QCNN_PROGRESS=0``
+    and on every rank but 0."""
+    if os.environ.get("QCNN_PROGRESS", "").strip().lower() in ("0", "false", "no", "off") or not is_main_process():
+        return "off"
+    return "bar" if sys.stderr.isatty() else "lines"
+
+
 def progress_enabled() -> bool:
-    if os.environ.get("QCNN_PROGRESS", "").strip() in ("0", "false", "no", "off"):
-        return False
-    return sys.stderr.isatty() and is_main_process()
+    """Whether a progress bar is shown (:func:`progress_mode` is ``"bar"``)."""
+    return progress_mode() == "bar"
+
+
+def progress_line(text: str) -> None:
+    """``text`` as one line of progress on stderr, flushed at once (nothing when progress is off)."""
+    if progress_mode() != "off":
+        print(text, file=sys.stderr, flush=True)
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
@@ -417,6 +434,9 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
     net = run.wrapped()
     show = progress_enabled()
     t_start = time.time()
+    if spec.epochs > run.start_epoch and run.main:
+        progress_line(f"training {spec.epochs - run.start_epoch} epoch(s) of {run.steps_per_epoch} steps "
+                      f"(batch {spec.batch_size}, {run.device})")
     if run.main and run.metrics_path is not None:
         _write_metrics(run.metrics_path, run.history)  # a resumed run keeps the lines of the epochs it restored
     for epoch in range(run.start_epoch, spec.epochs):
@@ -427,10 +447,9 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
             epoch_hook(model, epoch, m)
         run.history.append(m)
         if run.main:
-            if show:
-                print(f"epoch {epoch + 1}/{spec.epochs}: train loss {m['train_loss']:.4f} top1 "
-                      f"{m['train_top1']:.2f} | test loss {m['test_loss']:.4f} top1 {m['test_top1']:.2f} "
-                      f"({m['seconds']:.1f} s)", file=sys.stderr)
+            progress_line(f"epoch {epoch + 1}/{spec.epochs}: train loss {m['train_loss']:.4f} top1 "
+                          f"{m['train_top1']:.2f} | test loss {m['test_loss']:.4f} top1 {m['test_top1']:.2f} "
+                          f"({m['seconds']:.1f} s)")
             if run.out is not None:
                 run.save(m)
     model.train()
@@ -445,4 +464,4 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
 
 __all__ = ["SCHEDULES", "OPTIMIZERS", "check_spec", "cross_entropy_loss", "default_param_groups", "dist_info",
            "distributed_device", "evaluate", "fit", "init_distributed", "is_main_process",
-           "make_default_optimizer", "make_scheduler"]
+           "make_default_optimizer", "make_scheduler", "progress_enabled", "progress_line", "progress_mode"]

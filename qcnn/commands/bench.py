@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from qcnn.commands.common import positive_int
+from qcnn.commands.common import add_deprecated_alias, positive_int
 
 
 def add_parser(sub) -> None:
@@ -15,20 +15,23 @@ def add_parser(sub) -> None:
                    help="demo/quick: LeNet-5 on Fashion-MNIST (CPU); cifar10: ResNet-20 on CIFAR-10 (GPU)")
     p.add_argument("--methods", default=None, help="comma-separated recipe names (default: the suite's)")
     p.add_argument("--bits", default=None, help="comma-separated W/A cells, e.g. 8/8,4/4,2/2,1/2,2/fp")
-    p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"])
+    p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"],
+                   help="first/last layer policy of every cell (default: the suite's)")
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs per cell (default: the suite's)")
-    p.add_argument("--train-images", type=positive_int, default=None, help="training images per epoch (default: suite)")
+    p.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                   help="QAT cells train on the first N training images (default: the suite's)")
+    add_deprecated_alias(p, "--train-images", "--limit-train", "limit_train", type=positive_int, metavar="N")
     p.add_argument("--init", default=None, help="float checkpoint to start from (default: train one)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="dataset folder or archive (default: standard locations)")
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the float model and of every cell")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="cells run at once, each in its own process (several share one GPU well); default 1")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="intra-op threads per worker process (default: CPU cores / workers)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which no new cell starts (the rest stay pending for a later run)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (results.json, tables, plots, cells/); resumable")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=run)
 
@@ -45,7 +48,7 @@ def run(args) -> int:
         raise ValueError(f"--epochs {args.epochs} must be >= 0 (0: post-training calibration only)")
     suite = SUITES[args.suite]
     changes = {k: v for k, v in {"first_last": args.first_last, "epochs": args.epochs,
-                                 "train_images": args.train_images}.items() if v is not None}
+                                 "train_images": args.limit_train}.items() if v is not None}
     suite = dataclasses.replace(suite, **changes)
     methods = args.methods.split(",") if args.methods else None
     bits = args.bits.split(",") if args.bits else None

@@ -1,7 +1,9 @@
 """Arguments and steps shared by the ``qcnn`` subcommands.
 
-A subcommand builds its parser with :func:`add_data_args`, :func:`add_model_args` and
-:func:`add_output_args`, loads what it needs with :func:`load_data_from_args` and
+A subcommand builds its parser with :func:`add_data_args`, :func:`add_model_args`,
+:func:`add_output_args` and the one flag vocabulary of all commands (:func:`add_limit_args`:
+``--limit-train`` / ``--limit-test``; :func:`add_per_channel_args`: ``--per-channel`` / ``--per-tensor``;
+:func:`add_training_args`), loads what it needs with :func:`load_data_from_args` and
 :func:`load_model_from_args`, and ends with ``return finish(args, figures)``, which prints a summary and,
 with ``--json``, one JSON object as the last line of stdout (e.g. ``{"top1": 90.12, "seconds": 41.2}``).
 """
@@ -28,6 +30,63 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} must be >= 1")
     return v
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A former spelling of a flag, hidden from ``--help``: it still works, stores into the canonical flag's
+    destination, and says on stderr which spelling to use."""
+
+    def __init__(self, option_strings, dest, canonical: str, **kwargs):
+        self.canonical = canonical
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated, use {self.canonical}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(g, old: str, canonical: str, dest: str, **kwargs) -> None:
+    """Register ``old`` as a hidden, still working spelling of the flag ``canonical`` (same ``dest``)."""
+    g.add_argument(old, dest=dest, action=_DeprecatedAlias, canonical=canonical, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS, **kwargs)
+
+
+def add_limit_args(g, train: bool = True, test: bool = True) -> None:
+    """``--limit-train N`` / ``--limit-test N``: the one spelling of every command for "use only the first N
+    images" (the former ``--train-images`` / ``--test-images`` still work)."""
+    if train:
+        g.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                       help="train on the first N training images (default: all)")
+        add_deprecated_alias(g, "--train-images", "--limit-train", "limit_train", type=positive_int, metavar="N")
+    if test:
+        g.add_argument("--limit-test", type=positive_int, default=None, metavar="N",
+                       help="evaluate on the first N test images (default: all)")
+        add_deprecated_alias(g, "--test-images", "--limit-test", "limit_test", type=positive_int, metavar="N")
+
+
+def add_per_channel_args(g, default: str) -> None:
+    """The ``--per-channel`` / ``--per-tensor`` pair (weight grids; ``args.per_channel`` is None when neither is
+    given, i.e. the recipe's value). ``default`` says what that is, for the help."""
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
+                   help=f"one weight grid per output channel (default: {default})")
+    m.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
+                   help="one weight grid per layer")
+
+
+def add_training_args(g) -> None:
+    """The optimiser and schedule flags shared by ``qcnn train`` and ``qcnn qat`` (``TrainSpec`` fields; a flag
+    not given keeps the recipe's or the command's default)."""
+    g.add_argument("--epochs", type=int, default=None, help="training epochs")
+    g.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None, help="optimiser")
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    g.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"], default=None,
+                   help="learning-rate schedule, stepped after every optimiser step")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None,
+                   help="weight decay of conv / linear kernels (BatchNorm, biases and quantizer parameters: none)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no random crop / flip on the training set")
 
 
 def add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
@@ -176,8 +235,15 @@ def _check_fits(arch: dict, bundle, ckpt: str) -> None:
 _RESUMABLE_CHANGES = ("train", "device")
 
 
+#: config keys of earlier versions -> their name now (a run written before the rename still resumes)
+_RENAMED_KEYS = {"train_images": "limit_train"}
+
+
 def _comparable(config: dict, ignore: tuple[str, ...] = ()) -> dict:
     c = json.loads(json.dumps(config, default=str))
+    for old, new in _RENAMED_KEYS.items():
+        if old in c:
+            c.setdefault(new, c.pop(old))
     for k in (*_RESUMABLE_CHANGES, *ignore):
         c.pop(k, None)
     if isinstance(c.get("recipe"), dict):
@@ -250,5 +316,6 @@ def finish(args, figures: dict) -> int:
     return 0
 
 
-__all__ = ["DEVICES", "add_data_args", "add_model_args", "add_output_args", "finish", "load_data_from_args",
-           "load_model_from_args", "resolve_device", "seed_everything"]
+__all__ = ["DEVICES", "add_data_args", "add_deprecated_alias", "add_limit_args", "add_model_args", "add_output_args",
+           "add_per_channel_args", "add_training_args", "finish", "load_data_from_args", "load_model_from_args",
+           "resolve_device", "seed_everything"]

@@ -11,12 +11,12 @@ import time
 
 from qcnn.commands.common import (
     add_data_args,
+    add_limit_args,
     add_model_args,
     add_output_args,
     finish,
     load_data_from_args,
     load_model_from_args,
-    positive_int,
 )
 
 TORCH_ENGINES = ("float", "fakequant")
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                    help="float (default for float models), fakequant (default for quantized checkpoints), "
                         "integer, onnx / onnxruntime (integer-only inference, qcnn.integer; onnxruntime-integer: the "
                         "integer ONNX form, bit-exact with integer)")
-    p.add_argument("--test-images", type=positive_int, default=None, help="evaluate on the first N test images only")
+    add_limit_args(p, train=False)
     add_output_args(p)
     p.set_defaults(func=run)
 
@@ -64,7 +64,7 @@ def run(args) -> int:
                          "--engine fakequant, integer or onnx")
     if engine == "fakequant" and not quantized:
         raise ValueError("--engine fakequant needs a quantized checkpoint (made by qcnn ptq / qat)")
-    loader = subset(bundle.test, args.test_images) if args.test_images else bundle.test
+    loader = subset(bundle.test, args.limit_test) if args.limit_test else bundle.test
     res = run_engine(engine, model.eval(), loader)
     figures = {"top1": res["top1"]}
     figures.update({k: v for k, v in res.items() if k != "top1"})

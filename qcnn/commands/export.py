@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                        description="Compile a quantized checkpoint to integer-only operations and write it as "
                                    "ONNX QDQ or as .npz + .json.")
     p.add_argument("--checkpoint", required=True, help="quantized qcnn checkpoint (model.pt)")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx (default; see --onnx-form) or int: the integer model as FILE.npz (codes, multipliers) "
+                        "+ FILE.json (the graph)")
     p.add_argument("--onnx-form", choices=("qdq", "qlinear", "integer"), default="qdq",
                    help="qdq: QuantizeLinear/DequantizeLinear around float ops (any runtime); qlinear: ONNX "
                         "Runtime's integer operators end to end, uint8 NHWC (fastest in ONNX Runtime); integer: "
@@ -40,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output file (.onnx, or the stem of .npz/.json)")
     p.add_argument("--model", default=None, help="(checked against the checkpoint)")
     p.add_argument("--dataset", default=None, help="dataset whose image shape to use")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder or archive of --dataset (default: standard locations)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input image, e.g. 3,32,32")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=run)

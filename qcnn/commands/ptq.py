@@ -10,8 +10,8 @@ are searched. Prints the float and quantized test top-1; with ``--out`` writes `
 Example::
 
     qcnn ptq --model resnet20 --checkpoint ../shared/data/weights/resnet20-12fca82f.th --dataset cifar10 \\
-        --data-dir ../shared/data/cifar10-jpeg.zip --method qcode --w-bits 8 --a-bits 8 --calib minmax \\
-        --first-last same --out runs/ptq_r20
+        --data-dir ../shared/data/cifar10-jpeg.zip --method qcode --per-tensor --w-bits 8 --a-bits 8 \\
+        --calib minmax --first-last same --out runs/ptq_r20
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from pathlib import Path
 
 from qcnn.commands.common import (
     add_data_args,
+    add_limit_args,
     add_model_args,
     add_output_args,
+    add_per_channel_args,
     finish,
     load_data_from_args,
     load_model_from_args,
@@ -40,18 +42,24 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_data_args(p)
     g = p.add_argument_group("quantization (flags override --recipe)")
-    g.add_argument("--recipe", default=None, help="recipe YAML (e.g. recipes/qcode.yaml)")
-    g.add_argument("--method", default=None, help="qcode (fixed point, default) or uniform")
-    g.add_argument("--w-bits", type=int, default=None, help="weight bits (default 8)")
-    g.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
+    g.add_argument("--recipe", default=None,
+                   help="a recipe name (qcode, uniform, ...: see `qcnn qat --help`) or the path of a recipe YAML file; "
+                        "default: Recipe(method='qcode')")
+    g.add_argument("--method", default=None,
+                   help="qcode (fixed point; the default without --recipe, as QCode is the survey's post-training "
+                        "method) or uniform")
+    g.add_argument("--w-bits", type=int, default=None, help="weight bits (default: the recipe's; 8 without --recipe)")
+    g.add_argument("--a-bits", type=int, default=None,
+                   help="activation bits (default: the recipe's; 8 without --recipe)")
     g.add_argument("--calib", default=None,
-                   help="activation range estimator: minmax (default), ema, percentile, mse, kl (entropy, after-ReLU "
-                        "form), kl_tensorrt (the literal TensorRT form)")
-    g.add_argument("--calib-images", type=positive_int, default=None, help="calibration images (default 1000)")
+                   help="activation range estimator: minmax (default without --recipe), ema, percentile, mse, kl "
+                        "(entropy, after-ReLU form), kl_tensorrt (the literal TensorRT form)")
+    g.add_argument("--calib-images", type=positive_int, default=None,
+                   help="calibration images (default: the recipe's; 1024 without --recipe)")
     g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None,
-                   help="first/last layer policy (default: the recipe's, 8bit)")
-    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
-                   help="per-channel weight grids (default per tensor)")
+                   help="first/last layer policy (default: the recipe's; 8bit without --recipe)")
+    add_per_channel_args(g, "the recipe's; per-channel without --recipe, as Recipe(); QCode's paper form is "
+                            "--per-tensor")
     t = p.add_argument_group("post-training steps (recipe ptq: fields of the same names)")
     t.add_argument("--equalize", action="store_true", default=None,
                    help="cross-layer equalization + high-bias absorption before calibration (Nagel et al. 2019)")
@@ -85,15 +93,15 @@ def add_parser(sub) -> None:
     s.add_argument("--bit-candidates", default="8,6,5,4", help="accuracy search: bit widths to try")
     s.add_argument("--eval-images", type=positive_int, default=2000,
                    help="accuracy search: calibration-split images that score a configuration")
-    p.add_argument("--limit-test", type=positive_int, default=None, help="evaluate on the first N test images")
+    add_limit_args(p, train=False)
     add_output_args(p)
     p.set_defaults(func=run)
 
 
 def recipe_from_args(args):
-    from qcnn.recipes import Recipe
+    from qcnn.recipes import Recipe, load_recipe
 
-    recipe = Recipe.from_yaml(args.recipe) if args.recipe else Recipe(method="qcode", per_channel=False)
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe(method="qcode")
     ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
            "bias_correction": args.bias_correction,
            "round": args.round, "round_iterations": args.round_iterations, "round_drop_prob": args.round_drop_prob,
@@ -150,7 +158,7 @@ def run(args) -> int:
     from qcnn.methods.ptq import post_training_quantize
     from qcnn.report.layers import layer_table, write_layer_table
     from qcnn.report.size import summarize
-    from qcnn.train import evaluate
+    from qcnn.train import evaluate, progress_line
 
     t0 = time.time()
     seed_everything(args.seed)
@@ -177,7 +185,10 @@ def run(args) -> int:
         raise ValueError(f"checkpoint {args.checkpoint!r} is already quantized; ptq needs a float model")
     model.eval()
     float_top1 = evaluate(model, bundle.test)["top1"]
-    log = (lambda s: print(s, file=sys.stderr)) if args.search == "accuracy" else None
+    # the accuracy search reports every trial; otherwise each step (calibration included) is a progress line
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.search == "accuracy" else progress_line
+    progress_line(f"float test top1 {float_top1:.2f}; quantizing ({recipe.method} W{recipe.w_bits}"
+                  f"A{recipe.a_bits or 'fp'}) and calibrating on {recipe.calib_images} images")
     res = post_training_quantize(model, recipe, bundle.calib, search=args.search, metric=args.metric,
                                  max_drop=args.max_drop, bit_candidates=bits, window=args.window,
                                  eval_images=args.eval_images, log=log)

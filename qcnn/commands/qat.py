@@ -1,8 +1,8 @@
 """``qcnn qat``: quantization-aware training of a float model with a recipe.
 
-The recipe (``--recipe recipes/<method>.yaml``, default: uniform 8-bit) names the method and, through
-``procedure``, the training procedure; :func:`qcnn.methods.run_recipe` does the work, so every method and
-procedure is served the same way. Flags override recipe fields. Prints the float (init) and quantized
+The recipe (``--recipe pact``: a recipe name, or the path of a YAML file; default: uniform 8-bit) names the
+method and, through ``procedure``, the training procedure; :func:`qcnn.methods.run_recipe` does the work, so
+every method and procedure is served the same way. Flags override recipe fields. Prints the float (init) and quantized
 top-1; with ``--out`` writes ``config.json``, the training logs and ``model.pt`` (architecture + recipe +
 quantized state), which ``qcnn eval --checkpoint OUT/model.pt`` evaluates with the same quantized forward.
 A quantized ``--init`` checkpoint is trained further with its own recipe (training flags still apply).
@@ -15,17 +15,20 @@ from pathlib import Path
 
 from qcnn.commands.common import (
     add_data_args,
+    add_limit_args,
     add_model_args,
     add_output_args,
+    add_per_channel_args,
+    add_training_args,
     finish,
     load_data_from_args,
     load_model_from_args,
-    positive_int,
     seed_everything,
     write_run_config,
 )
 from qcnn.io import write_json
 from qcnn.models import arch_record
+from qcnn.recipes import list_recipes
 
 #: flag -> TrainSpec field
 _TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment")
@@ -37,28 +40,23 @@ def add_parser(sub) -> None:
                                    "procedure: two_step, progressive, guided, ...).")
     add_model_args(p)
     add_data_args(p)
-    g = p.add_argument_group("recipe (flags override the recipe file)")
-    g.add_argument("--recipe", default=None, help="recipe YAML (recipes/<method>.yaml); default: uniform 8-bit")
-    g.add_argument("--method", default=None, help="quantization method (see recipes/)")
+    g = p.add_argument_group("recipe (flags override the recipe)")
+    g.add_argument("--recipe", default=None,
+                   help=f"a recipe name ({', '.join(list_recipes())}), or the path of a recipe YAML file; "
+                        "default: Recipe(), uniform W8A8")
+    g.add_argument("--method", default=None, help="quantization method (default: the recipe's)")
     g.add_argument("--procedure", default=None, help="training procedure (two_step, progressive, guided, ...)")
-    g.add_argument("--w-bits", type=int, default=None)
-    g.add_argument("--a-bits", type=int, default=None)
+    g.add_argument("--w-bits", type=int, default=None, help="weight bits (default: the recipe's)")
+    g.add_argument("--a-bits", type=int, default=None, help="activation bits (default: the recipe's)")
     g.add_argument("--g-bits", type=int, default=None, help="gradient bits (DoReFa G, WAGE G)")
     g.add_argument("--e-bits", type=int, default=None, help="error bits (WAGE E)")
-    g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None)
+    g.add_argument("--first-last", choices=["fp32", "8bit", "same"], default=None,
+                   help="first/last layer policy (default: the recipe's)")
     g.add_argument("--calib", default=None, help="activation range estimator (minmax, ema, percentile, mse, kl)")
-    g.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
-                   help="per-tensor weight grids (default: the recipe's)")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
-    t.add_argument("--momentum", type=float, default=None)
-    t.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"], default=None)
-    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
-    t.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    t.add_argument("--limit-train", type=positive_int, default=None, help="train on the first N training images")
-    t.add_argument("--limit-test", type=positive_int, default=None, help="evaluate on the first N test images")
+    add_per_channel_args(g, "the recipe's; per-channel without --recipe, as Recipe()")
+    t = p.add_argument_group("training (flags override the recipe's train: mapping)")
+    add_training_args(t)
+    add_limit_args(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_output_args(p)
     p.set_defaults(func=run)
@@ -66,9 +64,9 @@ def add_parser(sub) -> None:
 
 def recipe_from_args(args, base=None):
     """The recipe of ``--recipe`` (or ``base``) with the flags applied."""
-    from qcnn.recipes import Recipe
+    from qcnn.recipes import Recipe, load_recipe
 
-    recipe = base if base is not None else (Recipe.from_yaml(args.recipe) if args.recipe else Recipe())
+    recipe = base if base is not None else (load_recipe(args.recipe) if args.recipe else Recipe())
     train = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None}
     fields = {k: getattr(args, k, None) for k in ("method", "procedure", "w_bits", "a_bits", "g_bits", "e_bits",
                                                    "first_last", "calib", "per_channel")}
@@ -82,7 +80,7 @@ def run(args) -> int:
     from qcnn.data import subset
     from qcnn.methods import run_recipe, train_quantized
     from qcnn.recipes import Recipe
-    from qcnn.train import check_spec, evaluate, is_main_process
+    from qcnn.train import check_spec, evaluate, is_main_process, progress_line
 
     t0 = time.time()
     seed_everything(args.seed)
@@ -118,6 +116,8 @@ def run(args) -> int:
         if is_main_process():
             write_run_config(out, args.resume, config_of(recipe, arch), write=False, ignore=("model",))
         float_top1 = evaluate(model, bundle.test)["top1"]
+        progress_line(f"float test top1 {float_top1:.2f}; quantizing ({recipe.method} W{recipe.w_bits}"
+                      f"A{recipe.a_bits or 'fp'}) and calibrating on {recipe.calib_images} images")
         qmodel, metrics = run_recipe(model, bundle, recipe, out, args.resume)
         arch = arch_record(qmodel) or arch  # WAGE / Bi-Real train another network than the one passed in
     if out is not None and is_main_process():

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     add_data_args(p, dataset_required=True)
     p.add_argument("--images", type=positive_int, default=256, help="calibration images used for activation statistics")
     p.add_argument("--out", default=None, help="output directory (default: RUN/report)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=run)
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from qcnn.commands.common import (
     add_data_args,
+    add_limit_args,
     add_model_args,
     add_output_args,
+    add_training_args,
     finish,
     load_data_from_args,
     load_model_from_args,
-    positive_int,
     seed_everything,
     write_run_config,
 )
@@ -44,20 +45,15 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_data_args(p)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)
-    g.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"], default=None)
+    add_training_args(g)
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None,
+                   help="plain momentum SGD instead of Nesterov's")
     g.add_argument("--step-size", type=int, default=None, help="epochs between decays of the step schedule")
     g.add_argument("--gamma", type=float, default=None, help="decay factor of the step schedule")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
     g.add_argument("--augment", dest="augment", action="store_true", default=None,
                    help="random crop (+ flip for CIFAR) on the training set (default: on, except lenet5 on MNIST-like)")
-    g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
-    g.add_argument("--train-images", type=positive_int, default=None, help="use only the first N training images")
+    add_limit_args(g, test=False)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     add_output_args(p)
     p.set_defaults(func=run)
@@ -88,10 +84,10 @@ def run(args) -> int:
     check_spec(spec)  # before the data is loaded
     args.batch_size = spec.batch_size
     bundle = load_data_from_args(args, augment=spec.augment)
-    if args.train_images:
+    if args.limit_train:
         from qcnn.data import subset
 
-        bundle.train = subset(bundle.train, args.train_images)
+        bundle.train = subset(bundle.train, args.limit_train)
     model, arch = load_model_from_args(args, bundle)
     info = getattr(args, "checkpoint_info", None)
     if info and info.get("recipe"):
@@ -102,7 +98,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and is_main_process():
         config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
-                  "seed": args.seed, "device": str(bundle.device), "train_images": args.train_images,
+                  "seed": args.seed, "device": str(bundle.device), "limit_train": args.limit_train,
                   "train": spec.__dict__}
         write_run_config(out, args.resume, config)
     result = fit(model, bundle, spec, out, resume=args.resume)

@@ -1,10 +1,12 @@
 """Recipes are data: which method, how many bits where, how to calibrate and how to train.
 
-A recipe loads from YAML (one per method under ``recipes/`` at the repository root) or a dict, and every
-key is checked: an unknown key is refused with the list of valid ones. CLI flags override fields with
-:meth:`Recipe.replace`.
+A recipe loads from YAML or a dict, and every key is checked: an unknown key is refused with the list of
+valid ones. CLI flags override fields with :meth:`Recipe.replace`. One recipe per method ships inside the
+package (``qcnn/recipes/data/<name>.yaml``) and loads by name from any directory: ``load_recipe("pact")``,
+``qcnn qat --recipe pact`` (also ``pact.yaml``, ``recipes/pact.yaml`` or a path to any YAML file; see
+:func:`find_recipe`). ``$QCNN_RECIPES`` adds folders of one's own recipes, looked up first.
 
-Example (``recipes/pact.yaml``)::
+Example (``pact``)::
 
     method: pact
     w_bits: 4
@@ -242,9 +244,13 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
+        """The recipe in the YAML file ``path``; a missing ``recipes/<name>.yaml`` (the folder the recipes
+        were read from before they shipped in the package) is the packaged recipe ``<name>``."""
+        path = Path(path).expanduser()
         if path.is_dir():
             raise ValueError(f"recipe {str(path)!r} is a directory, not a recipe file")
+        if not path.is_file():
+            path = _packaged_fallback(path) or path
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
         try:
@@ -275,36 +281,85 @@ class Recipe:
         return r
 
 
+#: the recipes shipped with qcnn (package data: ``qcnn/recipes/data/*.yaml``)
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "data"
+_SUFFIXES = (".yaml", ".yml")
+
+
 def recipe_dirs() -> list[Path]:
-    """Where named recipes are looked up: ``$QCNN_RECIPES`` then the repository's ``recipes/``."""
+    """Where named recipes are looked up, in order: the folders of ``$QCNN_RECIPES`` (``os.pathsep``
+    separated), then the recipes shipped in the package."""
     import os
 
-    dirs = [Path(p) for p in os.environ.get("QCNN_RECIPES", "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parents[2] / "recipes")
+    dirs = [Path(p).expanduser() for p in os.environ.get("QCNN_RECIPES", "").split(os.pathsep) if p]
+    dirs.append(PACKAGED_RECIPES)
     return dirs
 
 
 def list_recipes() -> list[str]:
-    return sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    """The names :func:`load_recipe` accepts (``pact``, ``lsq``, ...), sorted."""
+    return sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.iterdir()
+                   if p.suffix in _SUFFIXES and p.is_file()})
+
+
+def _named(name: str) -> Path | None:
+    for d in recipe_dirs():
+        for suffix in _SUFFIXES:
+            if (d / f"{name}{suffix}").is_file():
+                return d / f"{name}{suffix}"
+    return None
+
+
+def _packaged_fallback(path: Path) -> Path | None:
+    """The named recipe a missing ``recipes/<name>.yaml`` (relative or absolute) or ``<name>.yaml`` stands for."""
+    if path.suffix not in _SUFFIXES or not (len(path.parts) == 1 or path.parent.name == "recipes"):
+        return None
+    return _named(path.stem)
+
+
+def _available(name: str) -> str:
+    """``did you mean 'pact'? available recipes: bireal, clipq, ...`` for the name ``name`` not found."""
+    import difflib
+
+    names = list_recipes()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}available recipes: {', '.join(names) or 'none'}"
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
-    """Path of a recipe given a file path or a bare name such as ``pact``."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise FileNotFoundError(f"recipe file {str(p)!r} does not exist")
+    """The file of a recipe given by name or path, from any working directory.
+
+    * an existing file is itself: ``/abs/my.yaml``, ``./runs/r.yaml``;
+    * a name is looked up in :func:`recipe_dirs`: ``pact``, and ``pact.yaml`` or ``recipes/pact.yaml`` when no
+      such file exists (the repository's former ``recipes/`` folder, now shipped in the package);
+    * anything else is refused: an unknown name with the available names (and the close ones), a missing file
+      with its path.
+    """
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
         return p
-    for d in recipe_dirs():
-        if (d / f"{name_or_path}.yaml").is_file():
-            return d / f"{name_or_path}.yaml"
-    raise ValueError(f"unknown recipe {str(name_or_path)!r}; known recipes: {list_recipes()}")
+    text = str(name_or_path)
+    if p.suffix not in _SUFFIXES and len(p.parts) == 1:  # a bare name
+        found = _named(text)
+        if found is None:
+            raise ValueError(f"unknown recipe {text!r}; {_available(text)}")
+        return found
+    found = _packaged_fallback(p)
+    if found is not None:
+        return found
+    if p.is_dir():
+        raise ValueError(f"recipe {text!r} is a directory, not a recipe file")
+    if p.suffix in _SUFFIXES and (len(p.parts) == 1 or p.parent.name == "recipes"):  # a name, not found
+        raise FileNotFoundError(f"recipe file {text!r} does not exist and {p.stem!r} is not a named recipe; "
+                                f"{_available(p.stem)}")
+    raise FileNotFoundError(f"recipe file {text!r} does not exist; named recipes: {', '.join(list_recipes())}")
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
+    """The recipe of :func:`find_recipe` (``load_recipe("pact")``, ``load_recipe("runs/my.yaml")``)."""
     return Recipe.from_yaml(find_recipe(name_or_path))
 
 
-__all__ = ["BIAS_CORRECTIONS", "checked_fields", "FIRST_LAST", "Override", "PTQSpec", "Recipe", "ROUNDINGS",
-           "TrainSpec", "find_recipe", "list_recipes",
-           "load_recipe"]
+__all__ = ["BIAS_CORRECTIONS", "checked_fields", "FIRST_LAST", "Override", "PACKAGED_RECIPES", "PTQSpec", "Recipe",
+           "ROUNDINGS", "TrainSpec", "find_recipe", "list_recipes", "load_recipe", "recipe_dirs"]

@@ -18,17 +18,18 @@ def test_ptq_then_eval_same_accuracy(cifar_zip, weights_dir, tmp_path, capsys):
     out = tmp_path / "ptq"
     common = ["--dataset", "cifar10", "--data-dir", str(cifar_zip), "--batch-size", "200"]
     rc = main(["ptq", "--model", "resnet20", "--checkpoint", str(weights_dir / "resnet20-12fca82f.th"), *common,
-               "--method", "qcode", "--w-bits", "8", "--a-bits", "8", "--calib", "minmax", "--first-last", "same",
-               "--calib-images", "200", "--limit-test", "400", "--out", str(out), "--json"])
+               "--method", "qcode", "--per-tensor", "--w-bits", "8", "--a-bits", "8", "--calib", "minmax",
+               "--first-last", "same", "--calib-images", "200", "--limit-test", "400", "--out", str(out), "--json"])
     assert rc == 0
     res = _last_json(capsys.readouterr().out)
     assert res["method"] == "qcode" and res["float_top1"] > 70 and abs(res["drop"]) <= 3.0
+    assert res["per_channel"] is False
     rows = json.loads((out / "layers.json").read_text())
     assert len(rows) == 20 and all(r["w_bits"] == 8 and r["a_bits"] == 8 for r in rows)
     assert rows[0]["name"] == "conv1" and rows[0]["w_grid"].startswith("fl=")
     assert all(r["w_sqnr_db"] > 25 for r in rows)
     assert "| conv1 |" in (out / "layers.md").read_text()
-    rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--test-images", "400", "--json"])
+    rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--limit-test", "400", "--json"])
     assert rc == 0
     assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
 
@@ -54,7 +55,7 @@ def test_ptq_steps_are_recorded_and_rebuilt_by_eval(cifar_zip, weights_dir, tmp_
     assert rows["conv1"]["w_bits"] == 8 and rows["linear"]["w_bits"] == 8  # the 8bit first/last policy holds
     assert any(r["w_bits"] == 4 for r in rows.values())
     assert (out / "pareto.png").stat().st_size > 0 and "| layer1.0.conv1 |" in (out / "mixed_precision.md").read_text()
-    rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--test-images", "400", "--json"])
+    rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--test-images", "400", "--json"])  # former flag
     assert rc == 0
     assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
 

@@ -20,7 +20,7 @@ def _last_json(capsys) -> dict:
 def trained(tmp_path_factory, fashion_dir):
     out = tmp_path_factory.mktemp("train") / "run"
     argv = ["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
-            "--epochs", "1", "--train-images", "3000", "--batch-size", "100", "--out", str(out), "--json"]
+            "--epochs", "1", "--limit-train", "3000", "--batch-size", "100", "--out", str(out), "--json"]
     return out, argv
 
 
@@ -92,7 +92,7 @@ def test_eval_quantized_checkpoint_uses_fakequant(tmp_path, capsys, fashion_dir)
                recipe=qcnn.Recipe(w_bits=4, a_bits=4))
     expected = evaluate(q, data.test.take(1000))["top1"]
     assert main(["eval", "--checkpoint", str(tmp_path / "q.pt"), "--dataset", "fashion-mnist", "--data-dir",
-                 str(fashion_dir), "--test-images", "1000", "--json"]) == 0
+                 str(fashion_dir), "--limit-test", "1000", "--json"]) == 0
     figures = _last_json(capsys)
     assert figures["engine"] == "fakequant" and figures["top1"] == pytest.approx(expected, abs=1e-4)
     assert main(["eval", "--checkpoint", str(tmp_path / "q.pt"), "--dataset", "fashion-mnist", "--data-dir",
@@ -105,7 +105,7 @@ def test_eval_quantized_checkpoint_uses_fakequant(tmp_path, capsys, fashion_dir)
 @pytest.mark.slow
 def test_eval_shared_resnet20_on_jpeg_slice(capsys, cifar_zip, weights_dir):
     assert main(["eval", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(cifar_zip),
-                 "--checkpoint", str(weights_dir / "resnet20-12fca82f.th"), "--test-images", "500",
+                 "--checkpoint", str(weights_dir / "resnet20-12fca82f.th"), "--limit-test", "500",
                  "--batch-size", "250", "--json"]) == 0
     figures = _last_json(capsys)
     assert figures["images"] == 500 and 74.0 <= figures["top1"] <= 88.0
@@ -113,7 +113,7 @@ def test_eval_shared_resnet20_on_jpeg_slice(capsys, cifar_zip, weights_dir):
 
 def test_cli_errors_name_the_bad_value(capsys, fashion_dir):
     assert main(["train", "--model", "lenet6", "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
-                 "--train-images", "100"]) == 2
+                 "--limit-train", "100"]) == 2
     assert "unknown model 'lenet6'" in capsys.readouterr().err
     assert main(["eval", "--model", "lenet5", "--dataset", "fashion-mnist", "--data-dir", str(fashion_dir),
                  "--checkpoint", "/nonexistent.pt"]) == 2
@@ -142,13 +142,16 @@ def test_an_earlier_run_is_never_overwritten_or_resumed_with_other_settings(trai
     assert "other settings" in err and "seed: 0 -> 7" in err
     limit = [a if a != "3000" else "2000" for a in argv] + ["--resume"]
     assert main(limit) == 2
-    assert "train_images: 3000 -> 2000" in capsys.readouterr().err
+    assert "limit_train: 3000 -> 2000" in capsys.readouterr().err
     assert ((out / "model.pt").read_bytes(), (out / "config.json").read_text()) == before
 
 
 @pytest.mark.parametrize("argv, flag", [
     (["eval", "--model", "lenet5", "--dataset", "fashion-mnist", "--test-images", "0"], "--test-images: 0 must"),
     (["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--train-images", "0"], "--train-images: 0"),
+    (["eval", "--model", "lenet5", "--dataset", "fashion-mnist", "--limit-test", "0"], "--limit-test: 0 must"),
+    (["train", "--model", "lenet5", "--dataset", "fashion-mnist", "--limit-train", "0"], "--limit-train: 0"),
+    (["bench", "--out", "x", "--limit-train", "0"], "--limit-train: 0"),
     (["qat", "--model", "lenet5", "--dataset", "fashion-mnist", "--limit-train", "-5"], "--limit-train: -5"),
     (["qat", "--model", "lenet5", "--dataset", "fashion-mnist", "--limit-test", "x"], "'x' is not an integer"),
     (["ptq", "--model", "lenet5", "--dataset", "fashion-mnist", "--calib-images", "0"], "--calib-images: 0"),
