@@ -12,6 +12,7 @@ their own modules (two-step / progressive / guided, WAGE, Bi-Real two-step, Clip
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from torch import nn
 
 from qcnn.calib import batchnorm_in_train_mode, calibrating, reestimate_bn
 from qcnn.methods.base import available_methods, get_method, register_method
+from qcnn.methods.equalize import scale_residual_stream
 from qcnn.methods.place import quantize
 from qcnn.recipes import Recipe
 from qcnn.train import fit
@@ -83,9 +85,30 @@ def get_procedure(name: str | None) -> Procedure:
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, loader, max_images: int | None = None, bn_train: bool = False) -> nn.Module:
-    """Run ``loader`` batches through ``qmodel`` in calibration mode (no gradients).
+def _batch_input(batch, device):
+    """The model input of a calibration batch: a tensor, the first item of an (x, y, ...) tuple / list, or a
+    dict's ``"image"`` / ``"input"`` / ``"x"`` entry; moved to the model's device."""
+    if isinstance(batch, dict):
+        key = next((k for k in ("image", "images", "input", "x") if k in batch), None)
+        if key is None:
+            raise ValueError(f"calibration batch is a dict without an 'image', 'input' or 'x' key: {sorted(batch)}")
+        batch = batch[key]
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("calibration batch is an empty tuple / list")
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"calibration batch holds a {type(batch).__name__}, not a tensor (give batches of "
+                        "tensors, (x, y) pairs, or a forward_loop(model) callable)")
+    return batch.to(device) if device is not None else batch
 
+
+def calibrate(qmodel: nn.Module, loader, max_images: int | None = None, bn_train: bool = False) -> nn.Module:
+    """Run calibration data through ``qmodel`` in calibration mode (no gradients); returns ``qmodel``.
+
+    ``loader``: any iterable of batches (a ``torch.utils.data.DataLoader`` of ``(x, y)`` pairs, a list of
+    tensors, dicts with an ``"image"`` / ``"input"`` key), moved to the model's device; or a callable
+    ``forward_loop(model)`` that runs the model on the user's data itself (``max_images`` does not apply).
     ``bn_train=False`` (post-training quantization): the whole model in eval mode, BatchNorm with its float
     running statistics. ``bn_train=True`` (before quantization-aware training): BatchNorm normalises with
     each batch's statistics, so the ranges observed are those of the quantized network that will be
@@ -93,13 +116,19 @@ def calibrate(qmodel: nn.Module, loader, max_images: int | None = None, bn_train
     """
     was_training = qmodel.training
     qmodel.eval()
+    device = next((p.device for p in qmodel.parameters()), None)
     seen = 0
-    with batchnorm_in_train_mode(qmodel) if bn_train else nullcontext(), calibrating(qmodel):
-        for x, _ in loader:
-            qmodel(x)
-            seen += x.shape[0]
-            if max_images is not None and seen >= max_images:
-                break
+    with torch.no_grad(), batchnorm_in_train_mode(qmodel) if bn_train else nullcontext(), calibrating(qmodel):
+        if callable(loader) and not hasattr(loader, "__iter__"):
+            loader(qmodel)
+            seen = None
+        else:
+            for batch in loader:
+                x = _batch_input(batch, device)
+                qmodel(x)
+                seen += x.shape[0]
+                if max_images is not None and seen >= max_images:
+                    break
     if seen == 0:
         raise ValueError("the calibration set is empty: no batch was seen")
     return qmodel.train(was_training)
@@ -152,7 +181,15 @@ def qat(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = N
 
 def run_recipe(model: nn.Module, bundle, recipe: Recipe, out_dir: str | Path | None = None,
                resume: bool = False) -> tuple[nn.Module, dict]:
-    """Apply ``recipe`` to the float ``model`` with its training procedure; returns (qmodel, metrics)."""
+    """Apply ``recipe`` to the float ``model`` with its training procedure; returns (qmodel, metrics).
+
+    A method option ``stream_scale: c`` (DoReFa's) first scales a copy of the float network's residual stream by
+    ``c`` (:func:`qcnn.methods.equalize.scale_residual_stream`, the same function), once for every stage; a network
+    without one (no BatchNorm feeding a residual add, e.g. LeNet-5 or VGG) or one fx cannot trace is left as it is."""
+    scale = getattr(get_method(recipe.method, recipe.params).options, "stream_scale", None)
+    if scale is not None:
+        model = copy.deepcopy(model)
+        scale_residual_stream(model, scale, strict=False)
     return get_procedure(recipe.procedure)(model, bundle, recipe, out_dir, resume)
 
 

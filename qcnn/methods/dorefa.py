@@ -16,8 +16,12 @@ from qcnn.quant.dorefa import DoReFaActivation, DoReFaGradQuantizer, DoReFaWeigh
 class DoReFaOptions:
     #: also quantize the gradients at the first and last layers' outputs (the paper leaves them float)
     grad_first_last: bool = False
-    #: multiply the k>1 weights by max|w| (keeps a float checkpoint's BatchNorm statistics valid)
-    weight_rescale: bool = False
+    #: multiply the k>1 weights by max|w| (keeps a float checkpoint's BatchNorm statistics valid; false = the
+    #: paper's w_q in [-1, 1])
+    weight_rescale: bool = True
+    #: scale the pretrained network's residual stream by this factor before training (function kept, see
+    #: qcnn.methods.equalize.scale_residual_stream) so that clip(a, 0, 1) does not cut the block inputs; None = off
+    stream_scale: float | None = None
 
 
 @register_method

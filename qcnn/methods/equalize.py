@@ -50,6 +50,8 @@ see 0 instead of ``c_i``), and likewise for average pooling that counts padding.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -63,7 +65,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from qcnn.nn.layers import ChannelClamp, QConvBn2d
 from qcnn.transform import _is_passthrough, clip_bounds, is_relu, set_module, trace
 
-__all__ = ["EqualizeReport", "absorb_high_bias", "cross_layer_equalize", "equalization_pairs"]
+__all__ = ["EqualizeReport", "absorb_high_bias", "cross_layer_equalize", "equalization_pairs",
+           "scale_residual_stream"]
 
 RELU6_MODES = ("clip", "relu", "skip")
 
@@ -475,3 +478,124 @@ def absorb_high_bias(model: nn.Module, calib_batches=None, n_sigma: float = 3.0)
         _absorb(modules[p.first], modules[p.second], c)
         changed += int((c > 0).sum())
     return changed
+
+
+# ----------------------------------------------------------------------------------- stream scaling
+
+#: ops through which a tensor scaled by c > 0 stays scaled by c (positively homogeneous, or pure indexing)
+_SCALE_FUNCS = {operator.add, operator.getitem, torch.add, torch.cat, torch.flatten, F.pad, F.relu,
+                F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, F.leaky_relu}
+_SCALE_METHODS = {"view", "reshape", "flatten", "contiguous", "mean", "relu", "relu_", "add", "add_"}
+_SCALE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
+                  nn.AdaptiveAvgPool2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _SCALE_MODULES)
+    if node.op == "call_method":
+        return node.target in _SCALE_METHODS
+    return node.op == "call_function" and node.target in _SCALE_FUNCS
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def _feeds_add(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s value reaches an addition through scale-transparent ops only."""
+    todo, seen = list(_users(node)), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.target in (operator.add, torch.add, "add", "add_"):
+            return True
+        if _transparent(u, modules):
+            todo.extend(_users(u))
+    return False
+
+
+@torch.no_grad()
+def _rescale_bn(bn: nn.Module, s_in: float, s_out: float) -> None:
+    """BN seeing its input times ``s_in`` and asked for its output times ``s_out``: same function (``eps`` is
+    kept, so that a checkpoint rebuilt on the stock model computes what was trained)."""
+    if s_in != 1.0 and bn.running_mean is not None:
+        bn.running_mean.mul_(s_in)
+        bn.running_var.mul_(s_in * s_in)
+    if s_out != 1.0:
+        if bn.weight is None:
+            raise ValueError("stream scaling needs BatchNorm layers with affine=True on the residual stream")
+        bn.weight.mul_(s_out)
+        bn.bias.mul_(s_out)
+
+
+def scale_residual_stream(model: nn.Module, c: float, strict: bool = True) -> list[str]:
+    """Scale a network's residual stream by ``c > 0`` in place without changing its function; returns the
+    BatchNorm layers whose affine part now carries the factor.
+
+    The *stream BNs* are the BatchNorms whose output reaches an addition through scale-transparent ops only
+    (ReLU, pad, indexing, pooling, flatten, add): in a ResNet, the stem's BN, every block's last BN and the
+    downsample BNs. Their ``gamma, beta`` are multiplied by ``c``, so every tensor of the stream (the block
+    inputs, the residual adds, the pooled features) is ``c`` times the original, since ReLU, pooling and
+    addition are positively homogeneous. A conv fed by the stream computes ``c W x`` (its bias, if any, is
+    multiplied by ``c`` too); the BN after it sees its input times ``c`` and its running statistics follow
+    (``mean c, var c^2``), so it computes the same output in eval *and* train mode up to its ``eps``, which is
+    kept (it now acts as ``eps / c^2`` would have on the original input: 6e-5 for ``c = 0.4`` and the default
+    1e-5, against running variances of 1e-2 to 10 on ResNet-20).
+    The last layer (the classifier) divides its weight by ``c`` and the logits are unchanged. A
+    non-homogeneous op on the stream (ReLU6, sigmoid, ...) is refused with its name.
+
+    This is how a method that clips activations at a fixed level (DoReFa's ``clip(a, 0, 1)``) is given a
+    pretrained ReLU network whose block inputs exceed that level: ``c = 0.5`` puts the stream's 99th
+    percentile (2.1-3.0 on the CIFAR ResNet-20) near the clip. ``strict=False``: a model without a residual
+    stream, or one torch.fx cannot trace, is left unchanged and ``[]`` returned (instead of a ValueError).
+    """
+    if not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)):
+        raise ValueError(f"stream scale c={c!r} must be a finite number > 0")
+    gm = _graph_of(model) if strict or isinstance(model, fx.GraphModule) else trace(model)
+    if gm is None:
+        return []
+    modules = dict(gm.named_modules())
+    stream = {n.target for n in gm.graph.nodes
+              if n.op == "call_module" and isinstance(modules[n.target], _BN) and _feeds_add(n, modules)}
+    if not stream and not strict:
+        return []
+    if not stream:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm feeding a residual addition: no stream to scale")
+    layers = [n for n in gm.graph.nodes
+              if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.Linear))]
+    scale: dict[fx.Node, float] = {}
+    for node in gm.graph.nodes:
+        ins = {scale.get(a, 1.0) for a in _node_args(node)}
+        s_in = max(ins) if ins else 1.0
+        if len(ins) > 1 and node.op != "output":
+            raise ValueError(f"stream scaling: {node.name} mixes tensors scaled by c and unscaled ones (a branch "
+                             "reaches it through an op that is not positively homogeneous)")
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, _BN):
+            s_out = c if node.target in stream else 1.0
+            _rescale_bn(m, s_in, s_out)
+            scale[node] = s_out
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            scale[node] = _rescale_layer(m, s_in, last=node is layers[-1])
+        elif s_in != 1.0 and node.op != "output" and not _transparent(node, modules):
+            raise ValueError(f"stream scaling cannot pass {node.name} ({node.target}): it is not positively "
+                             "homogeneous")
+        else:
+            scale[node] = s_in
+    return sorted(stream)
+
+
+@torch.no_grad()
+def _rescale_layer(m: nn.Module, s_in: float, last: bool) -> float:
+    if s_in == 1.0:
+        return 1.0
+    if last:
+        m.weight.div_(s_in)
+        return 1.0
+    if m.bias is not None:
+        m.bias.mul_(s_in)
+    return s_in

@@ -12,7 +12,14 @@ from torch import fx, nn
 
 from qcnn.calib import calibrating
 from qcnn.methods import quantize
-from qcnn.methods.equalize import EqualizeReport, _in_range, _out_range, absorb_high_bias, cross_layer_equalize
+from qcnn.methods.equalize import (
+    EqualizeReport,
+    _in_range,
+    _out_range,
+    absorb_high_bias,
+    cross_layer_equalize,
+    scale_residual_stream,
+)
 from qcnn.models import build_model
 from qcnn.nn.layers import ChannelClamp
 from qcnn.recipes import Recipe
@@ -277,3 +284,115 @@ def test_bad_input():
         cross_layer_equalize(_unequal(), relu6="bogus")
     with pytest.raises(ValueError, match="iterations"):
         cross_layer_equalize(_unequal(), iterations=0)
+
+
+# ----------------------------------------------------------------------------------- residual stream scaling
+def _stream_input(model, x):
+    seen = {}
+    h = model.layer2[0].conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0].clone()))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    return seen["x"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("train", [False, True])
+def test_stream_scaling_keeps_function_and_scales_block_inputs(train):
+    torch.manual_seed(0)
+    model = build_model("resnet20").double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-30  # the only inexact part: eps is kept, so with eps ~ 0 the function is exact
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.3, 0.3)
+    ref = copy.deepcopy(model)
+    names = scale_residual_stream(model, 0.4)
+    assert names == ["bn1"] + [f"layer{s}.{b}.bn2" for s in (1, 2, 3) for b in range(3)]
+    model.train(train), ref.train(train)
+    x = _x((4, 3, 32, 32))
+    assert _rel(model(x), ref(x)) < 1e-10
+    ratio = _stream_input(model, x) / _stream_input(ref, x).clamp_min(1e-12)
+    nz = _stream_input(ref, x) > 1e-6
+    assert torch.allclose(ratio[nz], torch.full_like(ratio[nz], 0.4), atol=1e-9)
+
+
+@torch.no_grad()
+def test_stream_scaling_default_eps_and_bad_input():
+    model = build_model("resnet20").eval()
+    ref = copy.deepcopy(model)
+    scale_residual_stream(model, 0.5)
+    x = _x((2, 3, 32, 32), dtype=torch.float32)
+    assert _rel(model(x), ref(x)) < 1e-4
+    with pytest.raises(ValueError, match="c=0"):
+        scale_residual_stream(model, 0)
+    with pytest.raises(ValueError, match="no BatchNorm feeding a residual addition"):
+        scale_residual_stream(_unequal(), 0.5)
+    plain = _unequal()
+    ref = copy.deepcopy(plain)
+    assert scale_residual_stream(plain, 0.5, strict=False) == []
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ref.state_dict().values()))
+
+    class Bounded(nn.Module):  # ReLU6 on the stream is not positively homogeneous
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+            self.conv2, self.bn2, self.fc = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.conv(x)))
+            y = torch.nn.functional.relu6(y + self.bn2(self.conv2(y)))
+            return self.fc(y.mean((2, 3)))
+
+    with pytest.raises(ValueError, match="relu6.*not positively homogeneous"):
+        scale_residual_stream(Bounded(), 0.5)
+
+
+def test_run_recipe_scales_the_stream_once(monkeypatch):
+    import qcnn.methods as methods
+
+    seen = []
+    monkeypatch.setattr(methods, "get_procedure", lambda name: lambda m, *a: seen.append(m) or (m, {}))
+    model = build_model("resnet20").eval()
+    gamma = model.layer1[0].bn2.weight.detach().clone()
+    recipe = Recipe(method="dorefa", w_bits=2, a_bits=2, params={"stream_scale": 0.5})
+    methods.run_recipe(model, None, recipe)
+    assert torch.equal(model.layer1[0].bn2.weight, gamma)  # the caller's model is left alone
+    assert torch.allclose(seen[0].layer1[0].bn2.weight, 0.5 * gamma)
+    assert torch.equal(seen[0].layer1[0].bn1.weight, model.layer1[0].bn1.weight)
+    methods.run_recipe(model, None, recipe.replace(params={}))
+    assert torch.equal(seen[1].layer1[0].bn2.weight, gamma)
+
+
+@torch.no_grad()
+def test_stream_scale_brings_pretrained_block_inputs_under_dorefa_clip(cifar_zip, weights_dir):
+    """DoReFa quantizes clip(a, 0, 1): on the pretrained ResNet-20 13-25 % of every block's input is above 1
+    (top level, zero gradient), which held DoReFa W2A2 at 65 %; the recipe's stream scale 0.33 leaves <= 1 %."""
+    from qcnn.data import get_data
+    from qcnn.models import load_weights
+    from qcnn.recipes import load_recipe
+
+    bundle = get_data("cifar10", data_dir=cifar_zip, batch_size=128, augment=False, calib_size=256)
+    model = load_weights(build_model("resnet20"), weights_dir / "resnet20-12fca82f.th").eval()
+    c = load_recipe("dorefa").params["stream_scale"]
+
+    def above_one(net):
+        seen = {}
+        blocks = [getattr(net, f"layer{s}")[b] for s in (1, 2, 3) for b in range(3)]
+        hooks = [blk.conv1.register_forward_hook(lambda m, i, o, j=j: seen.setdefault(j, []).append(i[0]))
+                 for j, blk in enumerate(blocks)]
+        for x, _ in bundle.calib:
+            net(x)
+        for h in hooks:
+            h.remove()
+        return [float((torch.cat(v) > 1).float().mean()) for _, v in sorted(seen.items())]
+
+    before = above_one(model)
+    scaled = copy.deepcopy(model)
+    scale_residual_stream(scaled, c)
+    after = above_one(scaled)
+    assert min(before) > 0.10
+    assert max(after) < 0.015
+    x = next(iter(bundle.calib))[0]
+    assert torch.equal(model(x).argmax(1), scaled(x).argmax(1))
