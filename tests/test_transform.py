@@ -14,7 +14,7 @@ from qcnn.nn.layers import QAdd, QConv2d, QLinear
 from qcnn.quant.fixed_point import FixedPointQuantizer
 from qcnn.recipes import Recipe
 from qcnn.report.layers import sqnr_db
-from qcnn.transform import fold_bn, quantized_layers
+from qcnn.transform import LayerTracer, fold_bn, quantized_layers, trace
 
 
 def _resnet20(weights_dir):
@@ -163,9 +163,31 @@ def test_overrides_by_pattern():
 
 
 def test_unsupported_layer_is_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 3))
-    with pytest.raises(ValueError, match=r"'2' \(ConvTranspose2d\)"):
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.ConvTranspose1d(4, 2, 3))
+    with pytest.raises(ValueError, match=r"'2' \(ConvTranspose1d\)"):
         quantize(model, Recipe(method="qcode"))
+    q = quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 3)), Recipe(method="qcode"))
+    assert [type(m).__name__ for _, m in quantized_layers(q)] == ["QConv2d", "QConvTranspose2d"]
+
+
+class _SubLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_trace_keeps_weight_layer_subclasses_as_modules():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), _SubLinear(4 * 4 * 4, 2))
+    plain = [n.op for n in torch.fx.symbolic_trace(model).graph.nodes]
+    assert "get_attr" in plain  # what fx does by default: the subclass is inlined as F.linear on its weight
+    gm = trace(model)
+    assert [(n.op, n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr", "call_function")] == [
+        ("call_module", "0"), ("call_module", "1"), ("call_module", "2"), ("call_module", "3")]
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(gm(x), model(x))
+    # qcnn's own quantized layers are not made leaves (fx's own rule, as before); a float layer is
+    tracer = LayerTracer()
+    assert tracer.is_leaf_module(model[3], "3") and tracer.is_leaf_module(nn.Linear(2, 2), "x")
+    assert not tracer.is_leaf_module(QLinear.from_float(model[3]), "3")
 
 
 def test_bad_recipes():

@@ -16,8 +16,12 @@ dequantizing the output only integer arithmetic runs (int64 tensors):
   on the accumulator.
 * **rescale** codes from one activation grid to another (a ReLU'd residual sum feeding a conv whose input
   quantizer has its own range), **residual add** (``QAdd``: each operand with its own multiplier, one
-  rounding), **pooling** (max pool on codes; average pool as an integer window sum of scale ``s / K``),
-  flatten / reshape / slicing / zero padding (by ``z``) move codes.
+  rounding), **pooling** (max pool on codes, ceil mode too; average pool as an integer window sum of scale
+  ``s / K``), flatten / reshape / slicing / zero padding (by ``z``) / permute / chunk move codes.
+* **concatenation** (``QCat``: every input requantized to the output grid), **products** (``QMul``: the exact
+  product of two code operands, requantized once), **activations** (``QAct``: Hardswish, Hardsigmoid, SiLU,
+  Sigmoid, Tanh as lookup tables from input codes to output codes, built with the simulation's float64
+  arithmetic), a **BatchNorm on codes** (DenseNet: an exact per-channel affine map, requantized by its consumer).
 
 The fake-quant simulation (the quantized model in eval mode) defines the expected codes. The engine rounds
 exactly once per quantizer where the simulation does, with the simulation's own rule (``x * fl32(1/s)``)
@@ -30,6 +34,7 @@ docs/integer.md).
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,13 +45,19 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qcnn.integer.ir import ActGrid, Op, index_from_json, index_to_json
 from qcnn.integer.runtime import IntegerModel
-from qcnn.integer.values import Emitter, Layer, Value, codes
-from qcnn.nn.layers import ChannelClamp, QAdd, QConv2d, QLinear
+from qcnn.integer.values import Emitter, Layer, Value, codes, uniform_in_windows
+from qcnn.nn.layers import ChannelClamp, QAct, QAdd, QCat, QConv2d, QLinear, QMul
 from qcnn.quant.base import GradientQuantizer
 
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout)
 _FLOAT_ADDS = (operator.add, torch.add, operator.iadd)
+#: tensor ops that run on codes only inside the modules qcnn.quantize puts there (quantize_adds=True)
+_UNWRAPPED = {torch.cat: "concatenation", torch.concat: "concatenation", operator.mul: "product",
+              torch.mul: "product", operator.imul: "product", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+              F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu", torch.tanh: "tanh",
+              F.tanh: "tanh"}
+_ACTIVATION_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
 
 def _pair(v) -> list[int]:
@@ -126,6 +137,7 @@ class _Compiler(Emitter):
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.vals: dict[str, Value] = {}
+        self.pieces: dict[str, list[Value]] = {}  # chunk / split nodes -> their pieces (picked by getitem)
         self.input_name = None
         self.input_shape = None
         self.outputs: list[str] = []
@@ -156,6 +168,9 @@ class _Compiler(Emitter):
 
     def visit(self, node: fx.Node) -> None:
         handler = _NODE_HANDLERS.get(node.op)
+        if node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta and not any(
+                a.name in self.vals or a.name in self.pieces for a in node.all_input_nodes):
+            return  # shape arithmetic (x.size(), its items, their products): the engine reads shapes from ShapeProp
         if handler is None:
             raise ValueError(f"node {node.name!r} ({node.op} {node.target}) is not supported by the integer engine")
         res = handler(self, node)
@@ -185,17 +200,19 @@ class _Compiler(Emitter):
         raise _unsupported_module(node, mod)
 
     def call_function(self, node: fx.Node) -> Value:
-        handler = _FUNCTION_HANDLERS.get(node.target)
+        handler = _FUNCTION_HANDLERS.get(node.target) or _optional_handler(node.target)
         if handler is not None:
             return handler(self, node)
         if node.target in _FLOAT_ADDS:
             raise ValueError(f"add {node.name!r} is not quantized; quantize with recipe quantize_adds=True")
+        if node.target in _UNWRAPPED:
+            raise _unwrapped(node, _UNWRAPPED[node.target])
         raise ValueError(f"function {_target_name(node.target)!r} (node {node.name!r}) is not supported by the "
                          "integer engine")
 
     def call_method(self, node: fx.Node) -> Value | None:
         tgt = node.target
-        if tgt == "size":
+        if tgt in ("size", "dim", "numel"):  # shape queries: their arithmetic is skipped (visit)
             return None
         if tgt in ("relu", "relu_"):
             return self.clamp(self.arg(node), 0.0, None)
@@ -203,6 +220,12 @@ class _Compiler(Emitter):
             return self.reshape(self.arg(node), node.name, node_shape(node))
         if tgt == "mean":
             return self.mean(node)
+        if tgt in ("permute", "transpose"):
+            return self.fn_permute(node)
+        if tgt in ("chunk", "split"):
+            return self.fn_split(node)
+        if tgt in ("sigmoid", "tanh", "mul"):
+            raise _unwrapped(node, tgt)
         raise ValueError(f"method {tgt!r} (node {node.name!r}) is not supported by the integer engine")
 
     # -- layers ------------------------------------------------------------------------------------------
@@ -255,17 +278,21 @@ class _Compiler(Emitter):
             val.offset = b.reshape(val.scale.shape).clone()
 
     def batchnorm(self, node: fx.Node, bn: nn.Module) -> Value:
+        """BatchNorm (frozen statistics) folded into the conv before it, or a per-channel affine map of codes
+        (a BatchNorm after a concatenation, as DenseNet's)."""
         v = self.arg(node)
-        layer, src = v.producer, node.args[0]
-        if v.kind != "a" or layer is None or len(src.users) != 1 or v.lo is not None or v.hi is not None:
-            raise ValueError(f"BatchNorm {node.target!r} does not directly follow a conv/linear layer (it follows "
-                             f"{src.name!r}); only conv -> BN can run on integers (fold it first)")
         if bn.running_var is None:
             raise ValueError(f"BatchNorm {node.target!r} has no running statistics")
         sigma = torch.sqrt(bn.running_var.double() + bn.eps)
         gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
         beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(sigma)
         f = gamma / sigma
+        if v.kind == "q":
+            return self.affine(node.target, v, f, beta - bn.running_mean.double() * f, node_shape(node))
+        layer, src = v.producer, node.args[0]
+        if v.kind != "a" or layer is None or len(src.users) != 1 or v.lo is not None or v.hi is not None:
+            raise ValueError(f"BatchNorm {node.target!r} does not directly follow a conv/linear layer or codes (it "
+                             f"follows {src.name!r}); fold it into the conv first, or quantize its input")
         layer.scale, layer.bias = layer.scale * f, (layer.bias - bn.running_mean.double()) * f + beta
         layer.op.attrs.setdefault("folded_batchnorm", node.target)
         self._finalize(layer, v)
@@ -280,15 +307,50 @@ class _Compiler(Emitter):
         self.points[f"{node.target}.out_quant"] = res.name
         return res
 
+    def _out_grid(self, mod: nn.Module, what: str) -> ActGrid:
+        if getattr(mod, "out_quant", None) is None:
+            raise ValueError(f"{what} has no output quantizer (a method without activation quantizers?)")
+        return ActGrid.from_quantizer(mod.out_quant, f"{what} output")
+
+    def concatenation(self, node: fx.Node, mod: QCat) -> Value:
+        g = self._out_grid(mod, f"concatenation {node.target!r}")
+        shape = node_shape(node)
+        vals = [self.arg(node, i) for i in range(len(node.args))]
+        return self.concat(node.target, g, vals, mod.dim % len(shape), shape)
+
+    def product(self, node: fx.Node, mod: QMul) -> Value:
+        g = self._out_grid(mod, f"product {node.target!r}")
+        return self.mul(node.target, g, [self.arg(node, 0), self.arg(node, 1)], node_shape(node))
+
+    def activation(self, node: fx.Node, mod: QAct) -> Value:
+        """``QAct``: input codes (its input quantizer, or codes already), then a lookup table to the output grid
+        (an identity ``QAct`` is a requantization to its grid)."""
+        name = node.target
+        v = self.arg(node)
+        if mod.input_quant is not None:
+            g_in = ActGrid.from_quantizer(mod.input_quant, f"activation {name!r} input")
+            v = codes(self.to_grid(v, g_in, f"{name}.input_quant"), g_in, v.shape)
+        g = self._out_grid(mod, f"activation {name!r}")
+        if mod.act is None:
+            return codes(self.to_grid(v, g, f"{name}.out_quant"), g, v.shape)
+        fn = type(mod.act).__name__
+        if v.kind != "q":
+            raise ValueError(f"activation {name!r} ({fn}): its input is not quantized; the lookup table maps input "
+                             "codes to output codes (give the QAct an input quantizer: qcnn.quantize does)")
+        return self.lut(name, v, g, lut_table(mod.act, v.grid, g, f"activation {name!r}"), fn)
+
     # -- pooling -----------------------------------------------------------------------------------------
     def maxpool(self, node: fx.Node, v: Value, k, s, p, d, ceil) -> Value:
-        if ceil:
-            raise ValueError(f"max pool {node.name!r}: ceil_mode=True is not supported")
         s = k if s is None or s == [] else s
-        op = Op("maxpool", [v.name], self.fresh(node.name),
-                {"kernel": _pair(k), "stride": _pair(s), "padding": _pair(p), "dilation": _pair(d)})
+        attrs = {"kernel": _pair(k), "stride": _pair(s), "padding": _pair(p), "dilation": _pair(d)}
+        if ceil:
+            attrs["ceil_mode"] = True
+        op = Op("maxpool", [v.name], self.fresh(node.name), attrs)
         if v.kind == "f":
             raise ValueError(f"max pool {node.name!r} acts on the float input before any quantizer")
+        if v.kind == "a" and not uniform_in_windows(v):
+            raise ValueError(f"max pool {node.name!r}: its input's scale varies over the pooled dimensions (a "
+                             "permuted accumulator); pool before the permute, or quantize the tensor first")
         self.emit(op)
         return v.copy(name=op.output, producer=None, shape=node_shape(node))
 
@@ -344,6 +406,9 @@ class _Compiler(Emitter):
         return self.clamp(self.arg(node), float(lo), float(hi))
 
     def fn_getitem(self, node: fx.Node) -> Value:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.name in self.pieces:
+            return self.pieces[src.name][node.args[1]]
         v = self.arg(node)
         idx = index_to_json(node.args[1])
         first = idx[0] if idx else [None, None, None]
@@ -351,6 +416,42 @@ class _Compiler(Emitter):
             raise ValueError(f"slicing {node.name!r} must keep the batch dimension (x[:, ...])")
         op = Op("getitem", [v.name], self.fresh(node.name), {"index": idx})
         return self.passthrough(v, op, node_shape(node), lambda s: s[index_from_json(idx)])
+
+    def fn_split(self, node: fx.Node) -> None:
+        """``chunk`` / ``split`` (method or function): one slicing op per piece, which ``getitem`` picks."""
+        v = self.arg(node)
+        n = node.args[1] if len(node.args) > 1 else next(val for k, val in node.kwargs.items() if k != "dim")
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(v.shape)
+        if dim == 0:
+            raise ValueError(f"{node.target} {node.name!r} splits the batch dimension")
+        size = v.shape[dim]
+        if node.target in ("chunk", torch.chunk):
+            n = -(-size // int(n))
+        sizes = [int(n)] * (size // int(n)) + ([size % int(n)] if size % int(n) else []) if isinstance(n, int) \
+            else [int(t) for t in n]
+        self.pieces[node.name], start = [], 0
+        for k in sizes:
+            idx = [[None, None, None]] * dim + [[start, start + k, None]]
+            shape = v.shape[:dim] + (k,) + v.shape[dim + 1:]
+            op = Op("getitem", [v.name], self.fresh(node.name), {"index": idx})
+            sel = index_from_json(idx)
+            self.pieces[node.name].append(self.passthrough(v, op, shape, lambda s, i=sel: s[i]))
+            start += k
+        return None
+
+    def fn_permute(self, node: fx.Node) -> Value:
+        """``permute`` / ``transpose`` (method or function): codes move, nothing is computed."""
+        v = self.arg(node)
+        nd = len(v.shape)
+        rest = [a for a in node.args[1:]] or list(node.kwargs.values())
+        if node.target in ("transpose", torch.transpose):
+            d0, d1 = (int(a) % nd for a in rest[:2])
+            dims = list(range(nd))
+            dims[d0], dims[d1] = d1, d0
+        else:
+            dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else list(rest)
+            dims = [int(d) % nd for d in dims]
+        return self.permute(v, node.name, dims, node_shape(node))
 
     def fn_pad(self, node: fx.Node) -> Value:
         v = self.arg(node)
@@ -370,6 +471,51 @@ def _target_name(target) -> str:
 
 def _unsupported_module(node: fx.Node, mod: nn.Module) -> ValueError:
     return ValueError(f"module {node.target!r} ({type(mod).__name__}) is not supported by the integer engine")
+
+
+def _stochastic_depth(c: _Compiler, node: fx.Node) -> Value:
+    kw = {**dict(zip(("input", "p", "mode", "training"), node.args)), **node.kwargs}
+    if kw.get("training", True) and kw.get("p", 0.0) > 0:
+        raise ValueError(f"stochastic depth {node.name!r} was traced in training mode (it drops samples at random); "
+                         "quantize the model in eval mode")
+    return c.arg(node)
+
+
+def _attribute(c: _Compiler, node: fx.Node) -> None:
+    if node.args[1] not in ("shape", "ndim", "dtype", "device"):
+        raise ValueError(f"attribute {node.args[1]!r} (node {node.name!r}) is not supported by the integer engine")
+    return None  # a shape query, like x.size()
+
+
+def _optional_handler(target) -> Handler | None:
+    """Handlers of functions of optional packages, found without importing them (a graph that calls one holds
+    it, so the package is loaded): torchvision's ``stochastic_depth`` (EfficientNet), the identity in eval."""
+    ops = sys.modules.get("torchvision.ops")
+    if ops is not None and target is getattr(ops, "stochastic_depth", None):
+        return _stochastic_depth
+    return None
+
+
+def _unwrapped(node: fx.Node, what: str) -> ValueError:
+    return ValueError(f"{what} {node.name!r} ({_target_name(node.target)}) is not quantized: integer inference runs "
+                      f"it on codes inside the module qcnn.quantize puts there (recipe quantize_adds=True: QCat, QMul, "
+                      "QAct)")
+
+
+@torch.no_grad()
+def lut_table(act: nn.Module, g_in: ActGrid, g_out: ActGrid, where: str) -> Tensor:
+    """Output code of every input code of ``act``, computed as the float64 simulation does: dequantize
+    ``(q - z) s`` (float64, fl32 scale), apply ``act`` in float64, quantize ``round(y fl32(1/s_out)) + z_out``."""
+    if g_in.qmax - g_in.qmin >= 2**16:
+        raise ValueError(f"{where}: a {g_in.bits}-bit input grid is too wide for a lookup table (at most 16 bits)")
+    q = torch.arange(g_in.qmin, g_in.qmax + 1, dtype=torch.float64)
+    y = act((q - g_in.zero_point) * g_in.scale).to(torch.float64)
+    codes = torch.round(y * g_out.inv_scale) + g_out.zero_point
+    return torch.clamp(codes, g_out.qmin, g_out.qmax).to(torch.int64)
+
+
+def _bare_activation(c: _Compiler, node: fx.Node, mod: nn.Module) -> Value:
+    raise _unwrapped(node, type(mod).__name__)
 
 
 def _not_quantized(c: _Compiler, node: fx.Node, mod: nn.Module) -> Value:
@@ -412,6 +558,10 @@ _MODULE_HANDLERS: list[tuple[type | tuple[type, ...], Handler]] = [
                                              m.count_include_pad, m.divisor_override)),
     (nn.AdaptiveAvgPool2d, lambda c, n, m: c.adaptive(n, c.arg(n))),
     (QAdd, _Compiler.residual_add),
+    (QCat, _Compiler.concatenation),
+    (QMul, _Compiler.product),
+    (QAct, _Compiler.activation),
+    (_ACTIVATION_MODULES, _bare_activation),
     ((nn.Conv2d, nn.Linear), _not_quantized),
 ]
 
@@ -436,6 +586,12 @@ _FUNCTION_HANDLERS: dict[Callable, Handler] = {
     torch._C._nn.avg_pool2d: _Compiler.fn_avgpool,
     operator.getitem: _Compiler.fn_getitem,
     F.pad: _Compiler.fn_pad,
+    torch.permute: _Compiler.fn_permute,
+    torch.transpose: _Compiler.fn_permute,
+    torch.mean: _Compiler.mean,
+    torch.chunk: _Compiler.fn_split,
+    getattr: _attribute,
+    torch.split: _Compiler.fn_split,
 }
 
 

@@ -16,17 +16,17 @@ from qcnn.nn.layers import QAdd, QConv2d
 from qcnn.quant.base import Quantizer
 from qcnn.quant.uniform import UniformQuantizer
 
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity)
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d)
 
 
 @torch.no_grad()
 def add_residual_quantizers(model: nn.Module, bits: int = 8) -> nn.Module:
-    """Give every QConv2d whose output reaches a residual ``QAdd`` unquantized (directly, or through ReLU /
-    ReLU6 / identity shortcut modules) an 8-bit output quantizer (signed, asymmetric, min/max calibrated; in
-    place). Deployed int8 networks (torch.ao, TFLite) quantize those outputs so that the conv runs as
-    QLinearConv and the add as QLinearAdd; the fake-quant simulation then models that rounding too (the ReLU
-    acts on the codes, ``max(q, z)``). Needs BN folded (``fold_bn``/FQN) so that the conv output is the add
-    input. Calibrate the model afterwards."""
+    """Give every QConv2d whose output reaches a residual ``QAdd`` unquantized (directly, or through ReLU / ReLU6
+    / max pool / identity shortcut modules, as the stem of torchvision's ResNets) an 8-bit output quantizer
+    (signed, asymmetric, min/max calibrated; in place). Deployed int8 networks (torch.ao, TFLite) quantize those
+    outputs so that the conv runs as QLinearConv and the add as QLinearAdd; the fake-quant simulation then models
+    that rounding too (the ReLU acts on the codes, ``max(q, z)``). Needs BN folded (``fold_bn``/FQN) so that the
+    conv output is the add input. Calibrate the model afterwards."""
     if not isinstance(model, fx.GraphModule):
         raise ValueError("add_residual_quantizers needs the torch.fx GraphModule made by qcnn.quantize")
     mods = dict(model.named_modules())
@@ -37,7 +37,8 @@ def add_residual_quantizers(model: nn.Module, bits: int = 8) -> nn.Module:
             if isinstance(m, QConv2d):
                 return a if len(a.users) == 1 else None
             passes = isinstance(m, _PASS_MODULES) or (a.op == "call_function" and a.target in (
-                torch.relu, nn.functional.relu)) or (a.op == "call_method" and a.target == "relu")
+                torch.relu, nn.functional.relu, nn.functional.max_pool2d)) or (
+                a.op == "call_method" and a.target == "relu")
             if not passes:
                 return None
             a = a.args[0]

@@ -2,10 +2,10 @@
 
 An :class:`IntegerModel` (:mod:`qcnn.integer.runtime`) is a flat list of :class:`Op`. Each op has a ``kind``
 (``quantize``, ``conv``, ``linear``, ``requant``, ``add``, ``clamp``, ``maxpool``, ``sumpool``, ``reshape``,
-``getitem``, ``pad``, ``dequantize``), the names of its input values and of its output value, ``attrs``
-(JSON values only: ints, floats, strings, lists, dicts; written as they are to the ``.json`` file) and
-``tensors`` (written to the ``.npz`` file). The meaning of every attribute and tensor is listed in
-docs/integer.md; :mod:`qcnn.integer.kernels` gives the reference semantics.
+``getitem``, ``pad``, ``permute``, ``concat``, ``mul``, ``lut``, ``affine``, ``dequantize``), the names of its
+input values and of its output value, ``attrs`` (JSON values only: ints, floats, strings, lists, dicts; written as
+they are to the ``.json`` file) and ``tensors`` (written to the ``.npz`` file). The meaning of every attribute and
+tensor is listed in docs/integer.md; :mod:`qcnn.integer.kernels` gives the reference semantics.
 """
 
 from __future__ import annotations

@@ -137,11 +137,28 @@ def _clamp(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
     return x
 
 
+def ceil_extra(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Rows (columns) added after the padded input so that a ``ceil_mode`` pool's last window fits: PyTorch's
+    output size ``ceil((size + 2p - d(k-1) - 1) / s) + 1``, minus one where that window would start in the
+    right padding."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = -(-span // s) + 1
+    if (out - 1) * s >= size + p:
+        out -= 1
+    return max(0, (out - 1) * s - span)
+
+
 @kernel("maxpool")
 def _maxpool(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
     a = op.attrs
+    x, k, s, p, d = inputs[0], a["kernel"], a["stride"], a["padding"], a["dilation"]
+    low = -(2**62)
+    if a.get("ceil_mode"):  # windows past the end see only the padding value, as PyTorch's -inf
+        eh, ew = (ceil_extra(x.shape[-2 + i], k[i], s[i], p[i], d[i]) for i in range(2))
+        x = F.pad(x, (p[1], p[1] + ew, p[0], p[0] + eh), value=low)
+        p = [0, 0]
     out = None
-    for _, _, xs in _windows(inputs[0], a["kernel"], a["stride"], a["padding"], a["dilation"], -(2**62)):
+    for _, _, xs in _windows(x, k, s, p, d, low):
         out = xs if out is None else torch.maximum(out, xs)
     return out
 
@@ -172,6 +189,36 @@ def _getitem(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
 @kernel("pad")
 def _pad(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
     return F.pad(inputs[0], op.attrs["pad"], value=op.attrs["value"])
+
+
+@kernel("concat")
+def _concat(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
+    return torch.cat(inputs, op.attrs["dim"])
+
+
+@kernel("mul")
+def _mul(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
+    za, zb = op.attrs["input_zero_points"]
+    return (inputs[0] - za) * (inputs[1] - zb)
+
+
+@kernel("affine")
+def _affine(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
+    x = inputs[0]
+    sign = op.tensors["sign"].to(x.device, torch.int64).reshape([1, -1] + [1] * (x.dim() - 2))
+    return (x - op.attrs["input_zero_point"]) * sign
+
+
+@kernel("lut")
+def _lut(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
+    x = inputs[0]
+    table = op.tensors["table"].to(x.device, torch.int64)
+    return table[x - op.attrs["input_qmin"]]
+
+
+@kernel("permute")
+def _permute(op: Op, inputs: list[Tensor], cache: dict) -> Tensor:
+    return inputs[0].permute(op.attrs["dims"])
 
 
 @kernel("dequantize")

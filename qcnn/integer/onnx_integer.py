@@ -17,7 +17,9 @@ the same codes as :class:`~qcnn.integer.runtime.IntegerModel` with ``requant="in
   (exact), ``f + (r > 2^(n-1)) + (r == 2^(n-1)) Mod(f, 2)``, ``+ z``, ``Clip``;
 * ``clamp``: ``Mul`` by ``2^k``, ``Add``, ``Max`` / ``Min``; ``maxpool``: ``MaxPool`` on a float64 copy (every
   value is an integer below 2^53, exact); ``sumpool``: ``ReduceSum`` (global) or a sum of strided ``Slice``
-  views (windows); ``reshape`` / ``getitem`` / ``pad``: ``Reshape`` / ``Slice`` / ``Pad`` on int64;
+  views (windows); ``reshape`` / ``getitem`` / ``pad`` / ``permute`` / ``concat``: ``Reshape`` / ``Slice`` /
+  ``Pad`` / ``Transpose`` / ``Concat`` on int64; ``mul``: ``Sub`` of the zero points, ``Mul``; ``affine``
+  (a BatchNorm on codes): ``Sub``, ``Mul`` by the sign; ``lut``: ``Gather`` from the table;
 * ``dequantize``: ``Cast(double)``, ``(q - z) s (+ offset)``, ``Cast(float)``.
 
 It needs the ``requant="int64"`` scheme and weights / activation grids of at most 8 bits. It is slower than
@@ -204,7 +206,7 @@ class IntegerBuilder(GraphBuilder):
         p = a["padding"]
         xd = self.node("Cast", [x], op.output + "_f64", to=self.TP.DOUBLE)
         m = self.node("MaxPool", [xd], op.output + "_pool", kernel_shape=a["kernel"], strides=a["stride"],
-                      pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"])
+                      pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"], ceil_mode=int(a.get("ceil_mode", 0)))
         out = self.node("Cast", [m], op.output, to=self.TP.INT64)
         self.kind[out] = self.kind[x]
         return out
@@ -234,6 +236,35 @@ class IntegerBuilder(GraphBuilder):
     def op_pad(self, op: Op, x: str) -> str:
         out = self.node("Pad", [x, self.i64("pads", onnx_pads(op.attrs["pad"])), self.i64("v", op.attrs["value"])],
                         op.output, mode="constant")
+        self.kind[out] = self.kind[x]
+        return out
+
+    def op_concat(self, op: Op, *xs: str) -> str:
+        g = op.attrs["grid"]
+        out = self.node("Concat", list(xs), op.output, axis=op.attrs["dim"])
+        return self._codes(out, g, (g["qmin"], g["qmax"]))
+
+    def op_mul(self, op: Op, a: str, b: str) -> str:
+        xs = []
+        for i, (x, z) in enumerate(zip((a, b), op.attrs["input_zero_points"])):
+            xs.append(self.node("Sub", [x, self.i64("z", z)], op.output + f"_c{i}") if z else x)
+        return self._codes(self.node("Mul", xs, op.output))
+
+    def op_affine(self, op: Op, x: str) -> str:
+        z = op.attrs["input_zero_point"]
+        x = self.node("Sub", [x, self.i64("z", z)], op.output + "_c") if z else x
+        sign = self._bcast(op.tensors["sign"], self.ndim.get(op.output, 4))
+        return self._codes(self.node("Mul", [x, self.i64("sign", sign)], op.output))
+
+    def op_lut(self, op: Op, x: str) -> str:
+        g = op.attrs["grid"]
+        if op.attrs["input_qmin"]:
+            x = self.node("Sub", [x, self.i64("qmin", op.attrs["input_qmin"])], op.output + "_idx")
+        out = self.node("Gather", [self.i64("table", op.tensors["table"].numpy()), x], op.output, axis=0)
+        return self._codes(out, g, (g["qmin"], g["qmax"]))
+
+    def op_permute(self, op: Op, x: str) -> str:
+        out = self.node("Transpose", [x], op.output, perm=op.attrs["dims"])
         self.kind[out] = self.kind[x]
         return out
 

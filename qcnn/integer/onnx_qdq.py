@@ -15,6 +15,9 @@ fused. Mapping of the integer operations:
   negates the weight codes);
 * ``requant`` -> optional ``Relu`` / ``Clip`` then ``QuantizeLinear`` (from codes: ``DequantizeLinear`` first);
 * ``add`` -> ``DequantizeLinear`` of code operands, ``Add``, ``QuantizeLinear``;
+* ``concat`` / ``permute`` -> ``Concat`` / ``Transpose`` of codes; ``lut`` -> ``Gather`` from the table (codes to
+  codes); ``mul`` -> ``DequantizeLinear`` of both operands, ``Mul`` (its ``requant``: ``QuantizeLinear``);
+  ``affine`` (a BatchNorm on codes) -> ``DequantizeLinear``, ``Mul``, ``Add``;
 * ``clamp`` on codes -> ``Clip`` on the int8/uint8 tensor; ``maxpool`` -> ``MaxPool`` (on codes directly);
   ``sumpool`` -> ``AveragePool`` / ``GlobalAveragePool``; ``reshape`` / ``getitem`` / ``pad`` ->
   ``Reshape`` / ``Slice`` / ``Pad``; ``dequantize`` -> ``DequantizeLinear``.
@@ -140,7 +143,47 @@ class QDQBuilder(GraphBuilder):
         a = op.attrs
         p = a["padding"]
         out = self.node("MaxPool", [x], op.output, kernel_shape=a["kernel"], strides=a["stride"],
-                        pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"])
+                        pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"], ceil_mode=int(a.get("ceil_mode", 0)))
+        self.kind[out] = self.kind[x]
+        return out
+
+    def op_concat(self, op: Op, *xs: str) -> str:
+        if len({self.kind[x] for x in xs}) != 1:
+            raise ValueError(f"concatenation {op.attrs['layer']!r}: its operands are not codes on one grid")
+        out = self.node("Concat", list(xs), op.output, axis=op.attrs["dim"])
+        self.kind[out] = self.kind[xs[0]]
+        return out
+
+    def op_mul(self, op: Op, a: str, b: str) -> str:
+        out = self.node("Mul", [self.float_of(a, op.output + "_a"), self.float_of(b, op.output + "_b")], op.output)
+        self.kind[out] = ("f",)
+        return out
+
+    def op_affine(self, op: Op, x: str) -> str:
+        """The real value ``f v + b`` of a BatchNorm on codes, in float32 (``Mul``, ``Add``)."""
+        t, nd = op.tensors, self.ndim.get(op.output, 4)
+        shape = [1, -1] + [1] * (nd - 2)
+        f = (t["sign"].numpy() * t["acc_scale"].numpy() / op.attrs["input_scale"]).astype(np.float32).reshape(shape)
+        y = self.node("Mul", [self.float_of(x, op.output + "_x"), self.const("f", f)], op.output + "_mul")
+        out = self.node("Add", [y, self.const("b", t["bias_real"].numpy().astype(np.float32).reshape(shape))],
+                        op.output)
+        self.kind[out] = ("f",)
+        return out
+
+    def op_lut(self, op: Op, x: str) -> str:
+        """Codes -> codes through the table (``Gather``: exact, as the engine)."""
+        g = op.attrs["grid"]
+        dt = container(g["qmin"], g["qmax"], op.output)
+        idx = self.node("Cast", [x], op.output + "_i64", to=self.TP.INT64)
+        if op.attrs["input_qmin"]:
+            idx = self.node("Sub", [idx, self.const("qmin", np.int64(op.attrs["input_qmin"]))], op.output + "_idx")
+        out = self.node("Gather", [self.const("table", op.tensors["table"].numpy().astype(dt)), idx], op.output,
+                        axis=0)
+        self.kind[out] = ("q", dt, g["scale"], g["zero_point"])
+        return out
+
+    def op_permute(self, op: Op, x: str) -> str:
+        out = self.node("Transpose", [x], op.output, perm=op.attrs["dims"])
         self.kind[out] = self.kind[x]
         return out
 

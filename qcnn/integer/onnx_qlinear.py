@@ -160,8 +160,9 @@ class QLinearBuilder(QDQBuilder):
         g = op.attrs["grid"]
         if x in self.pending:
             src, xin, posts = self.pending[x]
-            raw = self._conv(src, xin, op) if src.kind == "conv" else self._pool(src, xin, op)
-            out = self._codes(raw, g, self.layout[xin])
+            build = {"conv": self._conv, "mul": self._mul}.get(src.kind, self._pool)
+            layout = self.layout[xin[0] if src.kind == "mul" else xin]
+            out = self._codes(build(src, xin, op), g, layout)
             for post in posts:  # reshapes / max pools between the accumulator and its requantization
                 out = getattr(self, f"op_{post.kind}")(post, out)
         elif self.kind[x][0] == "q":  # codes -> codes on another grid: a lookup table
@@ -198,8 +199,15 @@ class QLinearBuilder(QDQBuilder):
     def _defer(self, op: Op, x: str) -> str:
         """Apply ``op`` to the codes after the pending requantization of ``x`` (it commutes with it)."""
         src, xin, posts = self.pending.pop(x)
-        if self.users.get(op.output, 0) != 1:
-            raise ValueError(f"{op.output}: a deferred accumulator needs exactly one requantization")
+        n = self.users.get(op.output, 0)
+        if n != 1:
+            raise ValueError(f"{op.kind} {op.output!r} acts on the unquantized output of {src.kind} "
+                             f"{src.attrs.get('layer', src.output)!r} and its result has {n} consumers (a conv and a "
+                             "residual add, say); the QLinear form runs a layer and its requantization as one QLinear "
+                             "op, so that output must be requantized exactly once. Quantize it in the model (a "
+                             "residual network: qcnn.integer.add_residual_quantizers(q) before calibration, the int8 "
+                             "deployment model of docs/integer.md, gives such convs an output quantizer) or export "
+                             "form='qdq'")
         self.pending[op.output] = (src, xin, posts + [op])
         self.kind[op.output] = ("acc",)
         return op.output
@@ -214,7 +222,7 @@ class QLinearBuilder(QDQBuilder):
         a = op.attrs
         p = a["padding"]
         out = self.node("NhwcMaxPool", [x], op.output, domain=self.MS, kernel_shape=a["kernel"], strides=a["stride"],
-                        pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"])
+                        pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"], ceil_mode=int(a.get("ceil_mode", 0)))
         self.kind[out], self.shift[out], self.layout[out] = self.kind[x], self.shift[x], "nhwc"
         return out
 
@@ -224,6 +232,52 @@ class QLinearBuilder(QDQBuilder):
         self.pending[op.output] = (op, x, [])
         self.kind[op.output] = ("acc",)
         return op.output
+
+    def _same_layout(self, xs: tuple[str, ...], base: str) -> list[str]:
+        """``xs`` in one layout (NCHW unless they all are NHWC)."""
+        if len({self.layout.get(x, "nchw") for x in xs}) == 1:
+            return list(xs)
+        return [self._to_nchw(x, f"{base}_in{i}") for i, x in enumerate(xs)]
+
+    def op_concat(self, op: Op, *xs: str) -> str:
+        if any(self.kind[x][0] != "q" for x in xs):
+            raise ValueError(f"concatenation {op.attrs['layer']!r}: an operand is not codes")
+        xs = self._same_layout(xs, op.output)
+        out = self.node("Concat", xs, op.output, axis=self._axes(xs[0])[op.attrs["dim"]])
+        return self._codes(out, op.attrs["grid"], self.layout.get(xs[0], "nchw"))
+
+    def op_mul(self, op: Op, a: str, b: str) -> str:
+        """Deferred to its requantization: ``com.microsoft.QLinearMul``."""
+        if self.kind[a][0] != "q" or self.kind[b][0] != "q" or self.users.get(op.output, 0) != 1:
+            raise ValueError(f"product {op.attrs['layer']!r}: the QLinear form needs two code operands and one "
+                             "requantization")
+        self.pending[op.output] = (op, tuple(self._same_layout((a, b), op.output)), [])
+        self.kind[op.output] = ("acc",)
+        return op.output
+
+    def _mul(self, op: Op, xs: tuple[str, str], rq: Op) -> str:
+        (sa, za), (sb, zb) = self._sz(xs[0]), self._sz(xs[1])
+        ys, yz = self._grid_sz(rq.attrs["grid"])
+        return self.node("QLinearMul", [xs[0], sa, za, xs[1], sb, zb, ys, yz], rq.output + "_mul", domain=self.MS)
+
+    def op_lut(self, op: Op, x: str) -> str:
+        """The table over all 256 uint8 codes (shifts of both grids folded in): one ``Gather``, exact."""
+        a, g = op.attrs, op.attrs["grid"]
+        if self.kind[x][0] != "q":
+            raise ValueError(f"activation {a['layer']!r}: its input is not codes")
+        t = op.tensors["table"].numpy().astype(np.int64)
+        idx = np.clip(np.arange(256) - self.shift[x], a["input_qmin"], a["input_qmin"] + len(t) - 1) - a["input_qmin"]
+        table = (t[idx] + (128 if g["qmin"] < 0 else 0)).astype(np.uint8)
+        i64 = self.node("Cast", [x], op.output + "_i64", to=self.TP.INT64)
+        out = self.node("Gather", [self.const("table", table), i64], op.output, axis=0)
+        return self._codes(out, g, self.layout.get(x, "nchw"))
+
+    def op_permute(self, op: Op, x: str) -> str:
+        if x in self.pending:  # applied to the codes once the accumulator is requantized
+            return self._defer(op, x)
+        x = self._to_nchw(x, op.output)
+        out = self.node("Transpose", [x], op.output, perm=op.attrs["dims"])
+        return self._copy_meta(out, x, "nchw")
 
     def _copy_meta(self, out: str, x: str, layout: str) -> str:
         self.kind[out], self.layout[out] = self.kind[x], layout

@@ -163,8 +163,8 @@ class _Lowering:
 
     def post_maxpool(self, op: Op, x: str) -> str:
         a = op.attrs
-        out = self.emit(op.output, lambda t: F.max_pool2d(t, a["kernel"], a["stride"], a["padding"], a["dilation"]),
-                        [x])
+        out = self.emit(op.output, lambda t: F.max_pool2d(t, a["kernel"], a["stride"], a["padding"], a["dilation"],
+                                                         ceil_mode=bool(a.get("ceil_mode", False))), [x])
         self.grid[out] = self.grid[x]
         return out
 

@@ -56,6 +56,20 @@ class Value:
         return dataclasses.replace(self, **kw)
 
 
+def _compact(t: Tensor) -> Tensor:
+    """``t`` reduced to size 1 along every dimension it is constant along (it broadcasts to the same values)."""
+    for d in range(1, t.dim()):
+        if t.shape[d] > 1 and bool((t == t.narrow(d, 0, 1)).all()):
+            t = t.narrow(d, 0, 1)
+    return t.contiguous()
+
+
+def uniform_in_windows(v: Value) -> bool:
+    """Whether an accumulator's scale and offset are the same at every position of the last two dimensions (as
+    pooling windows need: they compare or add values of one scale)."""
+    return all(t is None or t.dim() < 2 or (t.shape[-1] == 1 and t.shape[-2] == 1) for t in (v.scale, v.offset))
+
+
 def codes(name: str, g: ActGrid, shape) -> Value:
     """The value of codes ``name`` on grid ``g``."""
     return Value("q", name, grid=g, bound=g.centred_bound, shape=tuple(shape))
@@ -176,6 +190,9 @@ class Emitter:
         v = self.materialize(v, offset=bool(padding[0] or padding[1]), headroom=count)
         if v.kind == "f":
             raise ValueError(f"pooling node {name!r} acts on the float input before any quantizer")
+        if v.kind == "a" and not uniform_in_windows(v):
+            raise ValueError(f"pooling node {name!r}: its input's scale varies over the pooled dimensions (a "
+                             "permuted accumulator); pool before the permute, or quantize the tensor first")
         attrs = {"kernel": kernel, "stride": stride, "padding": padding, "global": glob}
         if v.kind == "q":
             attrs["input_zero_point"] = v.grid.zero_point
@@ -187,14 +204,16 @@ class Emitter:
         return Value("a", out, scale=scale, bound=v.bound * count, shape=tuple(shape), offset=v.offset)
 
     def passthrough(self, v: Value, op: Op, shape, scale_fn=None) -> Value:
-        """Emit ``op``, which moves the elements of ``v`` (``scale_fn`` moves its per-element scale alike)."""
+        """Emit ``op``, which moves the elements of ``v`` (``scale_fn`` moves its per-element scale alike; the
+        result is kept at size 1 along every dimension where it is constant, e.g. per channel again after a
+        permute and its inverse)."""
         self.emit(op)
         scale, offset = v.scale, v.offset
         full = (1,) + tuple(v.shape[1:])
         if v.kind == "a" and scale_fn is not None:
-            scale = scale_fn(scale.expand(full).contiguous())
+            scale = _compact(scale_fn(scale.expand(full).contiguous()))
             if offset is not None:
-                offset = scale_fn(offset.expand(full).contiguous())
+                offset = _compact(scale_fn(offset.expand(full).contiguous()))
         return v.copy(name=op.output, scale=scale, offset=offset, producer=None, shape=tuple(shape))
 
     def reshape(self, v: Value, name: str, shape) -> Value:
@@ -228,6 +247,66 @@ class Emitter:
         self.emit(Op("add", names, out, {**attrs, **extra}, tensors))
         return codes(out, g, shape)
 
+    def concat(self, name: str, g: ActGrid, operands: list[Value], dim: int, shape) -> Value:
+        """Concatenation ``name`` along ``dim``: every operand requantized to codes on ``g``, then joined."""
+        if dim == 0:
+            raise ValueError(f"concatenation {name!r} along the batch dimension is not supported")
+        names = [self.to_grid(v, g, None) for v in operands]
+        out = self.fresh(name)
+        self.emit(Op("concat", names, out, {"layer": name, "dim": dim, "grid": g.to_json()}))
+        self.points[f"{name}.out_quant"] = out
+        return codes(out, g, shape)
+
+    def mul(self, name: str, g: ActGrid, operands: list[Value], shape) -> Value:
+        """Elementwise product ``name`` of two code operands: ``(q_a - z_a)(q_b - z_b)``, an exact integer of
+        scale ``s_a s_b``, requantized once to codes on ``g``."""
+        for i, v in enumerate(operands):
+            if v.kind != "q":
+                what = "the float input" if v.kind == "f" else "an accumulator"
+                raise ValueError(f"product {name!r}: operand {i} is {what}, not codes; the integer product needs "
+                                 "both operands quantized (qcnn.quantize with quantize_adds=True puts a quantizer "
+                                 "on such an operand)")
+        a, b = operands
+        out = self.fresh(name)
+        self.emit(Op("mul", [a.name, b.name], out,
+                     {"layer": name, "input_zero_points": [a.grid.zero_point, b.grid.zero_point]}))
+        scale = torch.tensor(a.grid.scale * b.grid.scale, dtype=torch.float64).reshape([1] * len(shape))
+        prod = Value("a", out, scale=scale, bound=a.bound * b.bound, shape=tuple(shape))
+        return codes(self.to_grid(prod, g, f"{name}.out_quant"), g, shape)
+
+    def lut(self, name: str, v: Value, g: ActGrid, table: Tensor, function: str) -> Value:
+        """Elementwise function ``name`` of the codes ``v`` as a lookup table: ``out = table[q - qmin]``, codes on
+        ``g`` (``table`` holds the output code of every input code, built at compile time)."""
+        out = self.fresh(name)
+        self.emit(Op("lut", [v.name], out, {"layer": name, "function": function, "input_qmin": v.grid.qmin,
+                                             "input_grid": v.grid.to_json(), "grid": g.to_json()},
+                     {"table": table.to(torch.int32)}))
+        self.points[f"{name}.out_quant"] = out
+        return codes(out, g, v.shape)
+
+    def affine(self, name: str, v: Value, f: Tensor, b: Tensor, shape) -> Value:
+        """Per-channel ``f v + b`` of the codes ``v`` (a BatchNorm after a concatenation, DenseNet): the integer
+        ``sign (q - z)`` (``sign`` where ``f < 0``), an accumulator of scale ``s |f|`` and exact offset ``b``."""
+        if bool((f == 0).any()):
+            raise ValueError(f"BatchNorm {name!r}: a channel has zero scale (gamma = 0)")
+        g = v.grid
+        out = self.fresh(name)
+        s = g.scale * f.abs()
+        sign = torch.where(f < 0, -1, 1).to(torch.int8)
+        self.emit(Op("affine", [v.name], out, {"layer": name, "input_zero_point": g.zero_point, "input_scale": g.scale},
+                     {"sign": sign, "acc_scale": s.clone(), "bias_real": b.clone()}))
+        bshape = [1, -1] + [1] * (len(shape) - 2)
+        val = Value("a", out, scale=s.reshape(bshape), offset=b.reshape(bshape).clone(), bound=float(g.centred_bound),
+                    shape=tuple(shape))
+        return val if self.exact_bias else self.materialize(val, offset=True)
+
+    def permute(self, v: Value, name: str, dims: list[int], shape) -> Value:
+        """``v`` with its dimensions permuted (``dims[0] == 0``: the batch stays first)."""
+        if dims[0] != 0:
+            raise ValueError(f"permute {name!r} moves the batch dimension (dims {dims})")
+        op = Op("permute", [v.name], self.fresh(name), {"dims": list(dims)})
+        return self.passthrough(v, op, shape, lambda s: s.permute(dims))
+
     def dequantize(self, v: Value) -> str:
         """Name of the float value of ``v`` (a network output)."""
         v = self.materialize(v)
@@ -245,4 +324,4 @@ class Emitter:
         return name
 
 
-__all__ = ["BIAS_MODES", "Emitter", "Layer", "Value", "codes"]
+__all__ = ["BIAS_MODES", "Emitter", "Layer", "Value", "codes", "uniform_in_windows"]

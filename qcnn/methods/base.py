@@ -82,8 +82,10 @@ class Method:
 
     name: ClassVar[str] = "base"
     Options: ClassVar[type] = NoOptions
-    #: layer types this method can quantize
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d, nn.Linear)
+    #: layer types this method can quantize (subclasses included). A ConvTranspose2d's weight quantizer is given the
+    #: weight in conv layout ``(out, in/groups, kH, kW)`` (:class:`~qcnn.nn.layers.QConvTranspose2d`); a method
+    #: whose procedure keeps per-weight state read from the stored weight leaves it out
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
     #: weight / activation bit widths the method defines (None = any); the benchmark marks other cells
     weight_bits: ClassVar[tuple[int, ...] | None] = None
     act_bits: ClassVar[tuple[int, ...] | None] = None

@@ -83,6 +83,7 @@ class ELQMethod(Method):
 
     Layers with more than 2 weight bits (an ``8bit`` first/last policy) get plain 8-bit uniform weights."""
 
+    supported = (nn.Conv1d, nn.Conv2d, nn.Linear)  # masks follow the stored (out, in, ...) layout
     name = "elq"
     Options = ELQOptions
     weight_bits = (1, 2)

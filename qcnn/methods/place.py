@@ -5,38 +5,59 @@ Steps (the float model is never modified; a quantized copy is returned):
 1. The recipe's bit widths are checked against what the method defines (:meth:`Method.defines`): a
    weight-only method given ``a_bits``, or bits the method has no grid for, is refused by name.
 2. The method's ``prepare`` hook may change the architecture (e.g. BN without affine for HWGQ).
-3. With ``recipe.fold_bn`` (PTQ), BatchNorm layers are folded into the preceding conv (eval statistics).
-4. The model is traced with ``torch.fx``. Each ``Conv2d``/``Linear`` becomes a ``QConv2d``/``QLinear``
-   holding the method's weight quantizer, a quantizer on the activation it consumes and optionally a
+3. With ``recipe.fold_bn`` (PTQ), BatchNorm layers are folded into the preceding conv (eval statistics); a model
+   ``torch.fx`` cannot trace keeps its BatchNorm, with a warning.
+4. The model is traced with ``torch.fx`` (:class:`qcnn.transform.LayerTracer`: every weight layer, subclasses
+   included, stays one module). Each ``Conv1d``/``Conv2d``/``ConvTranspose2d``/``Linear``, or subclass of one
+   (timm's ``Linear``), becomes a ``QConv1d``/``QConv2d``/``QConvTranspose2d``/``QLinear`` with the same weight and
+   bias, computing its base type's standard ``F.conv*``/``F.linear`` (what a subclass's own ``forward`` adds is
+   not kept: a warning names the subclasses that override ``forward``), holding the method's weight quantizer, a
+   quantizer on the activation it consumes and optionally a
    gradient quantizer on its output; whether the consumed activation is signed is read off the graph
    (:func:`qcnn.transform.input_is_signed`). Tensor-tensor adds (residuals) become ``QAdd`` modules with
    an output quantizer at ``max(a_bits, 8)`` bits (residual sums keep 8 bits, as in deployed integer
    networks), so that integer-only inference can follow the graph.
 5. The first and last quantizable layers (in graph order) follow ``recipe.first_last``: ``fp32`` leaves
    them float, ``8bit`` gives them 8-bit weights and activations, ``same`` the recipe's bits.
-6. Per-layer overrides (``fnmatch`` patterns on module names) set bits or skip layers.
+6. Per-layer overrides (``fnmatch`` patterns on module names) set bits or skip layers; a pattern that matches
+   no weight layer is refused with the closest layer names.
 7. ``recipe.ptq``: with ``equalize``, cross-layer equalization (:mod:`qcnn.methods.equalize`) rescales the
    BN-folded layers before any calibration; with bias correction or high-bias absorption every layer gets a
    bias (:func:`qcnn.methods.bias_correction.ensure_biases`). Both are structural, so a checkpoint is rebuilt
    with the same modules; the data-dependent steps are :func:`qcnn.methods.ptq.post_training_quantize`'s.
 
 Models that ``torch.fx`` cannot trace fall back to a plain module swap (adds stay float) with a warning.
-Any weight-bearing layer type the method cannot quantize is named in a ``ValueError``.
+Every weight layer ends up quantized, left float on request (first/last policy, skip override) or named in a
+``ValueError``: a layer type the method cannot quantize (outside ``Method.supported``), one no quantized layer
+exists for (Conv3d, ConvTranspose1d/3d, Bilinear, Embedding, MultiheadAttention, RNNs), or one the forward does not
+call as a module (its weight read directly).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
+import warnings
 
-from torch import nn
+from torch import fx, nn
 
 from qcnn.methods.base import LayerContext, Method, get_method
 from qcnn.methods.bias_correction import ensure_biases
 from qcnn.methods.equalize import cross_layer_equalize
 from qcnn.models import arch_record, keep_arch
+from qcnn.nn.layers import QUANT_LAYERS, QUANTIZED_LAYERS
 from qcnn.recipes import Recipe
-from qcnn.transform import check_supported, fold_bn, layers_in_order, quantize_adds, swap_layer, trace
+from qcnn.transform import (
+    check_supported,
+    float_weight_layers,
+    fold_bn,
+    layers_in_order,
+    quantize_adds,
+    swap_layer,
+    trace,
+    weight_view,
+)
 
 
 def layer_bits(name: str, role: str, recipe: Recipe) -> tuple[int, int | None] | None:
@@ -65,8 +86,49 @@ def check_defined(method: Method, recipe: Recipe) -> None:
                          f"is not defined: {reason}{hint}")
 
 
+def check_overrides(recipe: Recipe, names: list[str], model_name: str) -> None:
+    """Refuse an override pattern that matches none of the weight layers ``names``, with the closest names."""
+    for o in recipe.overrides:
+        if any(fnmatch.fnmatchcase(n, o.pattern) for n in names):
+            continue
+        close = difflib.get_close_matches(o.pattern, names, n=5, cutoff=0.5)
+        hint = f"closest layer names: {close}" if close else f"no close name (the first: {names[:5]})"
+        raise ValueError(f"override pattern {o.pattern!r} matches no weight layer of {model_name}; {hint}; "
+                         f"{len(names)} layer names are valid (fnmatch patterns on qualified module names, "
+                         "qcnn.transform.float_weight_layers(model) lists them)")
+
+
+def _check_all_reached(gm: fx.GraphModule | None, model: nn.Module, reached: set[str]) -> None:
+    """Refuse a weight layer the traced forward does not call as a module but reads the weight of (e.g.
+    ``F.linear(x, self.fc.weight)``): no quantizer could reach it. ``reached``: the layers called as modules and
+    those left float on request."""
+    if gm is None:
+        return
+    layers = dict(float_weight_layers(model))
+    for node in gm.graph.nodes:
+        owner, _, attr = str(node.target).rpartition(".") if node.op == "get_attr" else ("", "", "")
+        if owner in layers and owner not in reached:
+            raise ValueError(f"layer {owner!r} ({type(layers[owner]).__name__}) is not called as a module: the "
+                             f"forward reads its {attr!r} directly, so no quantizer can be put on it; leave it in "
+                             f"float with an override {{pattern: {owner!r}, skip: true}}")
+
+
+def _warn_subclass_forwards(root: nn.Module, names: list[str]) -> None:
+    """One warning naming the subclassed layers whose own ``forward`` the quantized layers replaced."""
+    own = set()
+    for name in names:
+        m = root.get_submodule(name)
+        base = next(t for t in QUANT_LAYERS if isinstance(m, t))
+        if type(m) is not base and type(m).forward is not base.forward and not isinstance(m, QUANTIZED_LAYERS):
+            own.add(f"{type(m).__module__}.{type(m).__qualname__} ({base.__name__})")
+    if own:
+        warnings.warn(f"quantize(): {', '.join(sorted(own))} override forward; their quantized layers compute the "
+                      "standard F.conv1d / F.conv2d / F.conv_transpose2d / F.linear of the base type with the "
+                      "layer's weight and bias (what else the subclass's forward does is not kept)", stacklevel=3)
+
+
 def _context(method: Method, recipe: Recipe, name: str, module: nn.Module, role: str, bits, signed: bool):
-    return LayerContext(name=name, module=module, role=role, w_bits=bits[0], a_bits=bits[1],
+    return LayerContext(name=name, module=weight_view(module), role=role, w_bits=bits[0], a_bits=bits[1],
                         input_signed=signed or role == "first", per_channel=recipe.per_channel,
                         calib=recipe.calib, g_bits=recipe.g_bits, e_bits=recipe.e_bits, options=method.options)
 
@@ -91,9 +153,14 @@ def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> 
     root = gm if gm is not None else model
     layers = layers_in_order(root, gm)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
-    skipped = {n for n, _ in layers if layer_bits(n, "hidden", recipe) is None}
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer (nor Conv1d, ConvTranspose2d) to "
+                         "quantize")
+    names = list(dict.fromkeys([n for n, _ in layers] + [n for n, _ in float_weight_layers(model)]))
+    check_overrides(recipe, names, type(model).__name__)
+    skipped = {n for n in names if layer_bits(n, "hidden", recipe) is None}
     check_supported(root, method.supported, method.name, skipped)
+    _check_all_reached(gm, model, skipped | {n for n, _ in layers})
+    _warn_subclass_forwards(root, [n for n, _ in layers])
 
     for i, (name, signed) in enumerate(layers):
         role = "first" if i == 0 else ("last" if i == len(layers) - 1 else "hidden")
@@ -128,4 +195,4 @@ def _post_training_structure(root: nn.Module, gm, recipe: Recipe) -> None:
         ensure_biases(root)
 
 
-__all__ = ["check_defined", "layer_bits", "quantize"]
+__all__ = ["check_defined", "check_overrides", "layer_bits", "quantize"]

@@ -121,7 +121,10 @@ def _act_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
     for name, m in model.named_modules():
         if isinstance(m, (QConv2d, QLinear)) and isinstance(m.input_quant, Quantizer):
             out.append((f"{name}.input_quant" if name else "input_quant", m.input_quant))
-        elif hasattr(m, "out_quant") and not isinstance(m, (QConv2d, QLinear)) and isinstance(m.out_quant, Quantizer):
+            continue
+        if isinstance(getattr(m, "input_quant", None), Quantizer):  # QAct: the lookup table's input codes
+            out.append((f"{name}.input_quant", m.input_quant))
+        if hasattr(m, "out_quant") and not isinstance(m, (QConv2d, QLinear)) and isinstance(m.out_quant, Quantizer):
             out.append((f"{name}.out_quant", m.out_quant))
     return out
 

@@ -62,6 +62,7 @@ class VNQOptions:
 class VNQMethod(Method):
     """VNQ: variational weights with a ternary multi-spike prior; activations float (weights-only method)."""
 
+    supported = (nn.Conv2d, nn.Linear)  # variational layers exist for these only
     name = "vnq"
     Options = VNQOptions
     weight_bits = (2,)

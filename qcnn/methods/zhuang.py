@@ -46,7 +46,7 @@ from torch import fx, nn
 from qcnn.io import load_torch, save_torch
 from qcnn.methods import procedure_params, quantize_and_calibrate, register_procedure, train_quantized
 from qcnn.methods.place import quantize
-from qcnn.nn.layers import QAdd, QConv2d, QLinear
+from qcnn.nn.layers import QAct, QAdd, QCat, QConv2d, QLinear, QMul
 from qcnn.recipes import Recipe
 from qcnn.train import evaluate
 
@@ -120,8 +120,10 @@ def drop_act_quantizers(qmodel: nn.Module) -> nn.Module:
     for m in qmodel.modules():
         if isinstance(m, (QConv2d, QLinear)):
             m.input_quant = None
-        elif isinstance(m, QAdd):
+        elif isinstance(m, (QAdd, QCat, QMul, QAct)):
             m.out_quant = None
+            if isinstance(m, QAct):
+                m.input_quant = None
     return qmodel
 
 

@@ -1,7 +1,7 @@
 """Quantized layers. They hold quantizers and nothing else: all the math lives in :mod:`qcnn.quant`.
 
-``QConv2d`` / ``QLinear`` subclass ``nn.Conv2d`` / ``nn.Linear`` (same parameters and state_dict keys)
-and compute::
+``QConv1d`` / ``QConv2d`` / ``QConvTranspose2d`` / ``QLinear`` subclass their float layer (same parameters and
+state_dict keys) and compute::
 
     y = out_quant( op( input_quant(x), weight_quant(W), bias_quant(b, layer) ) )
 
@@ -96,6 +96,95 @@ class QLinear(_QuantSlots, nn.Linear):
         return self._post(F.linear(self._pre(x), self.quantized_weight(), self.quantized_bias()))
 
 
+class QConv1d(_QuantSlots, nn.Conv1d):
+    """Conv1d with input, weight and output quantizer slots (weight ``(out, in/groups, k)``: per-channel is axis 0)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d, input_quant=None, weight_quant=None, out_quant=None) -> QConv1d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        _copy_param_refs(q, conv)
+        q._init_slots(input_quant, weight_quant, out_quant)
+        q.train(conv.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.quantized_bias()))
+
+
+def transposed_to_conv_layout(w: Tensor, groups: int) -> Tensor:
+    """A ConvTranspose weight ``(in, out/groups, *k)`` in the layout of an ordinary conv, ``(out, in/groups, *k)``:
+    output channel ``o = g * out/groups + j`` of group ``g`` is row ``o``."""
+    cin, cog = w.shape[0], w.shape[1]
+    return w.reshape(groups, cin // groups, cog, *w.shape[2:]).transpose(1, 2).reshape(
+        groups * cog, cin // groups, *w.shape[2:])
+
+
+def conv_to_transposed_layout(w: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`transposed_to_conv_layout`: ``(out, in/groups, *k)`` back to ``(in, out/groups, *k)``."""
+    cout, cig = w.shape[0], w.shape[1]
+    return w.reshape(groups, cout // groups, cig, *w.shape[2:]).transpose(1, 2).reshape(
+        groups * cig, cout // groups, *w.shape[2:])
+
+
+class QConvTranspose2d(_QuantSlots, nn.ConvTranspose2d):
+    """ConvTranspose2d with input, weight and output quantizer slots.
+
+    The weight is stored as ``(in, out/groups, kH, kW)``, so its output channels are axis 1. The weight quantizer
+    is given it in the layout of an ordinary conv, ``(out, in/groups, kH, kW)``
+    (:func:`transposed_to_conv_layout`), so that a per-channel quantizer (axis 0, as on every other layer) has one
+    scale per output channel; ``weight_quant.grid()`` describes that layout, and :meth:`quantized_weight` returns
+    the stored one (with ``groups=1``: ``scale[o]`` is the step of ``quantized_weight()[:, o]``)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.ConvTranspose2d, input_quant=None, weight_quant=None,
+                   out_quant=None) -> QConvTranspose2d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            output_padding=conv.output_padding,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        _copy_param_refs(q, conv)
+        q._init_slots(input_quant, weight_quant, out_quant)
+        q.train(conv.training)
+        return q
+
+    def quantized_weight(self) -> Tensor:
+        if self.weight_quant is None:
+            return self.weight
+        return conv_to_transposed_layout(self.weight_quant(transposed_to_conv_layout(self.weight, self.groups)),
+                                         self.groups)
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                              self.dilation)
+        y = F.conv_transpose2d(self._pre(x), self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
+                               output_padding, self.groups, self.dilation)
+        return self._post(y)
+
+
 class QAdd(nn.Module):
     """Residual add ``out_quant(a + b)``."""
 
@@ -125,7 +214,12 @@ class ChannelClamp(nn.Module):
         return f"channels={self.upper.numel()}"
 
 
-QUANT_LAYERS = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+#: float layer type -> its quantized layer (subclasses of a float type get the same quantized layer)
+QUANT_LAYERS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.ConvTranspose2d: QConvTranspose2d, nn.Linear: QLinear}
+#: every quantized weight layer
+QUANTIZED_LAYERS = (QConv1d, QConv2d, QConvTranspose2d, QLinear)
+
+
 class QConvBn2d(QConv2d):
     """QConv2d followed by a frozen BatchNorm2d, computed as one conv with the folded, quantized weight.
 
@@ -175,3 +269,50 @@ class QConvBn2d(QConv2d):
         return q.train(self.training)
 
 
+# -- tensor ops put on the graph by qcnn.transform.quantize_adds: concatenation, products, activations ----------
+# (like QAdd: a module per graph node, with an ``out_quant`` slot that gives integer inference the output grid)
+class QCat(nn.Module):
+    """Concatenation ``out_quant(torch.cat(xs, dim))``: every input lands on the one output grid."""
+
+    def __init__(self, out_quant: nn.Module | None = None, dim: int = 1):
+        super().__init__()
+        self.out_quant = out_quant
+        self.dim = dim
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        y = torch.cat(xs, self.dim)
+        return self.out_quant(y) if self.out_quant is not None else y
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class QMul(nn.Module):
+    """Elementwise product of two tensors ``out_quant(a * b)`` (broadcasting: squeeze-excitation gates)."""
+
+    def __init__(self, out_quant: nn.Module | None = None):
+        super().__init__()
+        self.out_quant = out_quant
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        y = a * b
+        return self.out_quant(y) if self.out_quant is not None else y
+
+
+class QAct(nn.Module):
+    """Elementwise activation on quantized values ``out_quant(act(input_quant(x)))`` (Hardswish, Hardsigmoid,
+    SiLU, Sigmoid, Tanh; ``act=None``: identity, a plain quantization point). Integer inference runs it as a
+    lookup table from input codes to output codes; ``input_quant`` is None where the input already is codes
+    (the output of another quantized op)."""
+
+    def __init__(self, act: nn.Module | None = None, input_quant: nn.Module | None = None,
+                 out_quant: nn.Module | None = None):
+        super().__init__()
+        self.act = act
+        self.input_quant = input_quant
+        self.out_quant = out_quant
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_quant(x) if self.input_quant is not None else x
+        y = self.act(x) if self.act is not None else x
+        return self.out_quant(y) if self.out_quant is not None else y
