@@ -2,14 +2,16 @@
 
 >>> import qcnn
 >>> qmodel = qcnn.quantize(model, qcnn.Recipe(method="uniform", w_bits=8, a_bits=8))
->>> with qcnn.calibrating(qmodel):
-...     qmodel(calibration_images)
+>>> qcnn.calibrate(qmodel, calibration_loader)      # or: with qcnn.calibrating(qmodel): qmodel(images)
+>>> qcnn.save_model("q.pt", qmodel, recipe=recipe)   # reload: qcnn.load_model("q.pt", model=MyNet())
 """
 
 from qcnn.calib import calibrating
-from qcnn.methods import quantize
-from qcnn.recipes import Override, Recipe, TrainSpec
+from qcnn.checkpoint import load_model, save_model
+from qcnn.methods import calibrate, quantize
+from qcnn.recipes import Override, Recipe, TrainSpec, load_recipe
 from qcnn.transform import fold_bn
 
 __version__ = "0.1.0"
-__all__ = ["Override", "Recipe", "TrainSpec", "calibrating", "fold_bn", "quantize", "__version__"]
+__all__ = ["Override", "Recipe", "TrainSpec", "calibrate", "calibrating", "fold_bn", "load_model", "load_recipe",
+           "quantize", "save_model", "__version__"]

@@ -162,3 +162,43 @@ def test_a_directory_given_as_checkpoint_points_to_its_model(tmp_path):
     save_model(tmp_path / "model.pt", nn.Linear(2, 2), {"name": "lenet5"})
     with pytest.raises(ValueError, match=r"is a directory.*model\.pt"):
         load_checkpoint(tmp_path)
+
+
+class _UserNet(torch.nn.Module):
+    """A network qcnn's zoo does not know: conv-BN-ReLU, a residual add, global pooling, a classifier."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+                                        torch.nn.ReLU())
+        self.body = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.head = torch.nn.Linear(width, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(y + self.body(y))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["uniform", "pact", "lsq"])
+def test_user_model_round_trip_onto_a_fresh_instance(tmp_path, method):
+    torch.manual_seed(0)
+    recipe = qcnn.load_recipe(method).replace(w_bits=4, a_bits=4)
+    q = qcnn.quantize(_UserNet().eval(), recipe)
+    x = torch.randn(8, 3, 16, 16)
+    with qcnn.calibrating(q):
+        q(x)
+    q.eval()
+    save_model(tmp_path / "q.pt", q, recipe=recipe)
+    with pytest.raises(ValueError, match=r"_UserNet model, not a qcnn zoo architecture.*model=_UserNet"):
+        load_model(tmp_path / "q.pt")
+    torch.manual_seed(1)  # other random weights: everything must come from the file
+    fresh = _UserNet()
+    q2, info = load_model(tmp_path / "q.pt", model=fresh)
+    assert info["model_class"] == "_UserNet" and info["arch"] is None
+    assert torch.equal(q2(x), q(x))
+    assert not torch.equal(fresh.head.weight, q2.head.weight)  # the user's instance is left as it was
+    with pytest.raises(ValueError, match=r"does not fit _UserNet: shape mismatches \[stem.0.weight"):
+        load_model(tmp_path / "q.pt", model=_UserNet(width=4))
+    with pytest.raises(TypeError, match="model= must be the float nn.Module"):
+        load_model(tmp_path / "q.pt", model="resnet18")

@@ -23,14 +23,16 @@ class PACTOptions:
     alpha_decay: float = 2e-4
     #: if set, initialise alpha from this percentile of |x| over the calibration data instead of alpha_init
     init_percentile: float | None = None
-    #: initialise alpha to minimise the quantization MSE on the calibration data (overrides the two above)
-    init_mse: bool = False
+    #: initialise alpha to minimise the quantization MSE on the calibration data (overrides the two above; the
+    #: default, as a fine-tuned or calibrated network's activations are far below the paper's 10; false = 10)
+    init_mse: bool = True
     #: initialise alpha to 2 sqrt(n) mean|x| over the calibration data (overrides all the above)
     init_mean: bool = False
     #: clip(x, -alpha, alpha) on activations that can be negative; False uses clip(x, 0, alpha) everywhere
     signed_variant: bool = True
-    #: DoReFa weights multiplied by max|w| (see qcnn.quant.dorefa; keeps BatchNorm statistics valid)
-    weight_rescale: bool = False
+    #: DoReFa weights multiplied by max|w| (see qcnn.quant.dorefa; keeps BatchNorm statistics valid; false = the
+    #: paper's w_q in [-1, 1], which inflates every conv output ~1/max|w| and kills a pretrained net's eval BN)
+    weight_rescale: bool = True
     #: learning rate of the alpha group (None: the recipe's lr)
     alpha_lr: float | None = None
 

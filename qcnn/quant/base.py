@@ -168,12 +168,27 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
 
-    def _require_initialized(self) -> None:
+    def _require_initialized(self) -> bool:
+        """Raise if the quantizer is not calibrated; returns whether the check ran (not under torch.export /
+        torch.compile, where reading the flag on the host is a data-dependent guard: the first eager call
+        checks instead)."""
+        if _tracing():
+            return False
         if not self.is_initialized():
             raise RuntimeError(
                 f"{type(self).__name__} is used before calibration: run the model inside "
                 "qcnn.calib.calibrating(model) on some data first (or load a calibrated state_dict)"
             )
+        return True
+
+
+def _tracing() -> bool:
+    """Whether torch.compile / torch.export is tracing the current call."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    exporting = getattr(compiler, "is_exporting", None)
+    return bool(compiler.is_compiling() or (exporting is not None and exporting()))
 
 
 class ScaleBufferMixin:

@@ -24,7 +24,7 @@ import qcnn.calib.histogram  # noqa: F401 - registers the percentile / mse / kl 
 from qcnn.calib.histogram import initial_fl
 from qcnn.calib.observers import check_finite, make_observer, reduce_minmax
 from qcnn.quant.base import Grid, Quantizer, check_bits, qrange
-from qcnn.quant.uniform import fake_quant_float64
+from qcnn.quant.uniform import fake_quant
 
 #: fl is kept inside this range (a constant-zero tensor would otherwise ask for an infinite fl)
 FL_MIN, FL_MAX = -32, 40
@@ -40,14 +40,8 @@ def fl_from_amax(amax: Tensor, bits: int, signed: bool) -> Tensor:
 def fixed_point_quant(x: Tensor, fl: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """``clip(round(x 2^fl), qmin, qmax) 2^-fl`` with the masked straight-through gradient."""
     scale = torch.exp2(-fl.float())
-    if x.dtype == torch.float64:
-
-        return fake_quant_float64(x, scale, torch.zeros((), dtype=torch.int32), qmin, qmax, axis)
-    if fl.dim() == 0 or axis is None:
-        zp = torch.zeros(1, dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zp, qmin, qmax)
-    zp = torch.zeros(fl.numel(), dtype=torch.int32, device=x.device)
-    return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, qmax)
+    zp = torch.zeros(() if fl.dim() == 0 or axis is None else fl.numel(), dtype=torch.int32, device=x.device)
+    return fake_quant(x, scale, zp, qmin, qmax, axis)
 
 
 class FixedPointQuantizer(Quantizer):
@@ -128,8 +122,7 @@ class FixedPointQuantizer(Quantizer):
         if not self._ready:
             if self.init_from_input and not self.is_initialized():
                 self.set_fl(self.fl_from_range(*reduce_minmax(x, self.axis)))
-            self._require_initialized()  # checked once, so no host sync per call afterwards
-            self._ready = True
+            self._ready = self._require_initialized()  # checked once, so no host sync per call afterwards
         return fixed_point_quant(x, self.fl, self.qmin, self.qmax, self.axis)
 
     @property

@@ -226,8 +226,7 @@ class HWGQActivation(Quantizer):
         if self.training:
             self._track(x)
         elif not self._ready:
-            self._require_initialized()
-            self._ready = True
+            self._ready = self._require_initialized()
         s = self.sigma.to(x.dtype)
         return s * _HWGQFn.apply(x / s, lv, th, self.log_tail)
 

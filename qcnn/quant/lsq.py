@@ -169,8 +169,7 @@ class LSQQuantizer(Quantizer):
                         self._samples.append(flat)
             return x if self.activation else self._quant(x)
         if not self._ready:
-            self._require_initialized()  # checked once: no host sync per call afterwards
-            self._ready = True
+            self._ready = self._require_initialized()  # checked once: no host sync per call afterwards
         return self._quant(x)
 
     def _quant(self, x: Tensor) -> Tensor:

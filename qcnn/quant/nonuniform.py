@@ -229,8 +229,7 @@ class QuantileActQuantizer(_QuantileBase):
             self._observe(x)
             return x
         if not self._ready:
-            self._require_initialized()
-            self._ready = True
+            self._ready = self._require_initialized()
         if self.training and self.track_momentum is not None:
             self._track(x)
         return _LevelFn.apply(x, self.levels.to(x.dtype), self.edges.to(x.dtype), True)

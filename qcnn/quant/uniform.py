@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from qcnn.calib.observers import EMAObserver, check_finite, make_observer, reduce_minmax
-from qcnn.quant.base import Grid, Quantizer, qrange
+from qcnn.quant.base import Grid, Quantizer, _tracing, qrange
 
 EPS = 1e-8
 
@@ -66,28 +66,34 @@ def qparams_from_range(
     return scale, zp
 
 
-def fake_quant_float64(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-                       axis: int | None) -> Tensor:
-    """The fused kernels' rule evaluated in float64: codes ``clamp(round(x * fl32(1/s)) + z)`` with the
-    kernels' float32 reciprocal of the scale, dequantized exactly as ``(q - z) s`` (the float32 kernels round
-    that product to float32). Same masked straight-through gradient."""
+def fake_quant_reference(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                         axis: int | None) -> Tensor:
+    """The fused kernels' rule in elementwise ops, computed in ``x``'s dtype: codes ``clamp(round(x *
+    fl32(1/s)) + z)`` with the kernels' float32 reciprocal of the scale, dequantized as ``(q - z) s``. In
+    float64 this is the exact simulation of the float32 kernels (which round that product to float32); in
+    float32 it is the kernels' own arithmetic, used under torch.export / torch.compile (torch's fused kernels
+    have no shape function for dynamic shapes). Same masked straight-through gradient."""
     shape = [1] * x.dim()
     if scale.dim() > 0 and axis is not None and scale.numel() > 1:
         shape[axis] = -1
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32
     s32 = scale.detach().to(torch.float32)
-    inv = (1.0 / s32).to(torch.float64).reshape(shape)
-    zp = zero_point.detach().to(torch.float64).reshape(shape if zero_point.numel() > 1 else [1] * x.dim())
-    v = torch.round(x.detach() * inv) + zp
+    inv = (1.0 / s32).to(dtype).reshape(shape)
+    zp = zero_point.detach().to(dtype).reshape(shape if zero_point.numel() > 1 else [1] * x.dim())
+    v = torch.round(x.detach().to(dtype) * inv) + zp
     keep = (v >= qmin) & (v <= qmax)
-    y = (torch.clamp(v, qmin, qmax) - zp) * s32.to(torch.float64).reshape(shape)
-    return y + (x - x.detach()) * keep
+    y = (torch.clamp(v, qmin, qmax) - zp) * s32.to(dtype).reshape(shape)
+    return (y + (x - x.detach()) * keep).to(x.dtype)
+
+
+fake_quant_float64 = fake_quant_reference  #: the float64 simulation of the fused kernels (same function)
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
     """Fake-quantize with torch's fused kernels (per tensor when ``scale`` is 0-d, else per channel);
-    float64 tensors are quantized exactly by :func:`fake_quant_float64`."""
-    if x.dtype == torch.float64:
-        return fake_quant_float64(x, scale, zero_point, qmin, qmax, axis)
+    float64 tensors, and any tensor under torch.export / torch.compile, take :func:`fake_quant_reference`."""
+    if x.dtype == torch.float64 or _tracing():
+        return fake_quant_reference(x, scale, zero_point, qmin, qmax, axis)
     if scale.dim() == 0 or axis is None:
         return torch.fake_quantize_per_tensor_affine(
             x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax
@@ -295,8 +301,7 @@ class UniformQuantizer(Quantizer):
             with torch.no_grad():
                 self._track(x)
         elif not self._ready:
-            self._require_initialized()  # checked once, so no host sync per call afterwards
-            self._ready = True
+            self._ready = self._require_initialized()  # checked once, so no host sync per call afterwards
         return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
     def grid(self) -> Grid:

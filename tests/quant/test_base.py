@@ -48,3 +48,30 @@ def test_grid_codes_round_trip():
     cb = Grid(bits=2, signed=True, levels=torch.tensor([-1.0, -0.1, 0.1, 1.0]))
     assert not cb.is_uniform
     assert cb.to_codes(torch.tensor([-0.8, 0.05, 2.0])).tolist() == [0, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["uniform", "qcode", "pact", "lsq", "hwgq", "nonuniform"])
+def test_torch_export_of_a_calibrated_quantized_model(method):
+    """torch.export of a quantized model used to fail on the calibration check (a host read of a buffer:
+    a data-dependent guard); the exported program equals the eager model and the check still runs eagerly."""
+    from qcnn.calib import calibrating
+    from qcnn.methods import quantize
+    from qcnn.models import build_model
+    from qcnn.recipes import load_recipe
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    recipe = load_recipe(method).replace(w_bits=4, a_bits=4)
+    x = torch.randn(2, 3, 32, 32)
+    fresh = quantize(model, recipe).eval()
+    with pytest.raises(RuntimeError, match="used before calibration"):
+        fresh(x)
+    q = quantize(model, recipe)
+    with calibrating(q):
+        q(x)
+    q.eval()
+    program = torch.export.export(q, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    y = torch.randn(5, 3, 32, 32)
+    assert torch.equal(program.module()(x), q(x))
+    assert torch.equal(program.module()(y), q(y))  # dynamic batch
+    assert not torch.equal(program.module()(x), model(x))  # quantized, not the float network

@@ -88,7 +88,7 @@ class _Net(nn.Module):
 
 def test_method_signed_variant_dorefa_weights_and_param_groups():
     torch.manual_seed(0)
-    q = quantize(_Net(), Recipe(method="pact", w_bits=4, a_bits=4, params={"alpha_decay": 1e-3}))
+    q = quantize(_Net(), Recipe(method="pact", w_bits=4, a_bits=4, params={"alpha_decay": 1e-3, "init_mse": False}))
     calibrate(q, [(torch.randn(4, 1, 6, 6), None)])
     assert isinstance(q.conv2.input_quant, PACTQuantizer) and not q.conv2.input_quant.signed
     assert q.conv3.input_quant.signed
