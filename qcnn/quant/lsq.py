@@ -66,16 +66,20 @@ class _LsqFn(torch.autograd.Function):
         shape = [1] * x.dim()
         if axis is not None:
             shape[axis] = -1
-        sb = s.clamp_min(EPS).reshape(shape) if axis is not None else s.clamp_min(EPS)
+        # the grid uses |s|: a step that an optimizer update carries across 0 acts as its magnitude (and its
+        # gradient below is exact for that), instead of a clamped EPS step whose gradient disagrees with the
+        # forward and throws it to ~1e4 times its value (measured: LeNet-5 conv1, 0.003 -> -0.005 -> 32.8)
+        mag = s.abs().clamp_min(EPS)
+        sb = mag.reshape(shape) if axis is not None else mag
         v = x / sb
         q = torch.round(v.clamp(-qn, qp))
-        ctx.save_for_backward(v, q)
+        ctx.save_for_backward(v, q, s)
         ctx.meta = (qn, qp, gscale, axis, s.shape)
         return q * sb
 
     @staticmethod
     def backward(ctx, g):
-        v, q = ctx.saved_tensors
+        v, q, s = ctx.saved_tensors
         qn, qp, gscale, axis, s_shape = ctx.meta
         inside = (v >= -qn) & (v <= qp)
         gx = g * inside.to(g.dtype)
@@ -85,7 +89,8 @@ class _LsqFn(torch.autograd.Function):
         else:
             dims = [d for d in range(g.dim()) if d != axis]
             gs = ds.sum(dim=dims)
-        return gx, (gs * gscale).reshape(s_shape), None, None, None, None
+        sign = torch.where(s < 0, -1.0, 1.0).to(gs.dtype).reshape(gs.shape)
+        return gx, (gs * gscale * sign).reshape(s_shape), None, None, None, None
 
 
 def lsq(x: Tensor, s: Tensor, bits: int, signed: bool, grad_scale: float | None = None,
@@ -195,7 +200,7 @@ class LSQQuantizer(Quantizer):
             self._ready = True
 
     def grid(self) -> Grid:
-        s = self.step.detach().clamp_min(EPS).clone()
+        s = self.step.detach().abs().clamp_min(EPS).clone()  # the forward uses |step|
         return Grid(bits=self.bits, signed=self.signed, scale=s, zero_point=torch.zeros_like(s, dtype=torch.int32),
                     axis=self.axis, qmin=-self.qn, qmax=self.qp)
 

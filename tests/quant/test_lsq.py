@@ -109,3 +109,22 @@ def test_mse_init_weights_and_activations():
     assert ((x / s).clamp(0, 3).round() * s - x).pow(2).mean() <= errs.min() + 1e-7
     with pytest.raises(ValueError, match="'paper' or 'mse'"):
         LSQQuantizer(2, True, init_rule="max")
+
+
+def test_a_step_carried_across_zero_acts_as_its_magnitude():
+    """An optimizer update took LeNet-5's 8-bit conv1 weight step from 0.003 to -0.005; the forward clamped it
+    to EPS while the backward still used the clamped-away region, and the next update threw it to 32.8 (all
+    weights 0, the cell at 10 %). The grid now uses |s| and the gradient carries sign(s)."""
+    from qcnn.quant.lsq import lsq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, generator=g)
+    for s0 in (0.05, -0.05):
+        s = torch.tensor(s0, requires_grad=True)
+        y = lsq(x, s, 4, True)
+        ref = torch.clamp(torch.round(x / 0.05), -8, 7) * 0.05
+        assert torch.allclose(y, ref)
+        (gs,) = torch.autograd.grad(y.pow(2).sum(), s)
+        sp = torch.tensor(0.05, requires_grad=True)
+        (gp,) = torch.autograd.grad(lsq(x, sp, 4, True).pow(2).sum(), sp)
+        assert torch.allclose(gs, gp if s0 > 0 else -gp) and float(gp) != 0
