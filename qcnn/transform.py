@@ -145,12 +145,17 @@ def float_twin(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
-def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def node_is_one_of(node: fx.Node, modules: dict[str, nn.Module], module_types: tuple, funcs, methods) -> bool:
+    """Whether ``node`` calls a module of ``module_types``, a function in ``funcs`` or a method in ``methods``."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], _PASS_MODULES)
+        return isinstance(modules[node.target], module_types)
     if node.op == "call_function":
-        return node.target in _PASS_FUNCS
-    return node.op == "call_method" and node.target in _PASS_METHODS
+        return node.target in funcs
+    return node.op == "call_method" and node.target in methods
+
+
+def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node_is_one_of(node, modules, _PASS_MODULES, _PASS_FUNCS, _PASS_METHODS)
 
 
 def input_is_signed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

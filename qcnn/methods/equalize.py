@@ -63,7 +63,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qcnn.nn.layers import ChannelClamp, QConvBn2d
-from qcnn.transform import _is_passthrough, clip_bounds, is_relu, set_module, trace
+from qcnn.transform import _is_passthrough, clip_bounds, is_relu, node_is_one_of, set_module, trace
 
 __all__ = ["EqualizeReport", "absorb_high_bias", "cross_layer_equalize", "equalization_pairs",
            "scale_residual_stream"]
@@ -492,15 +492,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _SCALE_MODULES)
-    if node.op == "call_method":
-        return node.target in _SCALE_METHODS
-    return node.op == "call_function" and node.target in _SCALE_FUNCS
-
-
-def _node_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
+    return node_is_one_of(node, modules, _SCALE_MODULES, _SCALE_FUNCS, _SCALE_METHODS)
 
 
 def _feeds_add(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -569,7 +561,7 @@ def scale_residual_stream(model: nn.Module, c: float, strict: bool = True) -> li
               if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.Linear))]
     scale: dict[fx.Node, float] = {}
     for node in gm.graph.nodes:
-        ins = {scale.get(a, 1.0) for a in _node_args(node)}
+        ins = {scale.get(a, 1.0) for a in node.all_input_nodes}
         s_in = max(ins) if ins else 1.0
         if len(ins) > 1 and node.op != "output":
             raise ValueError(f"stream scaling: {node.name} mixes tensors scaled by c and unscaled ones (a branch "

@@ -48,11 +48,11 @@ class _QuantSlots:
         return self.out_quant(y) if self.out_quant is not None else y
 
 
-class QConv2d(_QuantSlots, nn.Conv2d):
-    """Conv2d with input, weight and output quantizer slots."""
+class _QConvNd(_QuantSlots):
+    """``from_float`` and ``forward`` shared by the quantized Conv1d / Conv2d (same constructor arguments)."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, input_quant=None, weight_quant=None, out_quant=None) -> QConv2d:
+    def from_float(cls, conv, input_quant=None, weight_quant=None, out_quant=None):
         q = cls(
             conv.in_channels,
             conv.out_channels,
@@ -73,6 +73,10 @@ class QConv2d(_QuantSlots, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.quantized_bias()))
+
+
+class QConv2d(_QConvNd, nn.Conv2d):
+    """Conv2d with input, weight and output quantizer slots."""
 
 
 class QLinear(_QuantSlots, nn.Linear):
@@ -96,31 +100,8 @@ class QLinear(_QuantSlots, nn.Linear):
         return self._post(F.linear(self._pre(x), self.quantized_weight(), self.quantized_bias()))
 
 
-class QConv1d(_QuantSlots, nn.Conv1d):
+class QConv1d(_QConvNd, nn.Conv1d):
     """Conv1d with input, weight and output quantizer slots (weight ``(out, in/groups, k)``: per-channel is axis 0)."""
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, input_quant=None, weight_quant=None, out_quant=None) -> QConv1d:
-        q = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        _copy_param_refs(q, conv)
-        q._init_slots(input_quant, weight_quant, out_quant)
-        q.train(conv.training)
-        return q
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._post(self._conv_forward(self._pre(x), self.quantized_weight(), self.quantized_bias()))
 
 
 def transposed_to_conv_layout(w: Tensor, groups: int) -> Tensor:
