@@ -6,6 +6,10 @@ Each quantizer's figure is reported as effective bandwidth (bytes read + written
 fraction of the copy's bandwidth, the way the fused kernels are usually compared.
 
     python benchmarks/quantizer_kernels.py --out benchmarks/results [--device cpu|cuda] [--numel 4194304]
+        [--kernels eager fused] [--only pact lsq]
+
+Each quantizer is timed in every kernel mode given (``eager``: its ops one by one; ``fused``: its forward and
+backward compiled by :mod:`qcnn.quant.kernels`, after a warm-up call that compiles them).
 
 Writes ``quantizer_kernels_<device>.json`` and ``.md``.
 """
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcnn.calib import calibrating  # noqa: E402
 from qcnn.methods.base import METHODS, LayerContext, available_methods, get_method  # noqa: E402
+from qcnn.quant import kernels  # noqa: E402
 
 
 def _time(fn, min_run: float) -> float:
@@ -39,9 +44,11 @@ def _bytes(x: torch.Tensor) -> int:
     return 2 * x.numel() * x.element_size()  # one read + one write
 
 
-def _quantizers(device: str, out_channels: int = 64):
+def _quantizers(device: str, out_channels: int = 64, only=None):
     conv = nn.Conv2d(64, out_channels, 3).to(device)  # the layer whose weight tensor is timed
     for name in available_methods():
+        if only and name not in only:
+            continue
         method = get_method(name)
         bits = 4
         if METHODS[name].weight_bits is not None:
@@ -59,7 +66,21 @@ def _quantizers(device: str, out_channels: int = 64):
                 yield name, kind, q.to(device), None
 
 
-def run(device: str, numel: int, min_run: float) -> dict:
+def _time_quantizer(q, x, min_run: float) -> tuple[float, float]:
+    with torch.no_grad():
+        q(x)  # warm-up (compiles fused kernels)
+        t_f = _time(lambda: q(x), min_run)
+    xg = x.detach().clone().requires_grad_(True)
+    g = torch.ones_like(x)
+
+    def fb():
+        q(xg).backward(g)
+    fb()
+    return t_f, _time(fb, min_run)
+
+
+def run(device: str, numel: int, min_run: float, modes=("eager", "fused"), only=None,
+        refresh_every: int | None = None) -> dict:
     torch.manual_seed(0)
     act = torch.randn(numel // (64 * 32 * 32), 64, 32, 32, device=device).relu_()
     weight = torch.randn(numel // (64 * 9), 64, 3, 3, device=device) * 0.05
@@ -82,32 +103,35 @@ def run(device: str, numel: int, min_run: float) -> dict:
                 y.backward(g)
         t_fb = _time(fb, min_run)
         base[label] = (t_f, t_fb)
-        rows.append({"quantizer": label, "input": "activation", "fwd_s": t_f, "fwdbwd_s": t_fb})
+        rows.append({"quantizer": label, "input": "activation", "mode": "-", "fwd_s": t_f, "fwdbwd_s": t_fb})
     copy_f, copy_fb = base["copy"]
-    for name, kind, q, err in _quantizers(device, weight.shape[0]):
+    for name, kind, q, err in _quantizers(device, weight.shape[0], only):
         if err is not None:
             rows.append({"quantizer": name, "input": kind, "error": err})
             continue
         x = weight if kind == "weight" else act
+        label = f"{name} ({type(q).__name__})"
+        if refresh_every and hasattr(q, "refresh_every"):  # codebook quantizers: partition / fit every N calls
+            q.refresh_every = refresh_every
+            label += f" refresh {refresh_every}"
         try:
             if kind == "weight" and hasattr(q, "init_scale"):  # quantizers that a training procedure initialises
                 q.init_scale(x)
             with calibrating(q):
                 q(x)
             q.train()
-            with torch.no_grad():
-                t_f = _time(lambda q=q, x=x: q(x), min_run)
-            xg = x.detach().clone().requires_grad_(True)
-            g = torch.ones_like(x)
-
-            def fb(q=q, xg=xg, g=g):
-                q(xg).backward(g)
-            t_fb = _time(fb, min_run)
         except Exception as e:  # noqa: BLE001
-            rows.append({"quantizer": name, "input": kind, "error": f"{type(e).__name__}: {e}"})
+            rows.append({"quantizer": label, "input": kind, "error": f"{type(e).__name__}: {e}"})
             continue
-        rows.append({"quantizer": f"{name} ({type(q).__name__})", "input": kind, "fwd_s": t_f, "fwdbwd_s": t_fb,
-                     "numel": x.numel()})
+        for mode in modes:
+            try:
+                with kernels.use(mode):
+                    t_f, t_fb = _time_quantizer(q, x, min_run)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"quantizer": label, "input": kind, "mode": mode, "error": f"{type(e).__name__}: {e}"})
+                continue
+            rows.append({"quantizer": label, "input": kind, "mode": mode, "fwd_s": t_f, "fwdbwd_s": t_fb,
+                         "numel": x.numel()})
     for r in rows:
         if "fwd_s" not in r:
             continue
@@ -124,6 +148,7 @@ def run(device: str, numel: int, min_run: float) -> dict:
         "torch": torch.__version__,
         "numel": act.numel(),
         "date": time.strftime("%Y-%m-%d"),
+        "kernel_failures": kernels.failures(),
         "rows": rows,
     }
 
@@ -133,14 +158,20 @@ def to_markdown(res: dict) -> str:
              f"torch {res['torch']}, {res['numel']} fp32 elements, {res['date']})", "",
              "Fractions are bandwidth relative to a plain tensor copy of the same tensor (1.00 = as fast as a "
              "copy) and speed relative to torch's fused fake-quant kernel, measured in the same run.", "",
-             "| quantizer | input | fwd GB/s | fwd vs copy | fwd+bwd vs copy | fwd vs torch fake-quant |",
-             "|---|---|---|---|---|---|"]
+             "Kernel mode ``eager``: the quantizer's ops one by one; ``fused``: compiled by qcnn.quant.kernels. "
+             "Forward+backward is one forward, one backward and the accumulation into ``x.grad``, against the "
+             "same for a copy.", "",
+             "| quantizer | input | kernels | fwd GB/s | fwd vs copy | fwd+bwd vs copy | fwd vs torch fake-quant |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['quantizer']} | {r['input']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['quantizer']} | {r['input']} | {r.get('mode', '')} | error: {r['error']} | | | |")
         else:
-            lines.append(f"| {r['quantizer']} | {r['input']} | {r['fwd_GBps']:.1f} | {r['fwd_vs_copy']:.2f} | "
-                         f"{r['fwdbwd_vs_copy']:.2f} | {r['fwd_vs_torch_fq']:.2f} |")
+            lines.append(f"| {r['quantizer']} | {r['input']} | {r['mode']} | {r['fwd_GBps']:.1f} | "
+                         f"{r['fwd_vs_copy']:.2f} | {r['fwdbwd_vs_copy']:.2f} | {r['fwd_vs_torch_fq']:.2f} |")
+    if res.get("kernel_failures"):
+        lines += ["", "Kernels that fell back to eager: " + "; ".join(f"{k}: {v}" for k, v in
+                                                               res["kernel_failures"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -150,13 +181,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--numel", type=int, default=4 * 1024 * 1024)
     p.add_argument("--min-run", type=float, default=0.5)
+    p.add_argument("--kernels", nargs="+", default=["eager", "fused"], choices=kernels.MODES,
+                   help="kernel modes to time each quantizer in")
+    p.add_argument("--only", nargs="*", default=None, help="methods to time (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--refresh-every", type=int, default=None,
+                   help="refresh_every of the codebook quantizers (non-uniform weights, Clip-Q; default theirs, 1)")
+    p.add_argument("--suffix", default="", help="appended to the output file names")
     a = p.parse_args(argv)
-    res = run(a.device, a.numel, a.min_run)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run(a.device, a.numel, a.min_run, tuple(a.kernels), a.only, a.refresh_every)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quantizer_kernels_{a.device}.json").write_text(json.dumps(res, indent=1))
+    (out / f"quantizer_kernels_{a.device}{a.suffix}.json").write_text(json.dumps(res, indent=1))
     md = to_markdown(res)
-    (out / f"quantizer_kernels_{a.device}.md").write_text(md)
+    (out / f"quantizer_kernels_{a.device}{a.suffix}.md").write_text(md)
     print(md)
     return 0
 

@@ -93,6 +93,11 @@ class _MinMaxBase(Observer):
             raise RuntimeError(f"{type(self).__name__} has observed no data yet")
         return self.min_val, self.max_val
 
+    def current_range(self) -> tuple[Tensor, Tensor]:
+        """``(min, max)`` without the check that data was observed (a host read): for the training step,
+        right after an update."""
+        return self.min_val, self.max_val
+
 
 @register_observer("minmax")
 class MinMaxObserver(_MinMaxBase):

@@ -87,6 +87,11 @@ def add_training_args(g) -> None:
                    help="weight decay of conv / linear kernels (BatchNorm, biases and quantizer parameters: none)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random crop / flip on the training set")
+    g.add_argument("--kernels", choices=["eager", "fused"], default=None,
+                   help="quantizer kernels: eager ops, or fused compiled kernels (default: $QCNN_KERNELS, else "
+                        "eager; the first fused call compiles, seconds to a minute)")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="train and evaluate torch.compile(model) (compiles at the first step)")
 
 
 def add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:

@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
                    help="float (default for float models), fakequant (default for quantized checkpoints), "
                         "integer, onnx / onnxruntime (integer-only inference, qcnn.integer; onnxruntime-integer: the "
                         "integer ONNX form, bit-exact with integer)")
+    p.add_argument("--compile", action="store_true",
+                   help="evaluate torch.compile(model) (float / fakequant engines; compiles at the first batch)")
+    p.add_argument("--kernels", choices=["eager", "fused"], default=None,
+                   help="quantizer kernels of the fakequant engine (default: $QCNN_KERNELS, else eager)")
     add_limit_args(p, train=False)
     add_output_args(p)
     p.set_defaults(func=run)
@@ -65,7 +69,20 @@ def run(args) -> int:
     if engine == "fakequant" and not quantized:
         raise ValueError("--engine fakequant needs a quantized checkpoint (made by qcnn ptq / qat)")
     loader = subset(bundle.test, args.limit_test) if args.limit_test else bundle.test
-    res = run_engine(engine, model.eval(), loader)
+    if (args.compile or args.kernels) and engine not in TORCH_ENGINES:
+        raise ValueError(f"--compile / --kernels apply to the float and fakequant engines, not --engine {engine}")
+    model = model.eval()
+    if args.compile:
+        import torch
+
+        model = torch.compile(model)
+    if args.kernels:
+        from qcnn.quant import kernels
+
+        with kernels.use(args.kernels):
+            res = run_engine(engine, model, loader)
+    else:
+        res = run_engine(engine, model, loader)
     figures = {"top1": res["top1"]}
     figures.update({k: v for k, v in res.items() if k != "top1"})
     figures.update({"engine": engine, "model": arch["name"],

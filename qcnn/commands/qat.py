@@ -31,7 +31,8 @@ from qcnn.models import arch_record
 from qcnn.recipes import list_recipes
 
 #: flag -> TrainSpec field
-_TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment")
+_TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment",
+                "kernels", "compile")
 
 
 def add_parser(sub) -> None:

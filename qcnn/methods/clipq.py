@@ -65,6 +65,9 @@ class ClipQOptions:
     layers: dict = field(default_factory=dict)
     #: remove the clipped gap before partitioning (see module docstring)
     gapless: bool = False
+    #: training-mode calls between two partitions (the sort) of each layer's weights (1: every call, exact
+    #: resume; N > 1 looks weights up in the last partition in between, see ClipQQuantizer)
+    refresh_every: int = 1
 
     def __post_init__(self):
         check_p(self.p)
@@ -113,7 +116,7 @@ class ClipQMethod(Method):
 
     def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
         p, b = layer_params(self.options, ctx.name, ctx.w_bits)
-        return ClipQQuantizer(b, p, gapless=self.options.gapless)
+        return ClipQQuantizer(b, p, gapless=self.options.gapless, refresh_every=self.options.refresh_every)
 
 
     def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
@@ -345,6 +348,7 @@ def layer_table(qmodel: nn.Module) -> list[dict]:
     rows = []
     with torch.no_grad():
         for name, m in clipq_layers(qmodel):
+            m.weight_quant.refresh()  # the partition of the current weights, whatever the refresh schedule
             wq = m.weight_quant(m.weight)
             rows.append({"name": name, "p": round(float(m.weight_quant.p), 4), "bits": m.weight_quant.bits,
                          "numel": m.weight.numel(), "zero_fraction": round(float((wq == 0).float().mean()), 4),

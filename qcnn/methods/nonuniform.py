@@ -21,6 +21,9 @@ class NonUniformOptions:
     max_samples: int = 1 << 18
     #: EMA momentum of the activation levels in training (None: levels fixed after calibration)
     track_momentum: float | None = 0.9
+    #: training-mode calls between two Gaussian fits of the weight levels (1: every call, exact resume; N > 1
+    #: skips the fit in between, see QuantileWeightQuantizer)
+    refresh_every: int = 1
 
 
 @register_method
@@ -32,7 +35,7 @@ class NonUniformMethod(Method):
 
     def weight_quantizer(self, ctx: LayerContext) -> Quantizer | None:
         o = self.options
-        return QuantileWeightQuantizer(ctx.w_bits, max(o.int_bits, ctx.w_bits), o.snap)
+        return QuantileWeightQuantizer(ctx.w_bits, max(o.int_bits, ctx.w_bits), o.snap, refresh_every=o.refresh_every)
 
     def _act(self, bits: int, signed: bool) -> Quantizer:
         o = self.options

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qcnn.quant.base import Grid, Quantizer, binary_sign, sign_with_grad
+from qcnn.quant import kernels
+from qcnn.quant.base import Grid, Quantizer, binary_sign
 
 
 def approx_sign_grad(x: Tensor) -> Tensor:
@@ -38,9 +39,28 @@ def approx_sign_grad(x: Tensor) -> Tensor:
     return torch.where((x >= -1) & (x < 0), 2 + 2 * x, torch.where((x >= 0) & (x < 1), 2 - 2 * x, torch.zeros_like(x)))
 
 
+def _approx_sign_backward(g: Tensor, x: Tensor) -> Tensor:
+    """``g d ApproxSign / dx``: the backward kernel of :func:`approx_sign`."""
+    return g * approx_sign_grad(x).to(g.dtype)
+
+
+class _ApproxSignFn(torch.autograd.Function):
+    """:func:`binary_sign` forward, ApproxSign backward, through :mod:`qcnn.quant.kernels` (saves ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return kernels.call(binary_sign, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return kernels.call(_approx_sign_backward, g.contiguous(), x)
+
+
 def approx_sign(x: Tensor) -> Tensor:
     """sign(x) forward, ApproxSign backward."""
-    return sign_with_grad(x, approx_sign_grad)
+    return _ApproxSignFn.apply(x)
 
 
 def _channel_mean_abs(w: Tensor) -> Tensor:
@@ -49,22 +69,34 @@ def _channel_mean_abs(w: Tensor) -> Tensor:
     return w.abs().double().mean(dim=dims, keepdim=True).to(w.dtype) if dims else w.abs()
 
 
+def _mag_binary_forward(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(``s sign(w)``, ``s``) with ``s`` the per-channel :func:`_channel_mean_abs`: the kernel, reduction included."""
+    s = _channel_mean_abs(w)
+    return s * binary_sign(w), s
+
+
+def _mag_binary_backward(g: Tensor, w: Tensor, s: Tensor) -> Tensor:
+    """The magnitude-aware gradient ``g s [|w| < 1]``, the mask recomputed from ``w``."""
+    return g * s * (w.abs() < 1).to(g.dtype)
+
+
 class _MagBinaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w):
-        s = _channel_mean_abs(w)
+        y, s = kernels.call(_mag_binary_forward, w)
+        ctx.mark_non_differentiable(s)
         ctx.save_for_backward(w, s)
-        return s * binary_sign(w)
+        return y, s
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _gs):
         w, s = ctx.saved_tensors
-        return g * s * (w.abs() < 1).to(g.dtype)
+        return kernels.call(_mag_binary_backward, g.contiguous(), w, s)
 
 
 def magnitude_aware_binary(w: Tensor) -> Tensor:
     """``mean|W| (per output channel) * sign(W)`` with the magnitude-aware gradient."""
-    return _MagBinaryFn.apply(w)
+    return _MagBinaryFn.apply(w)[0]
 
 
 def _binary_levels_grid(scale: Tensor, axis: int | None) -> Grid:
@@ -96,9 +128,9 @@ class MagnitudeAwareBinaryWeight(Quantizer):
         self.register_buffer("scale", torch.ones(()), persistent=False)
 
     def forward(self, w: Tensor) -> Tensor:
-        with torch.no_grad():
-            self.scale = _channel_mean_abs(w).flatten().detach()
-        return magnitude_aware_binary(w)
+        y, s = _MagBinaryFn.apply(w)
+        self.scale = s.flatten().detach()
+        return y
 
     def grid(self) -> Grid:
         return _binary_levels_grid(self.scale.detach().clone(), 0 if self.scale.dim() else None)

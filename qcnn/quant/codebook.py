@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qcnn.quant.base import Grid, Quantizer, check_bits
+from qcnn.quant import kernels
+from qcnn.quant.base import Grid, Quantizer, _tracing, check_bits
+from qcnn.quant.nonuniform import check_refresh_every
 
 EPS = 1e-12
 
@@ -43,6 +45,13 @@ def check_p(p: float, name: str = "p") -> float:
 def clipq_quantize(w: Tensor, p: Tensor | float, bits: int, gapless: bool = False) -> tuple[Tensor, Tensor]:
     """CLIP-Q forward (see module docstring). Returns ``(w_q, levels)`` with ``levels`` of length
     ``2^bits``: ``levels[0] = 0`` then the ``2^bits - 1`` interval values in increasing order."""
+    wq, levels, _ = _clipq_full(w, p, bits, gapless)
+    return wq, levels
+
+
+def _clipq_full(w: Tensor, p: Tensor | float, bits: int, gapless: bool) -> tuple[Tensor, Tensor, tuple]:
+    """:func:`clipq_quantize` plus the partition it used, ``(c-, c+, lo, width, shift, means)``, from which
+    :func:`_clipq_lookup` quantizes other weights without a sort."""
     k = 2**bits - 1
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
@@ -84,7 +93,25 @@ def clipq_quantize(w: Tensor, p: Tensor | float, bits: int, gapless: bool = Fals
     means = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres)
     wq = torch.where(kept, means[idx], torch.zeros_like(flat))
     levels = torch.cat([means.new_zeros(1), means])
-    return wq.reshape(w.shape).to(w.dtype), levels
+    return wq.reshape(w.shape).to(w.dtype), levels, (c_neg, c_pos, lo, width, shift, means)
+
+
+def _clipq_lookup(w: Tensor, c_neg: Tensor, c_pos: Tensor, lo: Tensor, width: Tensor, shift: Tensor, means: Tensor,
+                  k: int, gapless: bool) -> Tensor:
+    """Clip-Q with a fixed partition (the kernel between refreshes): ``0`` for ``c- <= w <= c+`` (zero
+    included), else the mean of the interval ``floor((u - lo) / width)`` (clamped to ``0..K-1``) that ``w`` falls
+    in (``u = w``, or ``w - shift`` for positive ``w`` when gapless), one elementwise pass."""
+    flat = w.float()
+    kept = (flat > c_pos) | (flat < c_neg)
+    u = torch.where(flat > 0, flat - shift, flat) if gapless else flat
+    f = torch.floor((u - lo) / width).clamp(0, k - 1)
+    if torch.compiler.is_compiling():  # the gather as compare-and-selects on the K scalar means: vectorises
+        y = means[0].expand_as(flat)
+        for j in range(1, k):
+            y = torch.where(f >= j, means[j], y)
+    else:
+        y = means[f.long()]
+    return torch.where(kept, y, torch.zeros_like(flat)).to(w.dtype)
 
 
 class _STEFn(torch.autograd.Function):
@@ -104,15 +131,38 @@ class ClipQQuantizer(Quantizer):
 
     ``p`` and ``bits`` are also kept as buffers so that a searched per-layer ``(p, b)`` travels with the
     ``state_dict`` (loading a state dict resets ``self.bits`` from it).
+
+    ``refresh_every`` ``N`` (default 1: every call; the method option ``refresh_every``): the partition (the
+    sort that finds the thresholds ``c-``, ``c+``, the
+    range ``[lo, hi]``, the interval means) is recomputed only at the first training-mode call and then at
+    every ``N``-th training-mode call after the last one (calls 1, N+1, 2N+1, ...); those calls give exactly
+    the every-call result. The calls in between quantize the current weights with the last partition in one
+    fused pass (:func:`_clipq_lookup`): weights in ``[c-, c+]`` become 0, the others the stored mean of the
+    interval they fall in (the codebook stays that of the last refresh; a weight that crossed a threshold
+    since then is clipped or kept by value, not by rank). Eval mode (with or without gradients) and any call
+    traced by torch.compile / torch.export recompute at every call, so an eval forward, and
+    :meth:`grid` / :meth:`codebook` / an export after it, are exactly the grid of the current weights;
+    :meth:`grid` describes the codebook the last forward pass used. ``refresh_every=1`` recomputes at every
+    call; :meth:`refresh`, :meth:`set_params` and loading a state_dict make the next call recompute, as does a
+    weight of another shape or device. With ``N > 1`` a resumed run is not exact: the last partition is not
+    saved, so the first call after loading recomputes it from the current weights.
     """
 
-    def __init__(self, bits: int = 3, p: float = 0.5, gapless: bool = False):
+    def __init__(self, bits: int = 3, p: float = 0.5, gapless: bool = False, refresh_every: int = 1):
         super().__init__(bits, signed=True)
         self.gapless = bool(gapless)
+        self.refresh_every = check_refresh_every(refresh_every)
         self.register_buffer("p", torch.tensor(check_p(p), dtype=torch.float32))
         self.register_buffer("nbits", torch.tensor(self.bits, dtype=torch.int32))
         #: codebook of the last forward pass (zero first), what :meth:`grid` describes
         self.register_buffer("levels", torch.zeros(2**self.bits))
+        self._part: tuple | None = None  # partition of the last refresh (see _clipq_full)
+        self._since = 0  # training-mode calls since it
+        self._key = None  # (shape, device) of the weight it was computed from (another weight: recompute)
+
+    def refresh(self) -> None:
+        """Recompute the partition at the next call."""
+        self._part = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "levels" in state_dict:
@@ -120,6 +170,7 @@ class ClipQQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "nbits" in state_dict:
             self.bits = check_bits(int(state_dict[prefix + "nbits"]))
+        self._part = None
 
     def set_params(self, p: float, bits: int) -> None:
         """Change ``(p, b)`` (outside the forward pass)."""
@@ -127,10 +178,18 @@ class ClipQQuantizer(Quantizer):
         self.p.fill_(check_p(p))
         self.nbits.fill_(self.bits)
         self.levels = torch.zeros(2**self.bits, device=self.p.device)
+        self._part = None
 
     def forward(self, w: Tensor) -> Tensor:
-        wq, levels = clipq_quantize(w, self.p, self.bits, self.gapless)
-        self.levels = levels
+        cached = self.training and not _tracing()
+        key = (w.shape, w.device)
+        if not cached or self._part is None or self._since >= self.refresh_every or self._key != key:
+            wq, levels, part = _clipq_full(w, self.p, self.bits, self.gapless)
+            self.levels = levels
+            self._part, self._since, self._key = (part if cached else None), 0, key
+        else:
+            wq = kernels.call(_clipq_lookup, w.detach(), *self._part, 2**self.bits - 1, self.gapless)
+        self._since += 1
         return _STEFn.apply(w, wq)
 
     @torch.no_grad()
@@ -147,11 +206,25 @@ class ClipQQuantizer(Quantizer):
         return f"bits={self.bits}, p={float(self.p):.3f}, gapless={self.gapless}"
 
 
+def _nearest_level(w: Tensor, levels: Tensor) -> Tensor:
+    """``levels[argmin_j |w - levels_j|]`` (the first of two equally near levels): the look-up kernel (compiled:
+    a running minimum over the levels, one vectorised pass, same level for every non-NaN ``w``)."""
+    if not torch.compiler.is_compiling():
+        return levels[torch.argmin((w.unsqueeze(-1) - levels).abs(), dim=-1)]
+    # compiled: a running minimum over the few levels (strictly smaller wins: argmin's first index on ties)
+    best, y = (w - levels[0]).abs(), levels[0].expand_as(w)
+    for j in range(1, levels.shape[0]):
+        d = (w - levels[j]).abs()
+        y = torch.where(d < best, levels[j], y)
+        best = torch.minimum(d, best)
+    return y
+
+
 class FixedCodebook(Quantizer):
     """Nearest-level quantizer on a fixed codebook (what a compressed CLIP-Q / VNQ layer loads back as).
 
-    Forward ``w_q = levels[argmin_j |w - levels_j|]``; backward straight-through. On-grid weights come out
-    bit-exact.
+    Forward ``w_q = levels[argmin_j |w - levels_j|]`` (exactly a level, with or without gradients); backward
+    straight-through. On-grid weights come out bit-exact.
     """
 
     def __init__(self, levels: Tensor, bits: int | None = None):
@@ -169,9 +242,8 @@ class FixedCodebook(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, w: Tensor) -> Tensor:
-        lv = self.levels.to(w.dtype)
-        idx = torch.argmin((w.detach().unsqueeze(-1) - lv).abs(), dim=-1)
-        return w + (lv[idx] - w).detach() if w.requires_grad else lv[idx]
+        wq = kernels.call(_nearest_level, w.detach(), self.levels.to(w.dtype))
+        return _STEFn.apply(w, wq) if w.requires_grad else wq
 
     def grid(self, w: Tensor | None = None) -> Grid:
         return Grid(bits=self.bits, signed=True, levels=self.levels.detach().clone())

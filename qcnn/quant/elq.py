@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qcnn.quant import kernels
 from qcnn.quant.base import Grid, Quantizer, binary_sign, check_bits
 
 CRITERIA = ("loss", "error")
@@ -58,16 +59,26 @@ def codes(w: Tensor, delta: Tensor, bits: int) -> Tensor:
     return torch.sign(w) * (w.abs() > delta).to(w.dtype)
 
 
+def _elq_forward(w: Tensor, frozen: Tensor, frozen_codes: Tensor, alpha: Tensor) -> Tensor:
+    """``where(frozen, alpha T, W)``, ``alpha T`` made from the int8 codes inside the kernel."""
+    return torch.where(frozen, alpha * frozen_codes.to(w.dtype), w)
+
+
+def _elq_backward(g: Tensor, frozen: Tensor) -> Tensor:
+    """Identity for the free weights, 0 for the frozen ones."""
+    return g.masked_fill(frozen, 0.0)
+
+
 class _ELQFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, frozen, frozen_value):
+    def forward(ctx, w, frozen, frozen_codes, alpha):
         ctx.save_for_backward(frozen)
-        return torch.where(frozen, frozen_value, w)
+        return kernels.call(_elq_forward, w, frozen, frozen_codes, alpha)
 
     @staticmethod
     def backward(ctx, g):
         (frozen,) = ctx.saved_tensors
-        return g.masked_fill(frozen, 0.0), None, None
+        return kernels.call(_elq_backward, g.contiguous(), frozen), None, None, None
 
 
 class ELQWeightQuantizer(Quantizer):
@@ -115,8 +126,7 @@ class ELQWeightQuantizer(Quantizer):
                 f"ELQWeightQuantizer is used before init_scale (frozen mask {tuple(self.frozen.shape)} vs weight "
                 f"{tuple(w.shape)}): the elq procedure (or qcnn.methods.elq.elq_start) initialises it"
             )
-        value = self.alpha * self.frozen_codes.to(w.dtype)
-        return _ELQFn.apply(w, self.frozen, value)
+        return _ELQFn.apply(w, self.frozen, self.frozen_codes, self.alpha)
 
     @torch.no_grad()
     def update_grad(self, g: Tensor, momentum: float = 0.9) -> None:

@@ -45,7 +45,9 @@ An HWGQ quantizer whose input is not normalised that way (after a residual add a
 without BatchNorm, after average pooling) applies the levels to the input divided by its scale,
 ``Q_s(x) = s Q(x / s)`` (the half-wave Gaussian quantizer of ``N(0, s^2)``), with ``s^2 = E[x^2 | x > 0]``,
 the variance of the symmetric pre-activation that the half-wave model assumes: set by calibration, then
-an EMA of the batch values in training (momentum 0.1), fixed in eval mode (:class:`HWGQActivation` with
+an EMA of the batch values in training (momentum 0.1; the batch's sum of squares computed in the same kernel as
+the quantizer when fused kernels are on, a float32 sum in the compiled kernel's order there, so that the fused
+``s`` may differ from the eager one by float rounding), fixed in eval mode (:class:`HWGQActivation` with
 ``normalized=False``). The layer is only named by its input, so a layer left in float by an override keeps
 its BatchNorm affine. ``bn_affine: false`` strips every BatchNorm (the earlier behaviour of qcnn; the
 quantizers right behind a BN then see ``N(0, 1)``, the others are scaled), ``bn_affine: true`` strips none
@@ -60,7 +62,9 @@ import math
 import torch
 from torch import Tensor
 
+from qcnn.quant import kernels
 from qcnn.quant.base import Grid, Quantizer, ScaleBufferMixin, binary_sign, check_bits
+from qcnn.quant.dorefa import _IdentityGradFn
 
 EPS = 1e-8
 #: levels printed in the paper (half-normal, standard-normal input)
@@ -126,30 +130,85 @@ def hwgq_levels(bits: int, kind: str = "uniform") -> list[float]:
     return list(PAPER_LEVELS.get((kind, bits)) or half_normal_levels(2**bits - 1, kind))
 
 
+def _hwgq_quant(x: Tensor, levels: Tensor, thresholds: Tensor | None, n_levels: int) -> Tensor:
+    """``Q(x)`` by table look-up (any levels) or, for a uniform grid (``thresholds`` None), arithmetically: the
+    level index of ``x > 0`` is ``clamp(ceil(x/d - 1/2), 1, L)``, the same half-open intervals."""
+    if thresholds is None:
+        d = levels[0]
+        y = torch.ceil(x / d - 0.5).clamp(1, n_levels) * d
+    else:
+        y = levels[torch.bucketize(x, thresholds)]
+    return torch.where(x > 0, y, torch.zeros_like(y))
+
+
+def _hwgq_grad(g: Tensor, x: Tensor, qmax: Tensor, log_tail: bool) -> Tensor:
+    """``g dQ/dx``: the clipped ReLU's ``[0 < x <= q_L]`` (plus the log tail ``1 / (x - tau)`` beyond)."""
+    inside = ((x > 0) & (x <= qmax)).to(g.dtype)
+    if not log_tail:
+        return g * inside
+    tail = torch.where(x > qmax, 1.0 / (x - (qmax - 1.0)).clamp_min(EPS), torch.zeros_like(x))
+    return g * (inside + tail)
+
+
+def _hwgq_forward(x: Tensor, s: Tensor | None, levels: Tensor, thresholds: Tensor | None, n_levels: int) -> Tensor:
+    """``Q(x)``, or ``s Q(x / s)`` with a scale ``s``: the activation kernel."""
+    if s is None:
+        return _hwgq_quant(x, levels, thresholds, n_levels)
+    return s * _hwgq_quant(x / s, levels, thresholds, n_levels)
+
+
+def _positive_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of x^2 over x > 0, number of x > 0) as 0-d tensors on x's device (float32 sum, int64 count)."""
+    x = x.detach()
+    pos = x.clamp_min(0).float()
+    return (pos * pos).sum(), (x > 0).sum()
+
+
+def _hwgq_track_forward(x: Tensor, sigma: Tensor, initialized: Tensor, momentum: float, levels: Tensor,
+                        thresholds: Tensor | None, n_levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The training step of the scaled quantizer in one kernel: the EMA step of ``s`` towards the batch's
+    ``sqrt(E[x^2 | x > 0])``, then ``s Q(x / s)`` with the new ``s``: (output, new ``sigma``, new ``initialized``).
+    Eagerly the ops of the plain EMA step; compiled, the float32 sum of squares runs in another order, so the new
+    ``s`` (and through it the output and gradient) may differ by float rounding."""
+    sq, n = _positive_moments(x)
+    sb = torch.sqrt(sq / n.clamp_min(1)).clamp_min(EPS)
+    ema = torch.where(initialized, (1 - momentum) * sigma + momentum * sb, sb)
+    sigma = torch.where(n > 0, ema, sigma)
+    return _hwgq_forward(x, sigma.to(x.dtype), levels, thresholds, n_levels), sigma, initialized | (n > 0)
+
+
+def _hwgq_backward(g: Tensor, x: Tensor, s: Tensor | None, qmax: Tensor, log_tail: bool) -> Tensor:
+    """``g dQ/dx``, or with a scale autograd's chain ``(g s) Q'(x / s) / s``, recomputed from ``x``."""
+    if s is None:
+        return _hwgq_grad(g, x, qmax, log_tail)
+    return _hwgq_grad(g * s, x / s, qmax, log_tail) / s
+
+
 class _HWGQFn(torch.autograd.Function):
-    """Forward by table look-up (any levels) or, for a uniform grid (``thresholds`` None), arithmetically:
-    the level index of ``x > 0`` is ``clamp(ceil(x/d - 1/2), 1, L)``, the same half-open intervals."""
+    """``Q(x)`` or ``s Q(x / s)`` through :mod:`qcnn.quant.kernels` (saves ``x``, one kernel each way); with
+    ``track`` (training, scaled) the EMA step of ``s`` runs in the forward kernel and the new ``(sigma,
+    initialized)`` are returned beside the output."""
 
     @staticmethod
-    def forward(ctx, x, levels: Tensor, thresholds: Tensor | None, log_tail: bool):
-        qmax = levels[-1]
-        ctx.save_for_backward(x, qmax)
+    def forward(ctx, x, s, levels: Tensor, thresholds: Tensor | None, log_tail: bool, track: tuple | None):
         ctx.log_tail = log_tail
-        if thresholds is None:
-            d = levels[0]
-            y = torch.ceil(x / d - 0.5).clamp_(1, levels.numel()) * d
-        else:
-            y = levels[torch.bucketize(x, thresholds)]
-        return torch.where(x > 0, y, torch.zeros_like(y))
+        if track is None:
+            y = kernels.call(_hwgq_forward, x, s, levels, thresholds, levels.numel())
+            ctx.save_for_backward(x, s, levels[-1])
+            return y
+        initialized, momentum = track
+        y, sigma, init = kernels.call(_hwgq_track_forward, x, s, initialized, momentum, levels, thresholds,
+                                      levels.numel())
+        s = sigma.to(x.dtype)
+        ctx.mark_non_differentiable(sigma, init)
+        ctx.save_for_backward(x, s, levels[-1])
+        return y, sigma, init
 
     @staticmethod
-    def backward(ctx, g):
-        x, qmax = ctx.saved_tensors
-        inside = ((x > 0) & (x <= qmax)).to(g.dtype)
-        if not ctx.log_tail:
-            return g * inside, None, None, None
-        tail = torch.where(x > qmax, 1.0 / (x - (qmax - 1.0)).clamp_min(EPS), torch.zeros_like(x))
-        return g * (inside + tail), None, None, None
+    def backward(ctx, g, *_):
+        x, s, qmax = ctx.saved_tensors
+        gx = kernels.call(_hwgq_backward, g.contiguous(), x, s, qmax, ctx.log_tail)
+        return gx, None, None, None, None, None
 
 
 class HWGQActivation(Quantizer):
@@ -180,12 +239,7 @@ class HWGQActivation(Quantizer):
     def is_initialized(self) -> bool:
         return self.normalized or bool(self.initialized)
 
-    @staticmethod
-    def _positive_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-        """(sum of x^2 over x > 0, number of x > 0) as 0-d tensors on x's device."""
-        x = x.detach()
-        pos = x.clamp_min(0).float()
-        return (pos * pos).sum(), (x > 0).sum()
+    _positive_moments = staticmethod(_positive_moments)
 
     def finish_calibration(self) -> None:
         if self.normalized or self._count == 0:
@@ -194,15 +248,6 @@ class HWGQActivation(Quantizer):
         self.initialized.fill_(True)
         self._ready = True
         self._sum_sq, self._count = 0.0, 0
-
-    @torch.no_grad()
-    def _track(self, x: Tensor) -> None:
-        """EMA step towards the batch's ``sqrt(E[x^2 | x > 0])`` (tensor ops only: no host sync)."""
-        sq, n = self._positive_moments(x)
-        s = torch.sqrt(sq / n.clamp_min(1)).clamp_min(EPS)
-        ema = torch.where(self.initialized, (1 - self.momentum) * self.sigma + self.momentum * s, s)
-        self.sigma.copy_(torch.where(n > 0, ema, self.sigma))
-        self.initialized.logical_or_(n > 0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the scaled quantizer used the N(0, 1) levels as they are: s = 1
@@ -222,13 +267,16 @@ class HWGQActivation(Quantizer):
         lv = self.levels.to(x.dtype)
         th = None if self.kind == "uniform" else self.thresholds.to(x.dtype)
         if self.normalized:
-            return _HWGQFn.apply(x, lv, th, self.log_tail)
-        if self.training:
-            self._track(x)
-        elif not self._ready:
+            return _HWGQFn.apply(x, None, lv, th, self.log_tail, None)
+        if self.training:  # EMA step of s towards the batch's sqrt(E[x^2 | x > 0]), fused with the quantizer
+            y, sigma, init = _HWGQFn.apply(x, self.sigma, lv, th, self.log_tail, (self.initialized, self.momentum))
+            with torch.no_grad():
+                self.sigma.copy_(sigma)
+                self.initialized.copy_(init)
+            return y
+        if not self._ready:
             self._ready = self._require_initialized()
-        s = self.sigma.to(x.dtype)
-        return s * _HWGQFn.apply(x / s, lv, th, self.log_tail)
+        return _HWGQFn.apply(x, self.sigma.to(x.dtype), lv, th, self.log_tail, None)
 
     def scale(self) -> Tensor:
         """The factor ``s`` the N(0, 1) levels are multiplied by (1 for a normalised input)."""
@@ -248,6 +296,15 @@ class HWGQActivation(Quantizer):
         return f"bits={self.bits}, levels={self.kind}, log_tail={self.log_tail}, normalized={self.normalized}"
 
 
+def _channel_binary_forward(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(``w + (sign(w) s - w)``, ``s``), ``s = mean|w|`` per output channel (float32; the compiled kernel's sum runs
+    in another order, so the fused ``s`` may differ by rounding): the binary weight kernel, reduction included."""
+    a = w.detach().abs()
+    s = a.reshape(a.shape[0], -1).mean(dim=1) if w.dim() > 1 else a.mean()
+    sb = s.reshape([-1] + [1] * (w.dim() - 1)) if w.dim() > 1 else s
+    return w + (binary_sign(w) * sb - w), s
+
+
 class BinaryChannelWeight(ScaleBufferMixin, Quantizer):
     """``sign(w) mean|w|`` with one mean per output channel; identity backward."""
 
@@ -256,11 +313,8 @@ class BinaryChannelWeight(ScaleBufferMixin, Quantizer):
         self.register_buffer("scale", torch.ones(()))
 
     def forward(self, w: Tensor) -> Tensor:
-        a = w.detach().abs()
-        s = a.reshape(a.shape[0], -1).mean(dim=1) if w.dim() > 1 else a.mean()
-        self.scale = s
-        s = s.reshape([-1] + [1] * (w.dim() - 1)) if w.dim() > 1 else s
-        return w + (binary_sign(w) * s - w).detach()
+        y, self.scale = _IdentityGradFn.apply(w, _channel_binary_forward)
+        return y
 
     def grid(self) -> Grid:
         s = self.scale.detach().clone()

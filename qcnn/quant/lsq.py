@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from qcnn.calib.observers import check_finite
+from qcnn.quant import kernels
 from qcnn.quant.base import Grid, Quantizer, geometric_mse_search
 from qcnn.quant.uniform import mse_scale
 
@@ -60,37 +61,48 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _lsq_forward(x: Tensor, sb: Tensor, qn: int, qp: int) -> Tensor:
+    """``round(clip(x / s, -Q_N, Q_P)) s`` with ``s`` the floored ``|step|`` (broadcast): the fused kernel."""
+    v = x / sb
+    return torch.round(v.clamp(-qn, qp)) * sb
+
+
+def _lsq_backward(g: Tensor, x: Tensor, sb: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
+    """(dx, ds) before the grad scale: ``g [-Q_N <= v <= Q_P]`` and ``sum g (round(v) - v)`` inside, ``sum g
+    (-Q_N)`` below, ``sum g Q_P`` above (LSQ eq. 3), ``v = x / s`` recomputed, reduced to ``sb``'s shape in the
+    same pass."""
+    v = x / sb
+    q = torch.round(v.clamp(-qn, qp))
+    inside = (v >= -qn) & (v <= qp)
+    gx = g * inside.to(g.dtype)
+    ds = g * torch.where(inside, q - v, q)
+    return gx, kernels.reduce_like(ds, sb)
+
+
 class _LsqFn(torch.autograd.Function):
+    """LSQ through :mod:`qcnn.quant.kernels`: saves ``x`` (not ``v`` and the codes), one pass each way."""
+
     @staticmethod
     def forward(ctx, x, s, qn: int, qp: int, gscale: float, axis: int | None):
-        shape = [1] * x.dim()
-        if axis is not None:
-            shape[axis] = -1
         # the grid uses |s|: a step that an optimizer update carries across 0 acts as its magnitude (and its
         # gradient below is exact for that), instead of a clamped EPS step whose gradient disagrees with the
         # forward and throws it to ~1e4 times its value (measured: LeNet-5 conv1, 0.003 -> -0.005 -> 32.8)
         mag = s.abs().clamp_min(EPS)
-        sb = mag.reshape(shape) if axis is not None else mag
-        v = x / sb
-        q = torch.round(v.clamp(-qn, qp))
-        ctx.save_for_backward(v, q, s)
-        ctx.meta = (qn, qp, gscale, axis, s.shape)
-        return q * sb
+        sb = kernels.bcast(mag, x.dim(), axis)
+        ctx.save_for_backward(x, sb, s)
+        ctx.meta = (qn, qp, gscale)
+        return kernels.call(_lsq_forward, x, sb, qn, qp)
 
     @staticmethod
     def backward(ctx, g):
-        v, q, s = ctx.saved_tensors
-        qn, qp, gscale, axis, s_shape = ctx.meta
-        inside = (v >= -qn) & (v <= qp)
-        gx = g * inside.to(g.dtype)
-        ds = g * torch.where(inside, q - v, q)
-        if axis is None:
-            gs = ds.sum()
-        else:
-            dims = [d for d in range(g.dim()) if d != axis]
-            gs = ds.sum(dim=dims)
+        x, sb, s = ctx.saved_tensors
+        qn, qp, gscale = ctx.meta
+        gx, gs = kernels.call(_lsq_backward, g.contiguous(), x, sb, qn, qp)
+        # the grad scale and sign(s) on the reduced (per-channel) gradient: a few elements, eager (a Python
+        # float per layer inside the kernel would compile one variant per layer size)
+        gs = gs.reshape(-1) if s.dim() > 0 else gs.reshape(())
         sign = torch.where(s < 0, -1.0, 1.0).to(gs.dtype).reshape(gs.shape)
-        return gx, (gs * gscale * sign).reshape(s_shape), None, None, None, None
+        return gx, (gs * gscale * sign).reshape(s.shape), None, None, None, None
 
 
 def lsq(x: Tensor, s: Tensor, bits: int, signed: bool, grad_scale: float | None = None,

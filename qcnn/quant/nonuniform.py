@@ -8,8 +8,9 @@ Levels. For ``k = 2^b`` bins of a distribution with CDF ``F``, the bins hold equ
 edges ``e_i = F^-1(i / k)`` (i = 1..k-1) and each bin is represented by the quantile of its centre,
 ``l_i = F^-1((i + 1/2) / k)`` (i = 0..k-1). Forward ``y = l_j`` for ``e_j <= x < e_(j+1)``.
 
-* Weights (:class:`QuantileWeightQuantizer`): a Gaussian ``N(mu, s^2)`` is fitted to the layer's weights at
-  every call (``mu``, ``s`` = mean and standard deviation), so ``l_i = mu + s Phi^-1((i + 1/2)/k)``.
+* Weights (:class:`QuantileWeightQuantizer`): a Gaussian ``N(mu, s^2)`` is fitted to the layer's weights
+  (``mu``, ``s`` = mean and standard deviation), so ``l_i = mu + s Phi^-1((i + 1/2)/k)``; refitted at every
+  eval-mode call and every ``refresh_every``-th training-mode call (default 1 = every call).
   Backward: straight-through, ``dy/dx = 1``.
 * Activations (:class:`QuantileActQuantizer`): the *empirical* distribution of the calibration data (a
   random sample of at most ``max_samples`` values). After a ReLU (unsigned) the spike at 0 would swallow
@@ -42,7 +43,8 @@ import torch
 from torch import Tensor
 
 from qcnn.calib.observers import check_finite
-from qcnn.quant.base import Grid, Quantizer, check_bits, qrange
+from qcnn.quant import kernels
+from qcnn.quant.base import Grid, Quantizer, _tracing, check_bits, qrange
 
 EPS = 1e-12
 
@@ -93,21 +95,41 @@ def integer_representation(levels: Tensor, int_bits: int, signed: bool) -> tuple
     return scale, ints.to(torch.int32)
 
 
+def _level_lookup(x: Tensor, levels: Tensor, edges: Tensor) -> Tensor:
+    """``y = l_j`` for ``e_j <= x < e_(j+1)``, ``j`` = the number of (sorted) edges ``<= x``: the level kernel.
+    Eagerly ``levels[bucketize(x, edges, right=True)]`` (a binary search and a gather); compiled, the same ``j``
+    as a chain of ``k - 1`` compare-and-selects ``y = where(x >= e_i, l_(i+1), y)`` on scalar edges, which
+    vectorises into one pass (inductor's bucketize and gathers do not: ~50x slower than a copy). For sorted
+    edges the two give the same level for every non-NaN ``x``."""
+    if not torch.compiler.is_compiling():
+        return levels[torch.bucketize(x, edges, right=True)]
+    y = torch.where(x >= edges[0], levels[1], levels[0])
+    for i in range(1, edges.shape[0]):
+        y = torch.where(x >= edges[i], levels[i + 1], y)
+    return y
+
+
+def _level_backward(g: Tensor, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The clipped STE ``g [l_0 <= x <= l_(k-1)]``, mask recomputed from ``x``."""
+    return g * ((x >= lo) & (x <= hi)).to(g.dtype)
+
+
 class _LevelFn(torch.autograd.Function):
+    """Level look-up through :mod:`qcnn.quant.kernels`; saves ``x`` (not a mask) when the STE is clipped."""
+
     @staticmethod
     def forward(ctx, x, levels, edges, clip):
-        idx = torch.bucketize(x, edges, right=True)
-        y = levels[idx]
+        ctx.clip = clip
         if clip:
-            ctx.save_for_backward((x >= levels[0]) & (x <= levels[-1]))
-        else:
-            ctx.save_for_backward(torch.ones((), dtype=torch.bool, device=x.device))
-        return y
+            ctx.save_for_backward(x, levels[0], levels[-1])
+        return kernels.call(_level_lookup, x, levels, edges)
 
     @staticmethod
     def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        return g * mask.to(g.dtype), None, None, None
+        if not ctx.clip:
+            return g, None, None, None
+        x, lo, hi = ctx.saved_tensors
+        return kernels.call(_level_backward, g.contiguous(), x, lo, hi), None, None, None
 
 
 class _QuantileBase(Quantizer):
@@ -139,16 +161,57 @@ class _QuantileBase(Quantizer):
         return f"bits={self.bits}, signed={self.signed}, int_bits={self.int_bits}, snap={self.snap}"
 
 
-class QuantileWeightQuantizer(_QuantileBase):
-    """Weights: Gaussian-fit k-quantile levels, recomputed from the weight at every call; plain STE."""
+def check_refresh_every(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"refresh_every={n!r} must be a positive integer (1: refit at every call)")
+    return n
 
-    def __init__(self, bits: int = 4, int_bits: int = 8, snap: bool = True):
+
+class QuantileWeightQuantizer(_QuantileBase):
+    """Weights: Gaussian-fit k-quantile levels of the weight; plain STE.
+
+    ``refresh_every`` ``N`` (default 1: every call; the method option ``refresh_every``): in training mode
+    the Gaussian fit (mean, standard deviation, levels,
+    integer representation) is recomputed at the first training-mode call and then at every ``N``-th
+    training-mode call after the last fit (calls 1, N+1, 2N+1, ...); the calls in between look the weight up
+    in the levels of the last fit (one fused pass, no reduction over the weight). The levels used at a refit
+    call are exactly those of fitting at every call. Eval mode (and any call while torch.compile / torch.export
+    traces the model) refits at every call, so an eval forward, and :meth:`grid` / an integer export after it,
+    are exactly the grid of the current weights; :meth:`grid` always describes the levels the last forward
+    pass used. ``refresh_every=1`` refits at every call (the behaviour before the option existed).
+    :meth:`refresh` (and loading a state_dict) makes the next call refit, as does a weight of another shape or
+    device. With ``N > 1`` a resumed run is not exact (the last fit is not saved: the first call after loading
+    refits the current weights).
+    """
+
+    def __init__(self, bits: int = 4, int_bits: int = 8, snap: bool = True, refresh_every: int = 1):
         super().__init__(bits, True, int_bits, snap)
+        self.refresh_every = check_refresh_every(refresh_every)
+        self._since: int | None = None  # training calls since the last fit (None: refit at the next call)
+        self._key = None  # (shape, device) of the weight last fitted (another weight: refit)
+
+    def refresh(self) -> None:
+        """Refit the levels at the next call."""
+        self._since = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._since = None
+
+    @torch.no_grad()
+    def _fit(self, w: Tensor) -> None:
+        lv, ed = gaussian_quantile_levels(self.bits, w.mean(), w.std(unbiased=False) if w.numel() > 1 else 0.0)
+        self._set_levels(lv, ed)
 
     def forward(self, w: Tensor) -> Tensor:
-        with torch.no_grad():
-            lv, ed = gaussian_quantile_levels(self.bits, w.mean(), w.std(unbiased=False) if w.numel() > 1 else 0.0)
-            self._set_levels(lv, ed)
+        if _tracing() or not self.training:
+            self._fit(w)
+        else:
+            key = (w.shape, w.device)
+            if self._since is None or self._since >= self.refresh_every or self._key != key:
+                self._fit(w)
+                self._since, self._key = 0, key
+            self._since += 1
         return _LevelFn.apply(w, self.levels, self.edges, False)
 
 
@@ -235,5 +298,6 @@ class QuantileActQuantizer(_QuantileBase):
         return _LevelFn.apply(x, self.levels.to(x.dtype), self.edges.to(x.dtype), True)
 
 
-__all__ = ["QuantileActQuantizer", "QuantileWeightQuantizer", "empirical_quantile_levels", "gaussian_quantile_levels",
+__all__ = ["QuantileActQuantizer", "check_refresh_every",
+           "QuantileWeightQuantizer", "empirical_quantile_levels", "gaussian_quantile_levels",
            "integer_representation"]

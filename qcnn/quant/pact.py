@@ -34,6 +34,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qcnn.quant import kernels
 from qcnn.quant.base import Grid, Quantizer, geometric_mse_search
 
 ALPHA_MIN = 1e-4
@@ -41,28 +42,55 @@ ALPHA_MIN = 1e-4
 _SAMPLE = 1 << 18
 
 
+def _pact_forward(x: Tensor, a: Tensor, n: int, signed: bool) -> Tensor:
+    """``round(clip(x, lo, a) n / a) a / n`` (``lo = -a`` signed, else 0; ``a`` already floored): the fused kernel."""
+    lo = -a if signed else torch.zeros_like(a)
+    y = torch.minimum(torch.maximum(x, lo), a)
+    return torch.round(y * (n / a)) * (a / n)
+
+
+def _pact_backward(g: Tensor, x: Tensor, a: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dalpha): ``g`` on ``lo <= x < a`` (``-a < x < a`` signed), and ``sum g [x >= a]`` (minus
+    ``sum g [x <= -a]`` signed), masks recomputed from ``x``, alpha's gradient reduced in the same pass."""
+    above = x >= a
+    if signed:
+        below = x <= -a
+        gx = g * (~(above | below)).to(g.dtype)
+        ga = (g * (above.to(g.dtype) - below.to(g.dtype))).sum()
+    else:
+        gx = g * ((x >= 0) & ~above).to(g.dtype)
+        ga = (g * above.to(g.dtype)).sum()
+    return gx, ga.reshape(a.shape)
+
+
+def _pact_sign_forward(x: Tensor, a: Tensor) -> Tensor:
+    """``a sign(x)`` (``sign(0) = +1``): the 1-bit signed kernel."""
+    return torch.where(x >= 0, a, -a)
+
+
+def _pact_sign_backward(g: Tensor, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dalpha) of 1-bit signed PACT: ``g`` on ``|x| < a``; ``sum g sign(x) [|x| >= a]``."""
+    outside = x.abs() >= a
+    gx = g * (~outside).to(g.dtype)
+    ga = (g * outside.to(g.dtype) * torch.where(x >= 0, 1.0, -1.0)).sum()
+    return gx, ga.reshape(a.shape)
+
+
 class _PactFn(torch.autograd.Function):
+    """PACT through :mod:`qcnn.quant.kernels`: saves ``x`` and the floored alpha, one pass each way."""
+
     @staticmethod
     def forward(ctx, x, alpha, n: int, signed: bool):
         a = alpha.clamp_min(ALPHA_MIN)
-        lo = -a if signed else torch.zeros_like(a)
         ctx.save_for_backward(x, a)
         ctx.signed = signed
-        y = torch.minimum(torch.maximum(x, lo), a)
-        return torch.round(y * (n / a)) * (a / n)
+        return kernels.call(_pact_forward, x, a, n, signed)
 
     @staticmethod
     def backward(ctx, g):
         x, a = ctx.saved_tensors
-        above = x >= a
-        if ctx.signed:
-            below = x <= -a
-            gx = g * (~(above | below)).to(g.dtype)
-            ga = (g * (above.to(g.dtype) - below.to(g.dtype))).sum()
-        else:
-            gx = g * ((x >= 0) & ~above).to(g.dtype)
-            ga = (g * above.to(g.dtype)).sum()
-        return gx, ga.reshape(a.shape), None, None
+        gx, ga = kernels.call(_pact_backward, g.contiguous(), x, a, ctx.signed)
+        return gx, ga, None, None
 
 
 class _PactSignFn(torch.autograd.Function):
@@ -72,15 +100,12 @@ class _PactSignFn(torch.autograd.Function):
     def forward(ctx, x, alpha):
         a = alpha.clamp_min(ALPHA_MIN)
         ctx.save_for_backward(x, a)
-        return torch.where(x >= 0, a, -a)
+        return kernels.call(_pact_sign_forward, x, a)
 
     @staticmethod
     def backward(ctx, g):
         x, a = ctx.saved_tensors
-        outside = x.abs() >= a
-        gx = g * (~outside).to(g.dtype)
-        ga = (g * outside.to(g.dtype) * torch.where(x >= 0, 1.0, -1.0)).sum()
-        return gx, ga.reshape(a.shape)
+        return kernels.call(_pact_sign_backward, g.contiguous(), x, a)
 
 
 def pact(x: Tensor, alpha: Tensor, bits: int, signed: bool = False) -> Tensor:

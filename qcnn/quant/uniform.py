@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from qcnn.calib.observers import EMAObserver, check_finite, make_observer, reduce_minmax
+from qcnn.quant import kernels
 from qcnn.quant.base import Grid, Quantizer, _tracing, qrange
 
 EPS = 1e-8
@@ -89,11 +90,51 @@ def fake_quant_reference(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int
 fake_quant_float64 = fake_quant_reference  #: the float64 simulation of the fused kernels (same function)
 
 
+def _fq_forward(x: Tensor, inv: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(x * inv) + z, q_min, q_max) - z) s`` in float32 (``inv = fl32(1/s)``): the fused kernel."""
+    v = torch.round(x.float() * inv) + zp
+    return ((torch.clamp(v, qmin, qmax) - zp) * s).to(x.dtype)
+
+
+def _fq_backward(g: Tensor, x: Tensor, inv: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The masked straight-through gradient ``g [q_min <= round(x * inv) + z <= q_max]``, mask recomputed."""
+    v = torch.round(x.float() * inv) + zp
+    return torch.where((v >= qmin) & (v <= qmax), g, torch.zeros_like(g))
+
+
+class _FakeQuantFn(torch.autograd.Function):
+    """Fake quantization through :mod:`qcnn.quant.kernels`: saves ``x`` (not a mask), one pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, inv, s, zp, qmin: int, qmax: int):
+        ctx.save_for_backward(x, inv, zp)
+        ctx.qrange = (qmin, qmax)
+        return kernels.call(_fq_forward, x, inv, s, zp, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, inv, zp = ctx.saved_tensors
+        return kernels.call(_fq_backward, g.contiguous(), x, inv, zp, *ctx.qrange), None, None, None, None, None
+
+
+def _fake_quant_fused(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                      axis: int | None) -> Tensor:
+    s = kernels.bcast(scale.detach().to(torch.float32), x.dim(), axis)
+    inv = 1.0 / s
+    zp = kernels.bcast(zero_point.detach().to(torch.float32), x.dim(), axis)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return kernels.call(_fq_forward, x, inv, s, zp, qmin, qmax)
+    return _FakeQuantFn.apply(x, inv, s, zp, qmin, qmax)
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
-    """Fake-quantize with torch's fused kernels (per tensor when ``scale`` is 0-d, else per channel);
+    """Fake-quantize with torch's fused kernels (per tensor when ``scale`` is 0-d, else per channel), or with
+    qcnn's compiled kernel (:mod:`qcnn.quant.kernels`, same values bit for bit) when fused kernels are on;
     float64 tensors, and any tensor under torch.export / torch.compile, take :func:`fake_quant_reference`."""
     if x.dtype == torch.float64 or _tracing():
         return fake_quant_reference(x, scale, zero_point, qmin, qmax, axis)
+    if kernels.fused_for(x):
+        return _fake_quant_fused(x, scale, zero_point, qmin, qmax, axis)
     if scale.dim() == 0 or axis is None:
         return torch.fake_quantize_per_tensor_affine(
             x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax
@@ -280,7 +321,7 @@ class UniformQuantizer(Quantizer):
             obs.update_range(*mse_range(x, self.bits, self.signed, self.symmetric))
         else:
             obs.update(x)
-        self._set_qparams(*obs.compute_range(self.bits, self.signed))
+        self._set_qparams(*obs.current_range())  # an EMA min/max observer: no check, no host read per step
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qcnn.quant import kernels
 from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, check_bits
 
 #: bits of the fine quantization applied to ``lr * g_n`` before stochastic rounding (the code's ``bitsR``)
@@ -99,14 +100,75 @@ def fan_in_of(module: nn.Module) -> int:
     return int(w[0].numel())
 
 
+def _qc_consts(k: int) -> tuple[float, float | None, bool]:
+    """``(d, s, sign)`` of ``Q(C(., k), k)`` as Python constants: margin ``d`` of C, scale ``s = 2^(k-1)`` of Q
+    (None: Q is the identity, k > 15), ``sign``: Q is sign (k = 1). Kernels take these rather than ``k``, so
+    that the compiled code has constants, not a symbolic ``2^(k-1)`` per element."""
+    d = 0.0 if (k == 1 or k > 15) else sigma(k)
+    return d, (None if (k == 1 or k > 15) else 2.0 ** (k - 1)), k == 1
+
+
+def _qc(x: Tensor, d: float, s: float | None, sign: bool) -> Tensor:
+    """``Q(C(x, k), k)`` from :func:`_qc_consts` (the same ops as :func:`wage_q` of :func:`wage_c`)."""
+    c = torch.clamp(x, -1.0 + d, 1.0 - d)
+    if sign:
+        return torch.where(c >= 0, torch.ones_like(c), -torch.ones_like(c))
+    return c if s is None else torch.round(c * s) / s
+
+
+def _wage_weight_forward(w: Tensor, inv_alpha: Tensor, d: float, s: float | None, sign: bool) -> Tensor:
+    """``Q(C(W, kW), kW) / alpha``: the weight kernel."""
+    return _qc(w, d, s, sign) * inv_alpha
+
+
+def _wage_act_forward(x: Tensor, d: float, s: float | None, sign: bool) -> Tensor:
+    """``Q(C(a, kA), kA)``, written ``c + (Q(c) - c)`` as the straight-through expression it replaces."""
+    c = torch.clamp(x, -1.0 + d, 1.0 - d)
+    return c + (_qc(c, d, s, sign) - c)
+
+
+def _wage_act_backward(g: Tensor, x: Tensor, d: float) -> Tensor:
+    """``g [|a| <= 1 - sigma(kA)]``: the clip's gradient (both ends included, as ``torch.clamp``'s)."""
+    return torch.where((x >= -1.0 + d) & (x <= 1.0 - d), g, torch.zeros_like(g))
+
+
+def _wage_error(g: Tensor, d: float, s: float | None, sign: bool) -> Tensor:
+    """E: ``Q(C(e / Shift(max|e|), kE), kE)``, the max reduced in the same kernel."""
+    return _qc(g / shift(g.abs().amax()), d, s, sign)
+
+
+def _wage_act_error_backward(g: Tensor, x: Tensor, d: float, ed: float, es: float | None, esign: bool) -> Tensor:
+    """A's clip mask (margin ``d``), then E (constants ``ed, es, esign``), going backward: one kernel."""
+    return _wage_error(_wage_act_backward(g, x, d), ed, es, esign)
+
+
 class _WageWeightFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, bits, inv_alpha):
-        return wage_q(wage_c(w, bits), bits) * inv_alpha
+        return kernels.call(_wage_weight_forward, w, inv_alpha, *_qc_consts(bits))
 
     @staticmethod
     def backward(ctx, g):
         return g, None, None
+
+
+class _WageActFn(torch.autograd.Function):
+    """A (and E before it, ``e_bits`` not None): saves ``a``, the clip mask is recomputed backward."""
+
+    @staticmethod
+    def forward(ctx, x, bits: int, e_bits: int | None):
+        ctx.save_for_backward(x)
+        ctx.bits = (bits, e_bits)
+        return kernels.call(_wage_act_forward, x, *_qc_consts(bits))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        bits, e_bits = ctx.bits
+        d = _qc_consts(bits)[0]
+        if e_bits is None:
+            return kernels.call(_wage_act_backward, g.contiguous(), x, d), None, None
+        return kernels.call(_wage_act_error_backward, g.contiguous(), x, d, *_qc_consts(e_bits)), None, None
 
 
 class WageWeightQuantizer(Quantizer):
@@ -141,7 +203,7 @@ class WageErrorQuantizer(GradientQuantizer):
     """E: identity forward; backward ``Q(C(e / Shift(max|e|), kE), kE)``."""
 
     def quantize_grad(self, g: Tensor) -> Tensor:
-        return wage_q(wage_c(g / shift(g.abs().amax()), self.bits), self.bits)
+        return kernels.call(_wage_error, g.contiguous(), *_qc_consts(self.bits))
 
     def grid(self) -> Grid:
         n = 2 ** (self.bits - 1)
@@ -159,10 +221,9 @@ class WageActQuantizer(Quantizer):
         self.error = WageErrorQuantizer(e_bits) if e_bits is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.error is not None:
-            x = self.error(x)
-        c = wage_c(x, self.bits)
-        return c + (wage_q(c, self.bits) - c).detach()
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return kernels.call(_wage_act_forward, x, *_qc_consts(self.bits))
+        return _WageActFn.apply(x, self.bits, None if self.error is None else self.error.bits)
 
     def grid(self) -> Grid:
         if self.bits == 1:

@@ -15,7 +15,8 @@ Weights (signed), ``k`` bits, ``n = 2^(k-1) - 1`` (2 bits = ternary {-1, 0, 1}):
     so the recipe uses ``max``.
 1-bit weights: ``w_q = s sign(w)`` (``sign(0) = +1``), identity backward. The paper does not state the
     scale (check); ``binary_scale`` chooses ``mean`` (``s = mean|w|``, XNOR/DoReFa, default), ``max`` or
-    ``none`` (``s = 1``).
+    ``none`` (``s = 1``). With fused kernels on, the mean is a float32 sum in the compiled kernel's order, so the
+    fused 1-bit scale (and output) may differ from the eager one by float rounding (an ulp).
 
 Widening is a property of the network, not of the quantizer: build the model with the zoo's ``width``
 multiplier (``build_model("resnet20", width=2.0)``, ``qcnn qat --width 2``) and quantize it with this method.
@@ -27,13 +28,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qcnn.quant import kernels
 from qcnn.quant.base import Grid, Quantizer, ScaleBufferMixin, binary_sign
+from qcnn.quant.dorefa import _IdentityGradFn
 
 EPS = 1e-8
 SCALES = ("none", "max", "mean")
 
 
 def _channel_reduce(w: Tensor, how: str, per_channel: bool) -> Tensor:
+    """``s``: 1, ``max|w|`` or ``mean|w|`` (per output channel, keepdim), floored at ``EPS``. The mean is a float32
+    sum: a compiled kernel's reduction order may change it by rounding (the max is exact in any order)."""
     a = w.detach().abs()
     if how == "none":
         return torch.ones((), device=w.device, dtype=w.dtype)
@@ -44,18 +49,37 @@ def _channel_reduce(w: Tensor, how: str, per_channel: bool) -> Tensor:
     return (a.max() if how == "max" else a.mean()).clamp_min(EPS)
 
 
-class _ClipRoundFn(torch.autograd.Function):
-    """``round(n clip(v, -1, 1)) / n``, gradient masked to ``|v| <= 1``."""
+def _wrpn_forward(w: Tensor, n: int, how: str, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """(``s round(n clip(w / s, -1, 1)) / n``, ``s``): the k-bit weight kernel, the scale's reduction included."""
+    s = _channel_reduce(w, how, per_channel)
+    return torch.round((w / s).clamp(-1.0, 1.0) * n) / n * s, s
+
+
+def _wrpn_backward(g: Tensor, w: Tensor, s: Tensor) -> Tensor:
+    """``g [|w / s| <= 1]`` in the ops of autograd's chain ``(g s) [|v| <= 1] / s``, ``v = w / s`` recomputed."""
+    return g * s * ((w / s).abs() <= 1.0).to(g.dtype) / s
+
+
+def _binary_forward(w: Tensor, how: str, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """(``w + (s sign(w) - w)``, ``s``): the 1-bit weight kernel (identity backward), the reduction included."""
+    s = _channel_reduce(w, how, per_channel)
+    return w + (binary_sign(w) * s - w), s
+
+
+class _WRPNFn(torch.autograd.Function):
+    """The k-bit WRPN weight through :mod:`qcnn.quant.kernels`: saves ``w`` and ``s``, one kernel each way."""
 
     @staticmethod
-    def forward(ctx, v, n: int):
-        ctx.save_for_backward(v)
-        return torch.round(v.clamp(-1.0, 1.0) * n) / n
+    def forward(ctx, w, n: int, how: str, per_channel: bool):
+        y, s = kernels.call(_wrpn_forward, w, n, how, per_channel)
+        ctx.mark_non_differentiable(s)
+        ctx.save_for_backward(w, s)
+        return y, s
 
     @staticmethod
-    def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        return g * (v.abs() <= 1.0).to(g.dtype), None
+    def backward(ctx, g, _gs):
+        w, s = ctx.saved_tensors
+        return kernels.call(_wrpn_backward, g.contiguous(), w, s), None, None, None
 
 
 class WRPNWeight(ScaleBufferMixin, Quantizer):
@@ -75,12 +99,11 @@ class WRPNWeight(ScaleBufferMixin, Quantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         if self.bits == 1:
-            s = _channel_reduce(w, self.binary_scale, self.per_channel)
-            self.scale = s.flatten() if s.dim() else s
-            return w + (binary_sign(w) * s - w).detach()
-        s = _channel_reduce(w, self.weight_scale, self.per_channel)
+            y, s = _IdentityGradFn.apply(w, _binary_forward, self.binary_scale, self.per_channel)
+        else:
+            y, s = _WRPNFn.apply(w, 2 ** (self.bits - 1) - 1, self.weight_scale, self.per_channel)
         self.scale = s.flatten() if s.dim() else s
-        return _ClipRoundFn.apply(w / s, 2 ** (self.bits - 1) - 1) * s
+        return y
 
     def grid(self) -> Grid:
         s = self.scale.detach().clone()

@@ -120,10 +120,19 @@ class TrainSpec:
     gamma: float = 0.1
     augment: bool = True
     amp: bool = False
+    #: quantizer kernels while training: ``eager`` or ``fused`` (compiled, :mod:`qcnn.quant.kernels`); None: the
+    #: process's mode (``$QCNN_KERNELS``, default eager)
+    kernels: str | None = None
+    #: train (and evaluate) ``torch.compile(model)``: the whole quantized network fused by inductor
+    compile: bool = False
 
     def __post_init__(self):  # built directly, it is checked as a recipe's ``train:`` mapping is
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "train"))
+        if self.kernels is not None:
+            from qcnn.quant.kernels import check_mode
+
+            check_mode(self.kernels)
 
 
 ROUNDINGS = ("nearest", "adaround", "brecq")

@@ -95,6 +95,16 @@ def test_eval_quantized_checkpoint_uses_fakequant(tmp_path, capsys, fashion_dir)
                  str(fashion_dir), "--limit-test", "1000", "--json"]) == 0
     figures = _last_json(capsys)
     assert figures["engine"] == "fakequant" and figures["top1"] == pytest.approx(expected, abs=1e-4)
+    # fused kernels give the eager fake-quant forward bit for bit; the compiled model to float rounding
+    assert main(["eval", "--checkpoint", str(tmp_path / "q.pt"), "--dataset", "fashion-mnist", "--data-dir",
+                 str(fashion_dir), "--limit-test", "1000", "--kernels", "fused", "--json"]) == 0
+    assert _last_json(capsys)["top1"] == figures["top1"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "q.pt"), "--dataset", "fashion-mnist", "--data-dir",
+                 str(fashion_dir), "--limit-test", "1000", "--compile", "--json"]) == 0
+    assert _last_json(capsys)["top1"] == pytest.approx(figures["top1"], abs=0.3)
+    assert main(["eval", "--checkpoint", str(tmp_path / "q.pt"), "--dataset", "fashion-mnist", "--data-dir",
+                 str(fashion_dir), "--engine", "integer", "--compile"]) == 2
+    assert "--compile / --kernels apply to the float and fakequant engines" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "q.pt"), "--dataset", "fashion-mnist", "--data-dir",
                  str(fashion_dir), "--engine", "float"]) == 2
     assert "is quantized" in capsys.readouterr().err

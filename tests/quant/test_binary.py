@@ -62,3 +62,41 @@ def test_method_places_binary_quantizers_and_keeps_shortcuts_real():
     assert BiRealMethod.defines(1, 1) is None and BiRealMethod.defines(2, 1) is not None
     y = q(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10) and torch.isfinite(y).all()
+
+
+def test_fused_kernels_match_eager():
+    """Fused ApproxSign and magnitude-aware weight kernels equal the eager path (forward, gradient, scale)."""
+    from qcnn.quant import kernels
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    assert_fused_matches(ApproxSignQuantizer(), torch.randn(4, 16, 16, 16) * 0.7,
+                         kernel_names=("binary_sign", "_approx_sign_backward"))
+    q = MagnitudeAwareBinaryWeight()
+    w = torch.randn(64, 32, 3, 3) * 0.5
+    assert_fused_matches(q, w, kernel_names=("_mag_binary_forward", "_mag_binary_backward"))
+    for mode in ("eager", "fused"):
+        with kernels.use(mode):
+            q(w)
+        assert torch.equal(q.scale, w.abs().double().mean(dim=(1, 2, 3)).float())
+
+
+def test_eager_binary_keeps_the_plain_numerics():
+    """Regression: eagerly ApproxSign's gradient is ``g approx_sign_grad(x)`` and the magnitude-aware weight
+    ``s sign(w)`` (``s`` the float64-accumulated per-channel mean, in float32) with gradient ``g s [|w| < 1]``."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 16, 32, 32) * 0.7
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    y = ApproxSignQuantizer()(xg)
+    y.backward(g)
+    assert torch.equal(y, torch.where(x >= 0, 1.0, -1.0)) and torch.equal(xg.grad, g * approx_sign_grad(x))
+    w = torch.randn(256, 128, 3, 3) * 0.5
+    gw = torch.randn_like(w)
+    q = MagnitudeAwareBinaryWeight()
+    wg = w.clone().requires_grad_(True)
+    y = q(wg)
+    y.backward(gw)
+    s = w.abs().double().mean(dim=(1, 2, 3), keepdim=True).float()
+    assert torch.equal(q.scale, s.flatten()) and torch.equal(y, s * torch.where(w >= 0, 1.0, -1.0))
+    assert torch.equal(wg.grad, gw * s * (w.abs() < 1).float())

@@ -109,3 +109,57 @@ def test_fixed_codebook_snaps_exactly():
     assert q(torch.tensor([-1.0, 0.04, 0.06, 0.39, 0.41])).tolist() == pytest.approx([-0.3, 0.0, 0.1, 0.1, 0.7])
     on_grid = lv[torch.randint(0, 4, (100,))]
     assert torch.equal(q(on_grid), on_grid)
+
+
+@pytest.mark.parametrize("gapless", [False, True])
+def test_clipq_fused_lookup_matches_eager(gapless):
+    """Between refreshes the Clip-Q look-up runs as one fused kernel, equal to the eager one bit for bit; a
+    refresh call (sort) and refresh_every=1 match as well."""
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3) * 0.1
+    q = ClipQQuantizer(3, 0.5, gapless=gapless, refresh_every=4)
+    q(w)  # the refresh: the partition of w
+    assert_fused_matches(q, w + 0.01 * torch.randn_like(w), kernel_names=("_clipq_lookup",))
+    if not gapless:
+        assert_fused_matches(ClipQQuantizer(3, 0.5, refresh_every=1), w)
+
+
+def test_clipq_refresh_rule():
+    """Training: the partition is recomputed at calls 1, N+1, ... (exactly clipq_quantize then), the calls in
+    between quantize with the last partition; eval and refresh_every=1 are exact at every call."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 16, 3, 3)
+    q = ClipQQuantizer(3, 0.4, refresh_every=3)
+    for step in range(7):
+        wi = w + 0.05 * step * torch.randn_like(w)
+        y = q(wi)
+        exact, levels = clipq_quantize(wi, 0.4, 3)
+        if step % 3 == 0:
+            assert torch.equal(y, exact) and torch.equal(q.levels, levels)
+        else:
+            last = q.levels
+            assert torch.isin(y, last).all()  # the codebook of the last refresh
+            assert not torch.equal(q.levels, levels)
+            stale_lo = last[1:].min()
+            assert bool((y[wi < stale_lo] == stale_lo).all())
+    q.eval()
+    wi = w * 2
+    assert torch.equal(q(wi), clipq_quantize(wi, 0.4, 3)[0])
+    assert torch.equal(q.grid().levels, q.grid(wi).levels)
+    every = ClipQQuantizer(3, 0.4, refresh_every=1)
+    for step in range(3):
+        wi = w + 0.05 * step * torch.randn_like(w)
+        assert torch.equal(every(wi), clipq_quantize(wi, 0.4, 3)[0])
+    q.train()
+    q.set_params(0.2, 2)  # new (p, b): recomputed at the next call
+    assert torch.equal(q(w), clipq_quantize(w, 0.2, 2)[0])
+
+
+def test_fixed_codebook_fused_matches_eager():
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3)
+    assert_fused_matches(FixedCodebook(torch.tensor([-1.5, -0.4, 0.0, 0.3, 1.2])), w, kernel_names=("_nearest_level",))

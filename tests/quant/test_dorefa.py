@@ -188,3 +188,106 @@ def test_weight_rescale_keeps_the_layer_scale():
     assert torch.allclose(y, plain * w.abs().max())
     g = scaled.grid()
     assert torch.allclose(g.scale, w.abs().max() / 15) and torch.allclose(g.from_codes(g.to_codes(y)), y, atol=1e-6)
+
+
+def _assert_fused_close(q, x, kernel_names=(), exact=("y", "dx"), rtol=1e-5):
+    """The fused path of ``q`` against its eager path: the parts in ``exact`` (``"y"``, ``"dx"``) bit for bit, the
+    others to float rounding (a float32 sum in the compiled kernel's order, torch's ``tanh`` backward); the named
+    kernels ran compiled and none fell back."""
+    from qcnn.quant import kernels
+    from tests.quant.kernel_check import run
+
+    g = torch.randn_like(x)
+    before = kernels.fused_calls()
+    eager, fused = run(q, x, g, "eager"), run(q, x, g, "fused")
+    assert not kernels.failures(), kernels.failures()
+    after = kernels.fused_calls()
+    for name in kernel_names:
+        assert after.get(name, 0) > before.get(name, 0), f"kernel {name} did not run compiled: {after}"
+    for what, e, f in zip(("y", "dx"), eager[:2], fused[:2]):
+        if what in exact:
+            assert torch.equal(e, f), f"{what} differs: max {(e - f).abs().max().item()}"
+        else:
+            torch.testing.assert_close(f, e, rtol=rtol, atol=1e-6 * e.abs().max().item())
+
+
+def test_fused_kernels_match_eager():
+    """Fused kernels of the activation (unsigned, signed, signed 1-bit) and weight quantizers (tanh form, rescaled,
+    1-bit) against the eager path: bit for bit except where a float32 sum (the 1-bit ``E``, the max's gradient) or
+    torch's ``tanh`` backward enters, there to float rounding."""
+    from qcnn.quant import kernels
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    a = torch.randn(4, 16, 16, 16) * 0.6
+    w = torch.randn(64, 32, 3, 3) * 0.05
+    clip = ("_clip_quant_forward", "_clip_quant_backward")
+    assert_fused_matches(DoReFaActivation(4), a, kernel_names=clip)
+    assert_fused_matches(DoReFaActivation(3, signed=True), a, kernel_names=clip)
+    assert_fused_matches(DoReFaActivation(1, signed=True), a, kernel_names=("binary_sign", "_sign_unit_backward"))
+    tanh = ("_tanh_quant_forward", "_tanh_quant_backward")
+    _assert_fused_close(DoReFaWeight(4), w, kernel_names=tanh, exact=("y",))
+    _assert_fused_close(DoReFaWeight(2, rescale=True), w, exact=("y",),
+                        kernel_names=("_tanh_quant_rescale_forward", "_tanh_quant_backward"))
+    w1 = w.clone()
+    w1[0, 0, 0, 0] = w1.abs().max() * 2  # a tie-free max; and ties of the max share its gradient evenly:
+    w2 = w.clone()
+    w2[:2, 0, 0, 0] = w.abs().max() * 2
+    for v in (w1, w2):
+        _assert_fused_close(DoReFaWeight(4), v, kernel_names=tanh, exact=("y",))
+    q1 = DoReFaWeight(1)
+    _assert_fused_close(q1, w, kernel_names=("_mean_sign_forward",), exact=("dx",))
+    with kernels.use("fused"):  # the fused E: the same float32 mean up to the order of its sum
+        q1(w)
+    torch.testing.assert_close(q1.scale, w.abs().mean(), rtol=1e-6, atol=0)
+
+
+def test_eager_weight_keeps_the_plain_autograd_numerics():
+    """Regression: the eager kernels give exactly the values of the plain formulation (float32 ``E = mean|w|``,
+    autograd through ``tanh`` and the max) that the benchmarks and checkpoints were made with."""
+    torch.manual_seed(5)  # a layer whose float32 and float64 mean|w| differ
+    w = torch.randn(256, 128, 3, 3) * 0.05
+    assert not torch.equal(w.abs().mean(), w.abs().mean(dtype=torch.float64).float())
+    q1 = DoReFaWeight(1)
+    wg = w.clone().requires_grad_(True)
+    y = q1(wg)
+    e = w.abs().mean()
+    assert torch.equal(q1.scale, e) and torch.equal(y, w + (torch.where(w >= 0, e, -e) - w))
+    g = torch.randn_like(w)
+    y.backward(g)
+    assert torch.equal(wg.grad, g)
+    w.view(-1)[:2] = w.abs().max() * 2  # a tied max
+    for rescale in (False, True):
+        ref = w.clone().requires_grad_(True)
+        t = torch.tanh(ref)
+        wq = 2 * quantize_k(t / (2 * t.abs().max().clamp_min(1e-8)) + 0.5, 4) - 1
+        wq = wq * w.abs().max() if rescale else wq
+        wq.backward(g)
+        wg = w.clone().requires_grad_(True)
+        y = DoReFaWeight(4, rescale=rescale)(wg)
+        y.backward(g)
+        assert torch.equal(y, wq.detach()) and torch.equal(wg.grad, ref.grad)
+
+
+def test_fused_gradient_quantizer_matches_eager_with_the_same_noise():
+    from tests.quant.kernel_check import assert_fused_matches
+
+    gen = torch.Generator().manual_seed(0)
+    q = DoReFaGradQuantizer(4, generator=gen)
+
+    class Reseeded(nn.Module):  # the same noise stream in both runs
+        def forward(self, x):
+            gen.manual_seed(3)
+            return q(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 16, 16)
+    g = torch.randn_like(x) * torch.rand(4, 1, 1, 1)
+    assert_fused_matches(Reseeded(), x, g, kernel_names=("_grad_quant",))
+    gen.manual_seed(3)
+    u = torch.rand(x.shape, generator=gen)
+    m = g.abs().amax(dim=(1, 2, 3), keepdim=True)
+    expect = 2 * m * (torch.round((g / (2 * m) + 0.5 + (u - 0.5) / 15).clamp(0, 1) * 15) / 15 - 0.5)
+    xg = x.clone().requires_grad_(True)
+    Reseeded()(xg).backward(g)
+    assert torch.equal(xg.grad, expect)

@@ -92,3 +92,14 @@ def test_options_validation():
         ELQOptions(criterion="random")
     with pytest.raises(ValueError, match="w_bits"):
         ELQWeightQuantizer(3)
+
+
+def test_fused_kernels_match_eager():
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32, 3, 3) * 0.1)
+    q = ELQWeightQuantizer(2, criterion="error")
+    q.init_scale(w)
+    q.freeze_fraction(w, 0.5)
+    assert_fused_matches(q, w.detach(), kernel_names=("_elq_forward", "_elq_backward"))

@@ -91,3 +91,72 @@ def test_prepare_turns_bn_affine_off_and_round_trip():
     assert torch.equal(q2.eval()(x), q(x))
     kept = quantize(_Net(), Recipe(method="hwgq", w_bits=1, a_bits=2, params={"bn_affine": True}))
     assert kept.bn1.affine
+
+
+def test_fused_kernels_match_eager():
+    """Fused HWGQ kernels (uniform and Lloyd levels, log tail, scaled in eval: bit for bit; scaled in training, the EMA
+    step in the kernel: its float32 sum of squares runs in the compiled kernel's order, so ``s`` and through it the
+    output and gradient to float rounding) and the binary channel weight (a float32 mean: to rounding)."""
+    from qcnn.quant import kernels
+    from tests.quant.kernel_check import assert_fused_matches, run
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 16, 16) * 1.5
+    names = ("_hwgq_forward", "_hwgq_backward")
+    assert_fused_matches(HWGQActivation(2), x, kernel_names=names)
+    assert_fused_matches(HWGQActivation(2, "lloyd", log_tail=True), x, kernel_names=names)
+
+    q = HWGQActivation(2, normalized=False)
+    q.sigma.fill_(1.2)
+    q.initialized.fill_(True)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    sigmas = {}
+
+    class Fresh(nn.Module):  # every run starts from the same EMA state
+        def forward(self, v):
+            q.load_state_dict(state)
+            y = q(v)
+            sigmas[kernels.mode()] = q.sigma.clone()
+            return y
+
+    g = torch.randn_like(x)
+    before = kernels.fused_calls().get("_hwgq_track_forward", 0)
+    (y0, dx0, _), (y1, dx1, _) = run(Fresh().train(), x, g, "eager"), run(Fresh().train(), x, g, "fused")
+    assert kernels.fused_calls()["_hwgq_track_forward"] > before and not kernels.failures()
+    assert not torch.equal(sigmas["eager"], state["sigma"])
+    torch.testing.assert_close(sigmas["fused"], sigmas["eager"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=0)
+    q.eval()
+    assert_fused_matches(q, x, kernel_names=names)
+
+    w = torch.randn(64, 32, 3, 3)
+    b = BinaryChannelWeight()
+    before = kernels.fused_calls().get("_channel_binary_forward", 0)
+    (y0, dx0, _), (y1, dx1, _) = run(b, w, g := torch.randn_like(w), "eager"), run(b, w, g, "fused")
+    assert kernels.fused_calls()["_channel_binary_forward"] > before
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=0)
+    assert torch.equal(dx0, dx1) and torch.equal(dx0, g)
+
+
+def test_eager_numerics_are_the_float32_sums():
+    """Regression: eagerly the EMA step uses the float32 sum of squares of the batch (and the calibration the same
+    sum), and the binary channel weight's scale is the float32 per-channel mean, exactly."""
+    torch.manual_seed(2)  # a batch whose float32 and float64 sums give different s
+    x = torch.randn(8, 16, 32, 32) * 1.5
+    pos = x.clamp_min(0)
+    s_batch = torch.sqrt((pos * pos).sum() / (x > 0).sum()).clamp_min(1e-8)
+    q = HWGQActivation(2, normalized=False).train()
+    q(x)  # uninitialised: s is the batch value
+    assert torch.equal(q.sigma, s_batch) and bool(q.initialized)
+    q(x)
+    assert torch.equal(q.sigma, 0.9 * s_batch + 0.1 * s_batch)
+    sq, n = HWGQActivation._positive_moments(x)
+    assert sq.dtype == torch.float32 and torch.equal(sq, (pos * pos).sum()) and int(n) == int((x > 0).sum())
+    w = torch.randn(256, 128, 3, 3) * 0.05
+    b = BinaryChannelWeight()
+    y = b(w)
+    s = w.abs().reshape(256, -1).mean(dim=1)
+    assert torch.equal(b.scale, s)
+    sb = s.reshape(-1, 1, 1, 1)
+    assert torch.equal(y, w + (torch.where(w >= 0, sb, -sb) - w))

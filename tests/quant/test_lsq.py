@@ -128,3 +128,24 @@ def test_a_step_carried_across_zero_acts_as_its_magnitude():
         sp = torch.tensor(0.05, requires_grad=True)
         (gp,) = torch.autograd.grad(lsq(x, sp, 4, True).pow(2).sum(), sp)
         assert torch.allclose(gs, gp if s0 > 0 else -gp) and float(gp) != 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_kernels_match_eager(per_channel):
+    """Fused forward and input gradient equal the eager ones bit for bit, the step gradient to rounding
+    (weights per tensor / per channel, including a negative step; unsigned activations)."""
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3) * 0.1
+    q = LSQQuantizer(4, signed=True, per_channel=per_channel, activation=False, init=w)
+    with torch.no_grad():
+        q.step.neg_() if not per_channel else q.step[::3].neg_()
+    assert_fused_matches(q, w, kernel_names=("_lsq_forward", "_lsq_backward"))
+    if not per_channel:
+        a = LSQQuantizer(3, signed=False)
+        with torch.no_grad():
+            a.step.fill_(0.2)
+        a.initialized.fill_(True)
+        x = torch.randn(4, 16, 16, 16).relu()
+        assert_fused_matches(a, x, kernel_names=("_lsq_forward", "_lsq_backward"))

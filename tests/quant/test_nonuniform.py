@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qcnn.calib import calibrating
@@ -85,3 +86,45 @@ def test_level_report_writes_table_and_png(tmp_path):
     text = md.read_text()
     assert text.count("\n| ") == 5  # header + 4 quantizers (2 weights, 2 activations)
     assert png.stat().st_size > 1000
+
+
+def test_fused_kernels_match_eager():
+    """Weights (plain STE) and activations (clipped STE): fused look-up equals eager bit for bit."""
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3) * 0.1
+    assert_fused_matches(QuantileWeightQuantizer(3), w, kernel_names=("_level_lookup",))
+    q = QuantileActQuantizer(3, signed=False, track_momentum=None)  # no tracking: no random sample per call
+    x = torch.randn(4, 16, 16, 16).relu()
+    with calibrating(q):
+        q(x)
+    assert_fused_matches(q, x * 1.5, kernel_names=("_level_lookup", "_level_backward"))
+
+
+def test_weight_levels_refit_every_n_training_calls_and_every_eval_call():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3)
+    q = QuantileWeightQuantizer(3, refresh_every=3)
+    ref = QuantileWeightQuantizer(3, refresh_every=1)  # the behaviour before the option: refit at every call
+    fits = []
+    for step in range(7):
+        wi = w * (1 + 0.1 * step) + 0.01 * step
+        y, yr = q(wi), ref(wi)
+        fits.append(q.levels.clone())
+        if step % 3 == 0:  # calls 1, 4, 7: refit, exactly the every-call result
+            assert torch.equal(q.levels, ref.levels) and torch.equal(y, yr)
+        else:  # in between: the last fit's levels
+            assert torch.equal(q.levels, fits[step - 1]) and not torch.equal(q.levels, ref.levels)
+            assert set(y.unique().tolist()) <= set(q.levels.tolist())
+    q.eval()
+    ref.eval()
+    wi = w * 3.0
+    assert torch.equal(q(wi), ref(wi)) and torch.equal(q.grid().levels, ref.grid().levels)
+    q.refresh()
+    q.train()
+    q(w)
+    ref(w)  # eval: refits
+    assert torch.equal(q.levels, ref.levels)
+    with pytest.raises(ValueError, match="refresh_every"):
+        QuantileWeightQuantizer(3, refresh_every=0)

@@ -176,3 +176,37 @@ def test_alpha_moves_under_the_recipe_optimiser_on_real_data(fashion_dir):
         opt.step()
     moved = (torch.stack([a.detach() for a in alphas]) - a0).abs().max()
     assert moved > 2 * 20 * 5e-4, float(moved)  # measured 0.032
+
+
+def test_fused_kernels_match_eager():
+    """Fused kernels (unsigned, signed, 1-bit signed): forward and dx bit for bit, alpha's grad to rounding."""
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 16, 16) * 2
+    assert_fused_matches(PACTQuantizer(4, alpha_init=3.0), x, kernel_names=("_pact_forward", "_pact_backward"))
+    assert_fused_matches(PACTQuantizer(3, signed=True, alpha_init=2.5), x,
+                         kernel_names=("_pact_forward", "_pact_backward"))
+    assert_fused_matches(PACTQuantizer(1, signed=True, alpha_init=2.5), x,
+                         kernel_names=("_pact_sign_forward", "_pact_sign_backward"))
+
+
+def test_eager_pact_keeps_the_plain_numerics():
+    """Regression: eagerly the output is ``round(clip(x, 0, a) (n / a)) (a / n)`` and alpha's gradient the float32
+    ``sum g [x >= a]`` (``- sum g [x <= -a]`` signed), exactly (the fused kernel's sum may differ by rounding)."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 16, 32, 32) * 2
+    g = torch.randn_like(x)
+    for signed in (False, True):
+        q = PACTQuantizer(4, signed=signed, alpha_init=2.5)
+        xg = x.clone().requires_grad_(True)
+        y = q(xg)
+        y.backward(g)
+        a = torch.tensor(2.5)
+        n = 2 ** (3 if signed else 4) - 1
+        lo = -a if signed else torch.zeros(())
+        assert torch.equal(y, torch.round(torch.minimum(torch.maximum(x, lo), a) * (n / a)) * (a / n))
+        ga = (g * ((x >= a).float() - (x <= -a).float())).sum() if signed else (g * (x >= a).float()).sum()
+        assert torch.equal(q.alpha.grad, ga)
+        inside = (x > -a) & (x < a) if signed else (x >= 0) & (x < a)
+        assert torch.equal(xg.grad, g * inside.float())

@@ -150,3 +150,19 @@ def test_init_range():
     assert set(vals) == {-0.5, 0.0, 0.5}
     frac_zero = float((fc1.weight == 0).float().mean())
     assert abs(frac_zero - 1 / 3) < 0.03  # |w| < 0.25 out of U(-0.75, 0.75)
+
+
+def test_fused_kernels_match_eager():
+    """W, A (with E behind it, and alone) and E: fused equals eager bit for bit, kernels compiled."""
+    from qcnn.quant.wage import WageActQuantizer, WageErrorQuantizer, WageWeightQuantizer
+    from tests.quant.kernel_check import assert_fused_matches
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3) * 0.3
+    assert_fused_matches(WageWeightQuantizer(2, fan_in=288), w, kernel_names=("_wage_weight_forward",))
+    x = torch.randn(4, 16, 16, 16)
+    g = torch.randn_like(x) * 1e-3
+    assert_fused_matches(WageActQuantizer(8, e_bits=8), x, g,
+                         kernel_names=("_wage_act_forward", "_wage_act_error_backward"))
+    assert_fused_matches(WageActQuantizer(4, e_bits=None), x, g, kernel_names=("_wage_act_backward",))
+    assert_fused_matches(WageErrorQuantizer(8), x, g, kernel_names=("_wage_error",))

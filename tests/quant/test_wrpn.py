@@ -75,3 +75,45 @@ def test_method_and_state_dict_round_trip():
     q2 = quantize(net, recipe)
     q2.load_state_dict(q.state_dict())
     assert torch.equal(q2.eval()(x), q(x))
+
+
+def test_fused_kernels_match_eager():
+    """Fused WRPN weight kernels (per-channel max, per-tensor max, fixed grid: bit for bit; the 1-bit mean: a float32
+    sum in the compiled kernel's order, so the output and scale to float rounding, the identity gradient exactly)."""
+    from qcnn.quant import kernels
+    from tests.quant.kernel_check import assert_fused_matches, run
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3) * 0.05
+    names = ("_wrpn_forward", "_wrpn_backward")
+    assert_fused_matches(WRPNWeight(4, "max", per_channel=True), w, kernel_names=names)
+    assert_fused_matches(WRPNWeight(2, "max"), w, kernel_names=names)
+    assert_fused_matches(WRPNWeight(3, "none"), w * 20, kernel_names=names)
+    assert_fused_matches(WRPNWeight(1, binary_scale="max", per_channel=True), w, kernel_names=("_binary_forward",))
+    for per_channel in (True, False):
+        q = WRPNWeight(1, binary_scale="mean", per_channel=per_channel)
+        g = torch.randn_like(w)
+        before = kernels.fused_calls().get("_binary_forward", 0)
+        (y0, dx0, _), (y1, dx1, _) = run(q, w, g, "eager"), run(q, w, g, "fused")
+        assert kernels.fused_calls()["_binary_forward"] > before and not kernels.failures()
+        torch.testing.assert_close(y1, y0, rtol=1e-5, atol=0)
+        assert torch.equal(dx0, dx1) and torch.equal(dx0, g)
+        with kernels.use("fused"):
+            q(w)
+        mean = w.abs().reshape(64, -1).mean(dim=1) if per_channel else w.abs().mean()
+        torch.testing.assert_close(q.scale, mean, rtol=1e-6, atol=0)
+
+
+def test_eager_binary_mean_is_the_float32_mean():
+    """Regression: the eager 1-bit scale is exactly the float32 ``mean|w|`` (per channel or per tensor), and the
+    output ``w + (s sign(w) - w)`` in those ops."""
+    torch.manual_seed(5)
+    w = torch.randn(256, 128, 3, 3) * 0.05
+    assert not torch.equal(w.abs().mean(), w.abs().mean(dtype=torch.float64).float())  # the sums' dtype matters here
+    for per_channel in (True, False):
+        q = WRPNWeight(1, binary_scale="mean", per_channel=per_channel)
+        y = q(w)
+        s = w.abs().reshape(256, -1).mean(dim=1) if per_channel else w.abs().mean()
+        assert torch.equal(q.scale, s)
+        sb = s.reshape(-1, 1, 1, 1) if per_channel else s
+        assert torch.equal(y, w + (torch.where(w >= 0, sb, -sb) - w))
