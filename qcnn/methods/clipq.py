@@ -119,10 +119,6 @@ class ClipQMethod(Method):
         return ClipQQuantizer(b, p, gapless=self.options.gapless, refresh_every=self.options.refresh_every)
 
 
-    def add_quantizer(self, a_bits: int, calib: str) -> Quantizer | None:
-        return self._act(True, calib)
-
-
 register_method(ClipQMethod)
 
 

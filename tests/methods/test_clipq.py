@@ -167,3 +167,19 @@ def test_layers_option_errors_name_the_layer(fashion, tmp_path):
     bad_p = {**{n: [p, b] for n, (p, b) in _TABLE.items()}, "fc2": [1.2, 2]}
     with pytest.raises(ValueError, match="fc2"):
         run_recipe(build_model("lenet5", in_channels=1), fashion, _layers_recipe(bad_p))
+
+
+def test_clipq_with_activation_bits_quantizes_a_residual_network():
+    """The residual adds of a ResNet get the signed uniform grid every method gives them (max(a_bits, 8) bits:
+    the integer accumulator path), calibrated like every other quantizer (this used to raise AttributeError)."""
+    from qcnn.calib import calibrating
+    from qcnn.quant.uniform import UniformQuantizer
+
+    torch.manual_seed(0)
+    q = quantize(build_model("resnet20"), Recipe(method="clipq", w_bits=4, a_bits=4))
+    adds = {n: m for n, m in q.named_modules() if n.endswith("out_quant")}
+    assert len(adds) == 9 and all(isinstance(m, UniformQuantizer) and m.bits == 8 and m.signed
+                                  for m in adds.values())
+    with calibrating(q):
+        q(torch.randn(4, 3, 32, 32))
+    assert all(m.is_initialized() for m in adds.values())
