@@ -111,8 +111,7 @@ def to_markdown(meta: dict) -> str:
         lines.append(f"| {r['config']} | {r['mode']} | {r['step_ms']} | {r['ratio']:.2f} | "
                      f"{r['ratio_vs_eager_float']:.2f} |")
     if meta.get("kernel_failures"):
-        lines += ["", "Kernels that fell back to eager: " + "; ".join(f"{k}: {v}" for k, v in
-                                                               meta["kernel_failures"].items())]
+        lines += ["", kernels.failures_line(meta["kernel_failures"])]
     return "\n".join(lines) + "\n"
 
 

@@ -170,8 +170,7 @@ def to_markdown(res: dict) -> str:
             lines.append(f"| {r['quantizer']} | {r['input']} | {r['mode']} | {r['fwd_GBps']:.1f} | "
                          f"{r['fwd_vs_copy']:.2f} | {r['fwdbwd_vs_copy']:.2f} | {r['fwd_vs_torch_fq']:.2f} |")
     if res.get("kernel_failures"):
-        lines += ["", "Kernels that fell back to eager: " + "; ".join(f"{k}: {v}" for k, v in
-                                                               res["kernel_failures"].items())]
+        lines += ["", kernels.failures_line(res["kernel_failures"])]
     return "\n".join(lines) + "\n"
 
 

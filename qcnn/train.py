@@ -39,7 +39,6 @@ runs the forward (the DDP wrapper when distributed; its ``.module`` is the model
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -434,7 +433,7 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
     if isinstance(spec, dict):
         spec = TrainSpec(**spec)
     check_spec(spec)
-    with kernels.use(spec.kernels) if spec.kernels is not None else contextlib.nullcontext():
+    with kernels.use(spec.kernels):
         return _fit(model, bundle, spec, out_dir, loss_fn, param_groups, make_optimizer, step_hook, epoch_hook,
                     resume)
 

@@ -76,12 +76,9 @@ def run(args) -> int:
         import torch
 
         model = torch.compile(model)
-    if args.kernels:
-        from qcnn.quant import kernels
+    from qcnn.quant import kernels
 
-        with kernels.use(args.kernels):
-            res = run_engine(engine, model, loader)
-    else:
+    with kernels.use(args.kernels):
         res = run_engine(engine, model, loader)
     figures = {"top1": res["top1"]}
     figures.update({k: v for k, v in res.items() if k != "top1"})

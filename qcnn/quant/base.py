@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from qcnn.quant import kernels
+from qcnn.quant.kernels import _tracing  # noqa: F401 - the quantizers' one test for torch.compile / export
+
 MIN_BITS = 1
 MAX_BITS = 16
 
@@ -56,22 +59,41 @@ def binary_sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
+_SIGN_BACKWARDS: dict = {}
+
+
+def _sign_backward(grad_fn):
+    """The backward kernel ``(g, x) -> g * grad_fn(x)`` of :func:`sign_with_grad`, one per ``grad_fn`` (so that
+    :mod:`qcnn.quant.kernels` compiles it once), named after it."""
+    bwd = _SIGN_BACKWARDS.get(grad_fn)
+    if bwd is None:
+        def bwd(g: Tensor, x: Tensor) -> Tensor:
+            return g * grad_fn(x).to(g.dtype)
+
+        bwd.__qualname__ = f"_sign_backward[{grad_fn.__name__}]"
+        _SIGN_BACKWARDS[grad_fn] = bwd
+    return bwd
+
+
 class _SignFn(torch.autograd.Function):
+    """:func:`binary_sign` forward, ``g * grad_fn(x)`` backward, both through :mod:`qcnn.quant.kernels`."""
+
     @staticmethod
     def forward(ctx, x, grad_fn):
         ctx.save_for_backward(x)
         ctx.grad_fn = grad_fn
-        return binary_sign(x)
+        return kernels.call(binary_sign, x)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return g * ctx.grad_fn(x).to(g.dtype), None
+        return kernels.call(_sign_backward(ctx.grad_fn), g.contiguous(), x), None
 
 
 def sign_with_grad(x: Tensor, grad_fn) -> Tensor:
     """:func:`binary_sign` forward; backward ``g * grad_fn(x)`` (the surrogate derivative of a binary method:
-    Bi-Real's ApproxSign, DoReFa's ``|x| <= 1`` mask, ...)."""
+    Bi-Real's ApproxSign, DoReFa's ``|x| <= 1`` mask, ...). ``grad_fn`` should be a module-level function
+    (its fused backward kernel is compiled once per function)."""
     return _SignFn.apply(x, grad_fn)
 
 
@@ -180,15 +202,6 @@ class Quantizer(nn.Module):
                 "qcnn.calib.calibrating(model) on some data first (or load a calibrated state_dict)"
             )
         return True
-
-
-def _tracing() -> bool:
-    """Whether torch.compile / torch.export is tracing the current call."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is None:
-        return False
-    exporting = getattr(compiler, "is_exporting", None)
-    return bool(compiler.is_compiling() or (exporting is not None and exporting()))
 
 
 class ScaleBufferMixin:

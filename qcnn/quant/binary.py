@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from qcnn.quant import kernels
-from qcnn.quant.base import Grid, Quantizer, binary_sign
+from qcnn.quant.base import Grid, Quantizer, binary_sign, sign_with_grad
 
 
 def approx_sign_grad(x: Tensor) -> Tensor:
@@ -39,28 +39,9 @@ def approx_sign_grad(x: Tensor) -> Tensor:
     return torch.where((x >= -1) & (x < 0), 2 + 2 * x, torch.where((x >= 0) & (x < 1), 2 - 2 * x, torch.zeros_like(x)))
 
 
-def _approx_sign_backward(g: Tensor, x: Tensor) -> Tensor:
-    """``g d ApproxSign / dx``: the backward kernel of :func:`approx_sign`."""
-    return g * approx_sign_grad(x).to(g.dtype)
-
-
-class _ApproxSignFn(torch.autograd.Function):
-    """:func:`binary_sign` forward, ApproxSign backward, through :mod:`qcnn.quant.kernels` (saves ``x``)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return kernels.call(binary_sign, x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return kernels.call(_approx_sign_backward, g.contiguous(), x)
-
-
 def approx_sign(x: Tensor) -> Tensor:
     """sign(x) forward, ApproxSign backward."""
-    return _ApproxSignFn.apply(x)
+    return sign_with_grad(x, approx_sign_grad)
 
 
 def _channel_mean_abs(w: Tensor) -> Tensor:

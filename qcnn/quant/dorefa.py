@@ -48,7 +48,15 @@ import torch
 from torch import Tensor
 
 from qcnn.quant import kernels
-from qcnn.quant.base import GradientQuantizer, Grid, Quantizer, ScaleBufferMixin, binary_sign, round_ste
+from qcnn.quant.base import (
+    GradientQuantizer,
+    Grid,
+    Quantizer,
+    ScaleBufferMixin,
+    binary_sign,
+    round_ste,
+    sign_with_grad,
+)
 
 EPS = 1e-8
 
@@ -89,31 +97,12 @@ def _inside_unit(x: Tensor) -> Tensor:
     return x.abs() <= 1.0
 
 
-def _sign_unit_backward(g: Tensor, x: Tensor) -> Tensor:
-    """``g [|x| <= 1]``: the backward kernel of the signed 1-bit clip."""
-    return g * _inside_unit(x).to(g.dtype)
-
-
-class _SignUnitFn(torch.autograd.Function):
-    """:func:`binary_sign` forward, ``g [|x| <= 1]`` backward (``sign_with_grad(x, _inside_unit)``), fused."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return kernels.call(binary_sign, x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return kernels.call(_sign_unit_backward, g.contiguous(), x)
-
-
 def clip_quantize(x: Tensor, bits: int, signed: bool) -> Tensor:
     """``quantize_k(clip(x, 0, 1))`` (unsigned) or its symmetric signed counterpart on ``[-1, 1]``."""
     if not signed:
         return _ClipQuantFn.apply(x, 2**bits - 1, 0.0)
     if bits == 1:
-        return _SignUnitFn.apply(x)
+        return sign_with_grad(x, _inside_unit)
     return _ClipQuantFn.apply(x, 2 ** (bits - 1) - 1, -1.0)
 
 

@@ -33,8 +33,6 @@ from collections.abc import Callable
 
 import torch
 
-from qcnn.quant.base import _tracing
-
 MODES = ("eager", "fused")
 #: tensors with fewer elements run eagerly even with fused kernels on
 MIN_NUMEL = 1 << 14
@@ -46,6 +44,15 @@ _mode: str | None = None
 _compiled: dict[Callable, Callable] = {}
 _failed: dict[Callable, str] = {}
 _calls: dict[Callable, int] = {}
+
+
+def _tracing() -> bool:
+    """Whether torch.compile / torch.export is tracing the current call."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    exporting = getattr(compiler, "is_exporting", None)
+    return bool(compiler.is_compiling() or (exporting is not None and exporting()))
 
 
 def check_mode(mode: str) -> str:
@@ -72,11 +79,12 @@ def set_mode(new: str | None) -> None:
 
 
 @contextlib.contextmanager
-def use(new: str = "fused"):
-    """Run the enclosed code with kernel mode ``new`` (``"fused"`` or ``"eager"``)."""
+def use(new: str | None = "fused"):
+    """Run the enclosed code with kernel mode ``new`` (``"fused"`` or ``"eager"``; None: the current mode)."""
     global _mode
     old = _mode
-    set_mode(new)
+    if new is not None:
+        set_mode(new)
     try:
         yield
     finally:
@@ -132,6 +140,15 @@ def fused_calls() -> dict[str, int]:
 def failures() -> dict[str, str]:
     """Kernels that fell back to eager, with the reason (empty when all compiled)."""
     return {fn.__qualname__: why for fn, why in _failed.items()}
+
+
+def failures_line(failed: dict[str, str] | None = None) -> str:
+    """One Markdown line naming the kernels that fell back to eager (``failed``: a saved :func:`failures`), or
+    an empty string when none did."""
+    failed = failures() if failed is None else failed
+    if not failed:
+        return ""
+    return "Kernels that fell back to eager: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
 
 
 def bcast(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:

@@ -224,7 +224,8 @@ def test_fused_kernels_match_eager():
     clip = ("_clip_quant_forward", "_clip_quant_backward")
     assert_fused_matches(DoReFaActivation(4), a, kernel_names=clip)
     assert_fused_matches(DoReFaActivation(3, signed=True), a, kernel_names=clip)
-    assert_fused_matches(DoReFaActivation(1, signed=True), a, kernel_names=("binary_sign", "_sign_unit_backward"))
+    assert_fused_matches(DoReFaActivation(1, signed=True), a,
+                         kernel_names=("binary_sign", "_sign_backward[_inside_unit]"))
     tanh = ("_tanh_quant_forward", "_tanh_quant_backward")
     _assert_fused_close(DoReFaWeight(4), w, kernel_names=tanh, exact=("y",))
     _assert_fused_close(DoReFaWeight(2, rescale=True), w, exact=("y",),
