@@ -39,8 +39,8 @@ def float64_simulation(model: nn.Module) -> nn.Module:
     frozen = {}
     for name, mod in m.named_modules():
         if isinstance(mod, (QConv2d, QLinear)) and isinstance(mod.weight_quant, Quantizer):
-            g = mod.weight_quant.grid()
-            if not g.is_uniform or g.scale is None:
+            g = mod.weight_quant.grid().integer_view()
+            if g is None or g.scale is None:
                 continue
             w = mod.quantized_weight().detach()
             shape = [-1] + [1] * (w.dim() - 1) if g.scale.numel() > 1 else [1] * w.dim()

@@ -26,8 +26,8 @@ from qcnn.quant.base import Quantizer
 def _uniform_grid(q, per_tensor: bool):
     if not isinstance(q, Quantizer) or not q.is_initialized():
         return None
-    g = q.grid()
-    if not g.is_uniform or g.scale is None:
+    g = q.grid().integer_view()
+    if g is None or g.scale is None:
         return None
     if per_tensor and g.scale.numel() != 1:
         return None

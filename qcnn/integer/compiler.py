@@ -87,10 +87,11 @@ def _weights(name: str, mod: nn.Module) -> _Weights:
     if mod.weight_quant is None:
         raise ValueError(f"layer {name!r} has float weights; integer inference needs quantized weights")
     w_fq = mod.quantized_weight().detach()
-    wg = mod.weight_quant.grid()
-    if not wg.is_uniform:
+    wg = mod.weight_quant.grid().integer_view()  # DoReFa / PACT odd codes and binary weights included
+    if wg is None:
         raise ValueError(f"layer {name!r}: weight quantizer {type(mod.weight_quant).__name__} has a non-uniform "
-                         "grid (codebook); the integer engine needs a uniform grid")
+                         "grid (a codebook that is not scale x integers); the integer engine needs integer weight "
+                         "codes with one scale per tensor or channel")
     if wg.axis not in (None, 0):
         raise ValueError(f"layer {name!r}: per-channel weight grid along axis {wg.axis} (expected 0)")
     q = wg.to_codes(w_fq)
@@ -99,10 +100,13 @@ def _weights(name: str, mod: nn.Module) -> _Weights:
         wg.scale.to(torch.float64).reshape(-1)
     zw = wg.zero_point.reshape(-1) if wg.zero_point is not None else torch.zeros(1, dtype=torch.int32)
     zw = zw.expand(co).to(torch.int32).clone()
-    # exactness check: the centred codes must reproduce the fake-quantized weight
+    # exactness check: the centred codes must reproduce the fake-quantized weight up to float32 rounding
+    # (relative to the value, and to the grid's largest value: DoReFa computes 2 q / n - 1 in float32)
     shape = [-1] + [1] * (w_fq.dim() - 1)
-    recon = (q - zw.reshape(shape)).double() * s_w.reshape(shape)
-    if not torch.allclose(recon, w_fq.double(), rtol=1e-5, atol=1e-6 * float(s_w.max())):
+    centred = q - zw.reshape(shape)
+    recon = centred.double() * s_w.reshape(shape)
+    top = float(centred.abs().max()) if centred.numel() else 0.0
+    if not torch.allclose(recon, w_fq.double(), rtol=1e-5, atol=1e-6 * max(1.0, top) * float(s_w.max())):
         raise ValueError(f"layer {name!r}: the weight quantizer's output is not on its reported grid")
     dtype = torch.int8 if wg.qmin >= -128 and wg.qmax <= 127 else (
         torch.uint8 if wg.qmin >= 0 and wg.qmax <= 255 else torch.int16 if wg.bits <= 16 else torch.int32)

@@ -12,6 +12,7 @@ statistics and pass their input through unchanged; on leaving the mode they comp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,33 @@ class Grid:
         shape = [1] * ndim
         shape[self.axis] = -1
         return t.reshape(shape)
+
+    def integer_view(self) -> Grid | None:
+        """This grid as a uniform ``(scale, zero point 0)`` grid with integer codes, or None where it has none.
+
+        A uniform grid is its own view. A codebook whose levels are exactly ``scale * int_levels`` with one
+        scale (DoReFa / PACT weights: the odd codes ``{-n, -n+2, ..., n}`` with ``scale = 1/n`` or ``E/n``; the
+        binary ``{-E, +E}`` as codes ``{-1, +1}``) is viewed as the uniform grid ``scale * c`` on
+        ``[min int_levels, max int_levels]``; its codes are that codebook's integers (the codes between them are
+        simply unused), and ``bits`` is the container width the code range needs (``k + 1`` bits for k-bit
+        DoReFa weights). Codebooks that only approximate ``scale * int_levels`` (the non-uniform quantizer's)
+        or have no integer form have no view.
+        """
+        if self.levels is None:
+            return self
+        if self.int_levels is None or self.scale is None or self.scale.numel() != 1:
+            return None
+        ints = self.int_levels.detach().to(torch.float64).reshape(-1)
+        s = float(self.scale.detach().reshape(-1)[0])
+        lv = self.levels.detach().to(torch.float64).reshape(-1)
+        if s <= 0 or ints.numel() != lv.numel() or not torch.equal(ints, ints.round()):
+            return None
+        if not torch.allclose(lv, ints * s, rtol=1e-6, atol=1e-6 * s):
+            return None
+        lo, hi = int(ints.min()), int(ints.max())
+        width = max(1, math.ceil(math.log2(hi - lo + 1)))
+        return Grid(bits=width, signed=lo < 0, scale=self.scale.detach().clone().reshape(()),
+                    zero_point=torch.tensor(0, dtype=torch.int32), qmin=lo, qmax=hi)
 
     def to_codes(self, x: Tensor) -> Tensor:
         """Integer codes (int32) of an on-grid tensor ``x``. A channel of scale 0 (e.g. the Bi-Real / ELQ

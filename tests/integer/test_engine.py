@@ -116,10 +116,11 @@ def test_fuzzed_nets_match_simulation_per_layer(seed, bits, method):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("bits,method", [(8, "uniform"), (4, "fqn")])
+@pytest.mark.parametrize("bits,method", [(8, "uniform"), (4, "fqn"), (4, "dorefa"), (2, "pact"), (8, "pact")])
 def test_fuzzed_nets_equal_the_float64_simulation_end_to_end(seed, bits, method):
     """The int64 requantization reproduces the simulation evaluated in float64 code for code, end to end;
-    gemmlowp's int32 form keeps the per-layer bound (<= 1 LSB, >= 99.9 %)."""
+    gemmlowp's int32 form keeps the per-layer bound (<= 1 LSB, >= 99.9 %). DoReFa / PACT weights run as their
+    odd integer codes (``Grid.integer_view``; 8-bit ones as int16)."""
     q, x = fuzzed_net(seed, bits, method)
     ref64, sim64 = simulation_codes(q, x, dtype=torch.float64)
     out, codes = to_integer(q, x).run(x, record=True)

@@ -143,6 +143,44 @@ def test_run_engine_and_export_command(tmp_path):
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--input-shape", "1,28"]) == 2
 
 
+@pytest.mark.parametrize("method", ["pact", "dorefa"])
+def test_pact_and_dorefa_checkpoints_export_and_run_integer_only(tmp_path, method):
+    """PACT / DoReFa weights are odd integer codes on one scale (their levels (2i - n) / n): the export command
+    and the integer engine take such a checkpoint and the integer ONNX form equals the engine bit for bit;
+    8-bit DoReFa weights need int16 codes, which ONNX's integer kernels refuse by layer name."""
+    from qcnn.checkpoint import save_model
+    from qcnn.cli import main
+    from qcnn.models import arch_record, build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", num_classes=10, in_channels=1)
+    recipe = {"method": method, "w_bits": 4, "a_bits": 4, "first_last": "same"}
+    q = quantize(model.eval(), recipe).eval()
+    x = torch.randn(40, 1, 28, 28)
+    with torch.no_grad(), calibrating(q):
+        q(x)
+    ref64, sim64 = simulation_codes(q, x, dtype=torch.float64)
+    im = to_integer(q, x)
+    out, codes = im.run(x, record=True)
+    assert compare_codes(codes, sim64)["equal"] == 1.0
+    y = q(x).argmax(1)
+    assert run_engine("integer", q, [(x, y)])["top1"] >= 95.0
+    ckpt = save_model(tmp_path / "m.pt", q, arch_record(q), recipe=recipe)
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--onnx-form", "integer",
+                 "--out", str(tmp_path / "i.onnx")]) == 0
+    assert torch.equal(OrtModel(onnx.load(str(tmp_path / "i.onnx")), threads=1)(x), out)
+    if method == "dorefa":
+        q8 = quantize(build_model("lenet5", num_classes=10, in_channels=1).eval(),
+                      {**recipe, "w_bits": 8, "a_bits": 8}).eval()
+        with torch.no_grad(), calibrating(q8):
+            q8(x)
+        im8 = to_integer(q8, x)
+        assert compare_codes(im8.run(x, record=True)[1], simulation_codes(q8, x, dtype=torch.float64)[1])[
+            "equal"] == 1.0
+        with pytest.raises(ValueError, match="layer '.*'.*int8 weights"):
+            to_onnx(im8, form="integer")
+
+
 class _Down(nn.Module):
     """Stem, an identity residual block and a downsampling block with an option-A shortcut (slice + pad)."""
 

@@ -13,7 +13,7 @@ from tests.integer.test_engine import fuzzed_net as _net
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("bits,method", [(8, "uniform"), (4, "fqn"), (8, "fqn")])
+@pytest.mark.parametrize("bits,method", [(8, "uniform"), (4, "fqn"), (8, "fqn"), (4, "dorefa"), (3, "pact")])
 def test_fuzzed_nets_onnx_runtime_equals_engine_and_float64_simulation(seed, bits, method):
     """Random conv nets (strides, groups, depthwise, residual adds, max / average pools, ReLU6, both heads;
     8-bit FQN has asymmetric per-channel weights: the zero-point correction path) run in ONNX Runtime with

@@ -50,6 +50,40 @@ def test_grid_codes_round_trip():
     assert cb.to_codes(torch.tensor([-0.8, 0.05, 2.0])).tolist() == [0, 2, 3]
 
 
+def test_integer_view_of_odd_code_and_binary_codebooks():
+    """DoReFa / PACT weights: levels (2i - n) / n, i.e. the odd codes -n..n with scale 1/n (k + 1 bits to hold);
+    binary {-E, E}: codes {-1, 1}; a codebook that is not scale x integers (non-uniform) has no view."""
+    from qcnn.quant.dorefa import DoReFaWeight
+    from qcnn.quant.nonuniform import QuantileWeightQuantizer
+
+    u = Grid(bits=4, signed=False, scale=torch.tensor(0.5), zero_point=torch.tensor(3, dtype=torch.int32))
+    assert u.integer_view() is u
+    q = DoReFaWeight(4)
+    w = torch.randn(64)
+    y = q(w)
+    v = q.grid().integer_view()
+    assert (v.qmin, v.qmax, v.bits, v.signed) == (-15, 15, 5, True)
+    assert float(v.scale) == pytest.approx(1 / 15) and int(v.zero_point) == 0
+    c = v.to_codes(y)
+    assert set(c.tolist()) <= set(range(-15, 16, 2))  # odd codes only
+    assert torch.allclose(v.from_codes(c), y, atol=1e-6)
+    binary = Grid(bits=1, signed=True, levels=torch.tensor([-0.3, 0.3]), int_levels=torch.tensor([-1, 1]),
+                  scale=torch.tensor(0.3))
+    bv = binary.integer_view()
+    assert (bv.qmin, bv.qmax, bv.bits) == (-1, 1, 2)
+    assert bv.to_codes(torch.tensor([-0.3, 0.3])).tolist() == [-1, 1]
+    exact = Grid(bits=2, signed=True, levels=torch.tensor([-1.0, -0.1, 0.1, 1.0]),
+                 int_levels=torch.tensor([-10, -1, 1, 10]), scale=torch.tensor(0.1))
+    assert exact.integer_view().to_codes(torch.tensor([-1.0, -0.1, 0.1, 1.0])).tolist() == [-10, -1, 1, 10]
+    off = Grid(bits=2, signed=True, levels=torch.tensor([-1.0, -0.12, 0.1, 1.0]),
+               int_levels=torch.tensor([-10, -1, 1, 10]), scale=torch.tensor(0.1))
+    assert off.integer_view() is None  # every level is checked
+    nu = QuantileWeightQuantizer(3)
+    nu(torch.randn(256))
+    g = nu.grid()
+    assert g.integer_view() is None or torch.allclose(g.levels.double(), g.int_levels.double() * float(g.scale))
+
+
 @pytest.mark.parametrize("method", ["uniform", "qcode", "pact", "lsq", "hwgq", "nonuniform"])
 def test_torch_export_of_a_calibrated_quantized_model(method):
     """torch.export of a quantized model used to fail on the calibration check (a host read of a buffer:
