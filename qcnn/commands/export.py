@@ -4,6 +4,9 @@
   and int32 biases; ONNX Runtime fuses it to QLinearConv / QLinearAdd / QGemm. ``--onnx-form qlinear``:
   ONNX Runtime's channels-last integer operators; ``--onnx-form integer``: the engine's own integer arithmetic
   (ConvInteger, MatMulInteger, int64 requantization), bit-exact with ``qcnn eval --engine integer``.
+* ``--onnx-form torch`` / ``tensorrt``: the fake-quant model through torch's own ONNX exporter
+  (:mod:`qcnn.integer.onnx_torch`): any model, float ops between Q/DQ pairs, dynamic batch / height / width
+  (``--dynamic``); ``tensorrt`` checks TensorRT's int8 rules (symmetric, zero point 0).
 * ``--format int``: ``FILE.npz`` (integer weight codes, int4 bit-packed for <= 4-bit weights, int32 biases,
   requantization multipliers and shifts, scales) and ``FILE.json`` (the graph: one entry per integer
   operation with its attributes and the npz keys of its tensors); :meth:`qcnn.integer.IntegerModel.load`
@@ -31,11 +34,18 @@ def add_parser(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx (default; see --onnx-form) or int: the integer model as FILE.npz (codes, multipliers) "
                         "+ FILE.json (the graph)")
-    p.add_argument("--onnx-form", choices=("qdq", "qlinear", "integer"), default="qdq",
+    p.add_argument("--onnx-form", choices=("qdq", "qlinear", "integer", "torch", "tensorrt"), default="qdq",
                    help="qdq: QuantizeLinear/DequantizeLinear around float ops (any runtime); qlinear: ONNX "
                         "Runtime's integer operators end to end, uint8 NHWC (fastest in ONNX Runtime); integer: "
                         "ConvInteger/MatMulInteger and the int64 requantization in standard operators (bit-exact "
-                        "with the integer engine)")
+                        "with the integer engine); these three are compiled from the integer model (fixed input "
+                        "shape). torch: the fake-quant model through torch.onnx.export (dynamo), one "
+                        "QuantizeLinear/DequantizeLinear pair per quantizer and float ops between, for any model, "
+                        "dynamic shapes (see --dynamic); tensorrt: the same, checked for TensorRT (signed int8 "
+                        "activations with zero point 0, symmetric int8 weights)")
+    p.add_argument("--dynamic", choices=("auto", "spatial", "batch", "none"), default="auto",
+                   help="dynamic input dimensions of the torch / tensorrt forms: spatial (batch, height, width), "
+                        "batch, none, or auto (default: spatial where the model runs on other sizes, else batch)")
     p.add_argument("--requant", choices=("int64", "int32"), default="int64",
                    help="requantization arithmetic of the integer model: int64 (one rounding of int64 products, "
                         "31-bit multipliers) or int32 (gemmlowp / TFLite MultiplyByQuantizedMultiplier)")
@@ -85,8 +95,20 @@ def run(args) -> int:
     if args.model and args.model != arch["name"]:
         raise ValueError(f"checkpoint {args.checkpoint!r} holds a {arch['name']!r} model, not {args.model!r}")
     shape = _input_shape(args, arch)
-    im = to_integer(model, torch.zeros((1,) + shape), requant=args.requant)
     out = Path(args.out)
+    if args.format == "onnx" and args.onnx_form in ("torch", "tensorrt"):
+        from qcnn.integer.onnx_torch import to_onnx_torch
+
+        out = out if out.suffix == ".onnx" else out.with_suffix(".onnx")
+        style = "tensorrt" if args.onnx_form == "tensorrt" else "onnxruntime"
+        mp = to_onnx_torch(model, torch.zeros((2,) + shape), out, style=style, dynamic=args.dynamic)
+        figures = {"format": "onnx", "onnx_form": args.onnx_form, "model": arch["name"], "input_shape": list(shape),
+                   "dynamic": {p.key: p.value for p in mp.metadata_props}.get("qcnn_dynamic", args.dynamic),
+                   "nodes": len(mp.graph.node),
+                   "qdq_pairs": sum(n.op_type == "QuantizeLinear" for n in mp.graph.node), "files": [str(out)],
+                   "seconds": round(time.time() - t0, 2)}
+        return _report(figures, args)
+    im = to_integer(model, torch.zeros((1,) + shape), requant=args.requant)
     figures = {"format": args.format, "model": arch["name"], "input_shape": list(shape),
                "integer_ops": len(im.ops), "layers": im.meta.get("layers"), "requant": args.requant}
     if args.format == "onnx":
@@ -101,6 +123,10 @@ def run(args) -> int:
         npz, js = im.save(out)
         figures["files"] = [str(npz), str(js)]
     figures["seconds"] = round(time.time() - t0, 2)
+    return _report(figures, args)
+
+
+def _report(figures: dict, args) -> int:
     for k, v in figures.items():
         print(f"{k}: {v}")
     if args.json:

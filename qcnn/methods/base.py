@@ -201,6 +201,13 @@ class UniformOptions:
     pot: bool = False
     #: weight range: ``minmax`` (the tensor's own, Jacob et al.) or ``mse`` (MSE-optimal clipping per call)
     weight_range: str = "minmax"
+    #: activation grids: ``auto`` (unsigned after ReLU, signed asymmetric elsewhere) or ``symmetric`` (every
+    #: activation signed and symmetric, zero point 0: TensorRT's int8 rule, ``qcnn export --onnx-form tensorrt``)
+    act_grid: str = "auto"
+
+    def __post_init__(self):
+        if self.act_grid not in ("auto", "symmetric"):
+            raise ValueError(f"act_grid={self.act_grid!r}: choose auto or symmetric")
 
 
 class UniformMethod(Method):
@@ -217,6 +224,9 @@ class UniformMethod(Method):
         )
 
     def calibrated_act(self, bits: int, signed: bool, calib: str) -> Quantizer:
+        if self.options.act_grid == "symmetric":
+            return UniformQuantizer(bits, signed=True, symmetric=True, observer=calib, track_in_training=True,
+                                    pot=self.options.pot)
         return UniformQuantizer(
             bits, signed=signed, symmetric=not signed, observer=calib, track_in_training=True, pot=self.options.pot
         )

@@ -348,3 +348,26 @@ def test_attention_is_refused_by_name_and_can_be_skipped():
         quantize(Attn(), Recipe())
     q = quantize(Attn(), Recipe(overrides=[{"pattern": "attn", "skip": True}]))
     assert [n for n, _ in quantized_layers(q)] == ["embed", "head"] and type(q.attn) is nn.MultiheadAttention
+
+
+def test_uniform_act_grid_symmetric_gives_signed_zero_point_free_activations():
+    """``params: {act_grid: symmetric}``: every activation grid (ReLU outputs included) signed, symmetric, zero
+    point 0 (TensorRT's int8 rule); the engine stays exact; a wrong value is refused by name."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=3).eval()
+    q = quantize(model, {"method": "uniform", "first_last": "8bit", "params": {"act_grid": "symmetric"}}).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad(), calibrating(q):
+        q(x)
+    acts = [m for n, m in q.named_modules() if n.endswith(("input_quant", "out_quant"))]
+    assert len(acts) > 20
+    for a in acts:
+        g = a.grid()
+        assert g.signed and int(g.zero_point) == 0 and (g.qmin, g.qmax) == (-128, 127)
+    from qcnn.integer.agreement import compare_codes, simulation_codes
+
+    _, sim = simulation_codes(q, x, dtype=torch.float64)
+    assert compare_codes(to_integer(q, x).run(x, record=True)[1], sim)["equal"] == 1.0
+    with pytest.raises(ValueError, match="act_grid='sym'"):
+        quantize(build_model("resnet20", num_classes=10, in_channels=3), {"method": "uniform",
+                                                                            "params": {"act_grid": "sym"}})
