@@ -466,19 +466,26 @@ def plot_results(results: dict, out: Path) -> None:
     cells = [c for c in results["cells"].values() if c["status"] == "ok"]
     bits = [b for b in results["suite"]["bits"] if any(c["bits"] == b for c in cells)]
     methods = list(dict.fromkeys(c["method"] for c in cells))
+    name = f"{results['suite']['model']} / {results['suite']['dataset']}"
+    f = results["float"]
+    # one float reference for both plots: the fine-tuned float model where the suite fine-tunes one
+    ref = f.get("finetuned_top1", f.get("top1"))
+    ref_label = "float (fine-tuned)" if "finetuned_top1" in f else "float"
     fig, ax = plt.subplots(figsize=(8, 5))
-    for m in methods:
-        xs = [i for i, b in enumerate(bits) for c in cells if c["method"] == m and c["bits"] == b]
+    width = 0.6 / max(1, len(methods))  # bit widths are categories: methods side by side, no lines between them
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j, b in enumerate(bits)
+              for c in cells if c["method"] == m and c["bits"] == b]
         ys = [c["top1"] for b in bits for c in cells if c["method"] == m and c["bits"] == b]
-        ax.plot(xs, ys, marker="o", label=m)
-    ref = results["float"].get("finetuned_top1", results["float"].get("top1"))
+        ax.scatter(xs, ys, marker="o", s=28, label=m)
     if ref is not None:
-        ax.axhline(ref, color="k", ls="--", lw=1, label="float")
+        ax.axhline(ref, color="k", ls="--", lw=1, label=ref_label)
     ax.set_xticks(range(len(bits)), [f"W{b.replace('/', '/A')}" for b in bits])
+    ax.set_xlabel("bit width (weights / activations)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{results['suite']['model']} / {results['suite']['dataset']}: accuracy vs bit width")
+    ax.set_title(f"{name}: accuracy vs bit width")
     ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
     plt.close(fig)
@@ -487,13 +494,12 @@ def plot_results(results: dict, out: Path) -> None:
     for m in methods:
         pts = [(c["size_bytes"] / 1024, c["top1"]) for c in cells if c["method"] == m]
         ax.scatter(*zip(*pts), label=m, s=25)
-    f = results["float"]
-    if "size_bytes" in f:
-        ax.scatter([f["size_bytes"] / 1024], [f["top1"]], marker="*", s=120, color="k", label="float")
+    if "size_bytes" in f and ref is not None:
+        ax.scatter([f["size_bytes"] / 1024], [ref], marker="*", s=120, color="k", label=ref_label)
     ax.set_xscale("log")
     ax.set_xlabel("model size (KiB, log scale)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("accuracy vs model size")
+    ax.set_title(f"{name}: accuracy vs model size")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

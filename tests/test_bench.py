@@ -138,3 +138,29 @@ def test_cli_refuses_bad_cells_and_unknown_methods(tmp_path, capsys):
     assert main(["bench", "--suite", "demo", "--methods", "pact,nosuch", "--out", str(tmp_path / "b")]) == 2
     assert "unknown method(s) ['nosuch']" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_plots_name_the_model_treat_bit_widths_as_categories_and_share_the_float_reference(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from qcnn.bench import plot_results
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    cells = {f"{m}:{b}": {"method": m, "bits": b, "status": "ok", "top1": t, "size_bytes": sz}
+             for m, b, t, sz in [("pact", "4/4", 90.0, 4000), ("pact", "2/2", 80.0, 2000),
+                                 ("lsq", "4/4", 91.0, 4000), ("lsq", "2/2", 85.0, 2000)]}
+    results = {"suite": {"model": "resnet20", "dataset": "cifar10", "bits": ["4/4", "2/2"]}, "cells": cells,
+               "float": {"top1": 92.0, "finetuned_top1": 92.5, "size_bytes": 32000}}
+    plot_results(results, tmp_path)
+    bits_ax, size_ax = saved[0].axes[0], saved[1].axes[0]
+    for ax in (bits_ax, size_ax):
+        assert "resnet20" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    # no line joins the categorical bit widths: the only line is the float reference, at the fine-tuned top-1
+    assert [tuple(ln.get_ydata()) for ln in bits_ax.lines] == [(92.5, 92.5)]
+    assert [t.get_text() for t in bits_ax.get_xticklabels()] == ["W4/A4", "W2/A2"]
+    star = size_ax.collections[-1].get_offsets()
+    assert float(star[0][1]) == 92.5  # the same reference in both plots

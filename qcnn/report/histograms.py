@@ -111,3 +111,6 @@ def _hist(ax, v: Tensor, levels: Tensor | None, title: str) -> None:
     else:
         ax.set_title(f"{title} (float)", fontsize=9)
     ax.set_yscale("log")
+    ax.set_xlabel("value (real units; red: quantization levels)" if levels is not None and levels.numel()
+                  else "value (real units)", fontsize=8)
+    ax.set_ylabel("count (log scale)", fontsize=8)
