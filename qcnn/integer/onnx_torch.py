@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qcnn.integer.onnx_builder import write_model
 from qcnn.nn.layers import QConvTranspose2d
 from qcnn.quant.base import GradientQuantizer, Grid, Quantizer
 from qcnn.transform import fold_conv_bn
@@ -321,8 +322,6 @@ def to_onnx_torch(model: nn.Module, example: Tensor, path: str | Path | None = N
                                      "qcnn_style": style})
     onnx.checker.check_model(mp)
     if path is not None:
-        from qcnn.integer.onnx_builder import write_model
-
         write_model(mp, path)
     return mp
 
