@@ -7,12 +7,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qcnn.calib.batchnorm import batchnorm_in_train_mode, batchnorms, reestimate_bn
+from qcnn.calib.batchnorm import batch_input, batchnorm_in_train_mode, batchnorms, reestimate_bn
 from qcnn.calib.observers import OBSERVERS, EMAObserver, MinMaxObserver, Observer, make_observer
 from qcnn.quant.base import Quantizer
 
-__all__ = ["OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "batchnorm_in_train_mode", "batchnorms",
-           "calibrating", "make_observer", "reestimate_bn"]
+__all__ = ["OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "batch_input", "batchnorm_in_train_mode",
+           "batchnorms", "calibrating", "make_observer", "reestimate_bn"]
 
 
 @contextmanager

@@ -57,8 +57,31 @@ def batchnorm_in_train_mode(model: nn.Module):
 
 
 @torch.no_grad()
+def batch_input(batch, device=None):
+    """The model input of a calibration batch: a tensor, the first item of an (x, y, ...) tuple / list, or a
+    dict's ``"image"`` / ``"input"`` / ``"x"`` entry; moved to the model's device."""
+    if isinstance(batch, dict):
+        key = next((k for k in ("image", "images", "input", "x") if k in batch), None)
+        if key is None:
+            raise ValueError(f"calibration batch is a dict without an 'image', 'input' or 'x' key: {sorted(batch)}")
+        batch = batch[key]
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("calibration batch is an empty tuple / list")
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"calibration batch holds a {type(batch).__name__}, not a tensor (give batches of "
+                        "tensors, (x, y) pairs, or a forward_loop(model) callable)")
+    return batch.to(device) if device is not None else batch
+
+
+@torch.no_grad()
 def reestimate_bn(model: nn.Module, loader, images: int) -> int:
     """Recompute every BatchNorm's running mean and variance from the first ``images`` images of ``loader``.
+
+    ``loader`` is what :func:`qcnn.methods.calibrate` takes: an iterable of batches (``(x, y)`` pairs, tensors,
+    dicts with an ``"image"`` / ``"input"`` key) or a callable ``forward_loop(model)`` (``images`` does not
+    limit it then).
 
     Forward passes in eval mode (quantizers quantize, ranges stay fixed) with only the BatchNorm layers
     collecting statistics, as an equal-weight average (``momentum=None``). No parameter changes.
@@ -78,11 +101,21 @@ def reestimate_bn(model: nn.Module, loader, images: int) -> int:
         m.train()
     seen = 0
     try:
-        for x, _ in loader:
-            model(x[: images - seen].to(device))
-            seen += min(len(x), images - seen)
-            if seen >= images:
-                break
+        if callable(loader) and not hasattr(loader, "__iter__"):
+            counted = []
+            hook = model.register_forward_pre_hook(lambda _m, args: counted.append(len(args[0]) if args else 0))
+            try:
+                loader(model)
+            finally:
+                hook.remove()
+            seen = sum(counted)
+        else:
+            for batch in loader:
+                x = batch_input(batch, device)
+                model(x[: images - seen])
+                seen += min(len(x), images - seen)
+                if seen >= images:
+                    break
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -93,4 +126,4 @@ def reestimate_bn(model: nn.Module, loader, images: int) -> int:
     return seen
 
 
-__all__ = ["batchnorm_in_train_mode", "batchnorms", "reestimate_bn"]
+__all__ = ["batch_input", "batchnorm_in_train_mode", "batchnorms", "reestimate_bn"]

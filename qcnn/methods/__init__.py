@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qcnn.calib import batchnorm_in_train_mode, calibrating, reestimate_bn
+from qcnn.calib import batch_input, batchnorm_in_train_mode, calibrating, reestimate_bn
 from qcnn.methods.base import available_methods, get_method, register_method
 from qcnn.methods.equalize import scale_residual_stream
 from qcnn.methods.place import quantize
@@ -84,25 +84,6 @@ def get_procedure(name: str | None) -> Procedure:
     return PROCEDURES[name]
 
 
-@torch.no_grad()
-def _batch_input(batch, device):
-    """The model input of a calibration batch: a tensor, the first item of an (x, y, ...) tuple / list, or a
-    dict's ``"image"`` / ``"input"`` / ``"x"`` entry; moved to the model's device."""
-    if isinstance(batch, dict):
-        key = next((k for k in ("image", "images", "input", "x") if k in batch), None)
-        if key is None:
-            raise ValueError(f"calibration batch is a dict without an 'image', 'input' or 'x' key: {sorted(batch)}")
-        batch = batch[key]
-    elif isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("calibration batch is an empty tuple / list")
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"calibration batch holds a {type(batch).__name__}, not a tensor (give batches of "
-                        "tensors, (x, y) pairs, or a forward_loop(model) callable)")
-    return batch.to(device) if device is not None else batch
-
-
 def calibrate(qmodel: nn.Module, loader, max_images: int | None = None, bn_train: bool = False) -> nn.Module:
     """Run calibration data through ``qmodel`` in calibration mode (no gradients); returns ``qmodel``.
 
@@ -124,7 +105,7 @@ def calibrate(qmodel: nn.Module, loader, max_images: int | None = None, bn_train
             seen = None
         else:
             for batch in loader:
-                x = _batch_input(batch, device)
+                x = batch_input(batch, device)
                 qmodel(x)
                 seen += x.shape[0]
                 if max_images is not None and seen >= max_images:

@@ -40,3 +40,20 @@ def test_bad_calibration_data_is_named():
         qcnn.calibrate(_q(), [{"pixels": torch.randn(2, 1, 28, 28)}])
     with pytest.raises(TypeError, match="holds a str"):
         qcnn.calibrate(_q(), [("a", 1)])
+
+
+def test_calibration_for_training_takes_every_data_form():
+    """QAT calibration (ranges with train-mode BN, then BN statistics re-estimated) accepts what calibrate
+    does: tensors and forward loops too, with the same ranges and BatchNorm statistics."""
+    from qcnn.methods import calibrate_for_training
+
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    y = torch.zeros(64, dtype=torch.long)
+    ref = calibrate_for_training(_q(), DataLoader(TensorDataset(x, y), batch_size=16), 64)
+    stats = [b.clone() for n, b in ref.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    assert stats
+    for data in (list(x.split(16)), lambda m: [m(b) for b in x.split(16)]):
+        q = calibrate_for_training(_q(), data, 64)
+        assert all(torch.equal(a, b) for a, b in zip(_scales(ref), _scales(q)))
+        got = [b for n, b in q.named_buffers() if n.endswith(("running_mean", "running_var"))]
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(stats, got))
