@@ -17,6 +17,12 @@
 * speed: ``spec.kernels="fused"`` runs every quantizer as compiled fused kernels (:mod:`qcnn.quant.kernels`);
   ``spec.compile`` trains and evaluates ``torch.compile(model)`` (the quantizers trace without graph breaks,
   so inductor fuses each with its neighbours). Both compile on first use (seconds to a minute on a CPU).
+* BatchNorm freeze (``spec.freeze_bn`` epochs, fractions allowed; 0 = from the first step): from that step on
+  every BatchNorm normalises with its running statistics and stops updating them (torch.ao QAT's
+  ``freeze_bn_stats``), which keeps QAT of depthwise / squeeze-excitation nets on fixed statistics.
+* gradients: ``spec.grad_clip`` clips the global norm before every step; the norm is also watched (first 10
+  steps, then every 10th) and a norm over 1000x the first step's, or a non-finite one, gives one warning that
+  names the parameter with the largest gradient and the remedies.
 * a non-finite training loss stops the run with ``FloatingPointError`` before that epoch is evaluated or
   saved: ``last.pt`` and ``metrics.jsonl`` keep the last finite epoch.
 * with ``out_dir``: one JSON line per epoch in ``out_dir/metrics.jsonl`` and an atomic checkpoint
@@ -58,6 +64,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from qcnn.calib.batchnorm import batchnorms
 from qcnn.io import load_torch, save_torch, write_text
 from qcnn.models.weights import load_state_dict_checked
 from qcnn.quant import kernels
@@ -66,6 +73,7 @@ from qcnn.recipes import TrainSpec
 TRAIN_FORMAT = "qcnn-train/1"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
+DIVERGENCE_RATIO = 1e3  #: a gradient norm this many times the first step's is reported as divergence
 
 
 # -- distributed -----------------------------------------------------------------------------------------
@@ -330,6 +338,11 @@ class _Run:
         self.ckpt_path = self.out / "last.pt" if self.out is not None else None
         self.metrics_path = self.out / "metrics.jsonl" if self.out is not None else None
         self.eval_model = model  #: what the per-epoch evaluation runs (the compiled model with spec.compile)
+        self.bns = batchnorms(model)
+        self.freeze_step = (None if spec.freeze_bn is None or not self.bns
+                            else int(round(spec.freeze_bn * self.steps_per_epoch)))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.first_norm, self.warned = None, False
 
     def resume(self) -> None:
         """Restore model, optimiser, scheduler, scaler, RNG and history from ``last.pt`` (exact resume)."""
@@ -370,10 +383,15 @@ class _Run:
                    dynamic_ncols=True, file=sys.stderr) if show else None
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if self.freeze_step is not None and self.step >= self.freeze_step:
+                for m in self.bns:  # after model.train() (every epoch) and from the freeze step on
+                    m.eval()
             with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
                 loss, logits = self.loss_fn(net, x, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if spec.grad_clip is not None or self.step < 10 or self.step % 10 == 0:
+                self.watch_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.scheduler is not None:
@@ -397,6 +415,31 @@ class _Run:
             loss_sum, correct, seen = stats
             average_buffers(self.model)
         return loss_sum.item(), correct.item(), seen.item()
+
+    def watch_gradients(self) -> None:
+        """Clip the global gradient norm (``spec.grad_clip``) and warn once when it explodes: non-finite, or more
+        than ``DIVERGENCE_RATIO`` times the first step's norm (checked on the first 10 steps and every 10th)."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.spec.grad_clip if self.spec.grad_clip is not None else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if self.first_norm is None and math.isfinite(norm):
+            self.first_norm = max(norm, 1e-12)
+        fine = math.isfinite(norm) and norm <= DIVERGENCE_RATIO * (self.first_norm or math.inf)
+        if self.warned or self.first_norm is None or fine:
+            return
+        self.warned = True
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        worst = max((p for p in self.params if p.grad is not None), key=lambda p: float(p.grad.abs().max().nan_to_num(
+            math.inf)), default=None)
+        where = f", largest in {named.get(id(worst), '?')}" if worst is not None else ""
+        frozen = self.freeze_step is not None and self.step >= self.freeze_step
+        remedies = ["clip gradients (train.grad_clip, --grad-clip)", f"lower the learning rate (now {self.spec.lr:g})"]
+        if self.bns and not frozen:  # fine-tuning a trained net: fixed statistics; from scratch, BN must train
+            remedies.insert(0, "when fine-tuning a trained network, freeze BatchNorm (train.freeze_bn, --freeze-bn)")
+        elif frozen:
+            remedies.insert(0, "let BatchNorm train longer (a later train.freeze_bn, or none)")
+        warnings.warn(f"training is diverging: gradient norm {norm:.3g} at step {self.step} against "
+                      f"{self.first_norm:.3g} at the first step{where}. Try: {'; '.join(remedies)}", stacklevel=2)
 
     def save(self, m: dict) -> None:
         """``last.pt`` (atomic) and one more line of ``metrics.jsonl``."""

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,62 @@ def test_quantized_models_compile_into_one_graph(method, w, a):
             assert where <= _KNOWN_BREAKS[method], f"{method} {mode}: {reasons}"
         else:
             assert ex.graph_break_count == 0, f"{method} {mode}: {reasons}"
+
+
+def _bn_stats(model):
+    return torch.cat([b.flatten() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))])
+
+
+def test_freeze_bn_stops_statistics_at_the_given_step_across_epochs(fashion_small):
+    steps = len(fashion_small.train)
+    torch.manual_seed(0)
+    model = build_model("lenet5", in_channels=1)
+    seen = []
+    spec = TrainSpec(epochs=2, lr=0.02, freeze_bn=0.5, augment=False)
+    fit(model, fashion_small, spec, step_hook=lambda m, step: seen.append(
+        (step, _bn_stats(m).clone(), [b.training for b in m.modules() if isinstance(b, nn.BatchNorm2d)])))
+    freeze = round(0.5 * steps)
+    stats = {step: s for step, s, _ in seen}
+    assert not torch.equal(stats[freeze - 1], stats[freeze])  # still updating up to the freeze step
+    assert all(torch.equal(stats[freeze], stats[s]) for s in range(freeze, 2 * steps + 1))  # epoch 2 too
+    assert all(not any(t) for step, _, t in seen if step > freeze) and all(all(t) for step, _, t in seen[:freeze])
+    torch.manual_seed(0)
+    model0 = build_model("lenet5", in_channels=1)
+    before = _bn_stats(model0).clone()
+    fit(model0, fashion_small, TrainSpec(epochs=1, lr=0.02, freeze_bn=0, augment=False))
+    assert torch.equal(before, _bn_stats(model0))  # frozen from the first step: the initial statistics
+
+
+def test_grad_clip_bounds_the_global_norm_and_bad_values_are_refused(fashion_small):
+    norms = []
+
+    def hook(m, step):
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])).item())
+
+    torch.manual_seed(0)
+    fit(build_model("lenet5", in_channels=1), fashion_small.take(256), TrainSpec(epochs=1, lr=0.01, grad_clip=0.05),
+        step_hook=hook)
+    assert len(norms) == 4 and max(norms) <= 0.05 * (1 + 1e-5) and min(norms) > 0.04  # unclipped norms are ~1
+    for bad in ({"freeze_bn": -1}, {"grad_clip": 0}, {"grad_clip": math.inf}, {"freeze_bn": math.nan}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainSpec(**bad)
+
+
+def test_exploding_gradients_give_one_warning_naming_the_remedies(fashion_small):
+    calls = []
+
+    def exploding(model, x, y):  # the loss (and every gradient) grows 100x per step
+        calls.append(1)
+        logits = model(x)
+        return F.cross_entropy(logits, y) * 100.0 ** len(calls), logits
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"training is diverging: gradient norm .* at step 2 .* largest in .*"
+                                         r"freeze BatchNorm .*--freeze-bn.*--grad-clip") as rec:
+        fit(build_model("lenet5", in_channels=1), fashion_small.take(512), TrainSpec(epochs=1, lr=1e-12),
+            loss_fn=exploding)
+    assert sum("diverging" in str(w.message) for w in rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary training: no warning
+        torch.manual_seed(0)
+        fit(build_model("lenet5", in_channels=1), fashion_small.take(512), TrainSpec(epochs=1, lr=0.02))

@@ -92,6 +92,11 @@ def add_training_args(g) -> None:
                         "eager; the first fused call compiles, seconds to a minute)")
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="train and evaluate torch.compile(model) (compiles at the first step)")
+    g.add_argument("--freeze-bn", dest="freeze_bn", type=float, default=None, metavar="EPOCHS",
+                   help="after EPOCHS (fractions allowed; 0: from the start) every BatchNorm uses its "
+                        "running statistics and stops updating them (steadies QAT of depthwise / SE nets)")
+    g.add_argument("--grad-clip", dest="grad_clip", type=float, default=None, metavar="NORM",
+                   help="clip the global gradient norm to NORM before every step (default: no clipping)")
 
 
 def add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:

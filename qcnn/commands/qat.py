@@ -32,7 +32,7 @@ from qcnn.recipes import list_recipes
 
 #: flag -> TrainSpec field
 _TRAIN_FLAGS = ("epochs", "lr", "optimizer", "momentum", "schedule", "weight_decay", "batch_size", "augment",
-                "kernels", "compile")
+                "kernels", "compile", "freeze_bn", "grad_clip")
 
 
 def add_parser(sub) -> None:

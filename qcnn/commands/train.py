@@ -64,7 +64,7 @@ def spec_from_args(args):
 
     values = defaults_for(args.model, args.dataset)
     for k in ("epochs", "lr", "optimizer", "momentum", "nesterov", "schedule", "step_size", "gamma",
-              "weight_decay", "augment", "amp", "batch_size", "kernels", "compile"):
+              "weight_decay", "augment", "amp", "batch_size", "kernels", "compile", "freeze_bn", "grad_clip"):
         v = getattr(args, k, None)
         if v is not None:
             values[k] = v

@@ -19,6 +19,7 @@ Example (``pact``)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,20 @@ class TrainSpec:
     kernels: str | None = None
     #: train (and evaluate) ``torch.compile(model)``: the whole quantized network fused by inductor
     compile: bool = False
+    #: epochs (fractions allowed) after which every BatchNorm stops updating its running statistics and
+    #: normalises with them for the rest of training (torch.ao's ``freeze_bn_stats``); 0: from the first step
+    #: (the statistics QAT calibration re-estimated on the quantized network). None: BN trains throughout
+    freeze_bn: float | None = None
+    #: clip the global gradient norm to this value before every optimiser step (None: no clipping)
+    grad_clip: float | None = None
 
     def __post_init__(self):  # built directly, it is checked as a recipe's ``train:`` mapping is
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_value(f.name, getattr(self, f.name), f.type, "train"))
+        if self.freeze_bn is not None and not (self.freeze_bn >= 0 and math.isfinite(self.freeze_bn)):
+            raise ValueError(f"train: freeze_bn={self.freeze_bn!r} must be a number of epochs >= 0 (or None)")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"train: grad_clip={self.grad_clip!r} must be a positive number (or None)")
         if self.kernels is not None:
             from qcnn.quant.kernels import check_mode
 

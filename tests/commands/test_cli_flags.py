@@ -109,3 +109,21 @@ def test_unknown_recipe_name_lists_the_recipes(capsys, tmp_path, monkeypatch):
     assert main(["ptq", "--model", "lenet5", "--dataset", "fashion-mnist", "--recipe", "qcod"]) == 2
     err = capsys.readouterr().err
     assert "unknown recipe 'qcod'; did you mean 'qcode'?" in err and "uniform_qat" in err
+
+
+def test_freeze_bn_and_grad_clip_flags_reach_the_training_spec():
+    from qcnn.commands.qat import recipe_from_args
+    from qcnn.commands.train import spec_from_args
+
+    args = build_parser().parse_args(["qat", "--recipe", "pact", "--model", "lenet5", "--dataset", "fashion-mnist",
+                                      "--freeze-bn", "0.5", "--grad-clip", "2"])
+    train = recipe_from_args(args).train
+    assert (train.freeze_bn, train.grad_clip) == (0.5, 2.0)
+    assert recipe_from_args(build_parser().parse_args(["qat", "--recipe", "pact", "--model", "lenet5", "--dataset",
+                                                       "fashion-mnist"])).train.freeze_bn is None
+    spec = spec_from_args(build_parser().parse_args(["train", "--model", "lenet5", "--dataset", "fashion-mnist",
+                                                     "--freeze-bn", "0"]))
+    assert spec.freeze_bn == 0.0 and spec.grad_clip is None
+    with pytest.raises(ValueError, match="freeze_bn=-1.0"):
+        recipe_from_args(build_parser().parse_args(["qat", "--model", "lenet5", "--dataset", "fashion-mnist",
+                                                    "--freeze-bn", "-1"]))
