@@ -82,6 +82,37 @@ def _trace_or_warn(model: nn.Module, consequence: str, stacklevel: int) -> fx.Gr
         return None
 
 
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def split_norm_act(model: nn.Module) -> nn.Module:
+    """Replace (in place) every BatchNorm subclass that also applies an activation, such as timm's
+    ``BatchNormAct2d`` (``act(drop(batch_norm(x)))``, children ``drop`` and ``act``), by
+    ``nn.Sequential(bn=<plain BatchNorm with its parameters and statistics>, drop=..., act=...)``: the same
+    function. fx traces such a subclass into ``F.batch_norm`` on the module's attributes with the mode fixed
+    at trace time, so without this its statistics could neither follow train mode in QAT, be re-estimated,
+    nor be folded; split, the BatchNorm is an ordinary module. Returns ``model`` (the root itself is left)."""
+    for name, m in list(model.named_modules()):
+        if not name or type(m) in _PLAIN_BN or not isinstance(m, _PLAIN_BN):
+            continue
+        children = dict(m.named_children())
+        if "act" not in children:
+            continue
+        base = next(t for t in _PLAIN_BN if isinstance(m, t))
+        bn = base(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats)
+        ref = next(iter([*m.parameters(recurse=False), *m.buffers(recurse=False)]), None)
+        if ref is not None:
+            bn.to(ref.device)
+        bn.load_state_dict({k: v for k, v in m.state_dict().items() if "." not in k})
+        seq = nn.Sequential()
+        seq.add_module("bn", bn)
+        for child, mod in children.items():
+            seq.add_module(child, mod)
+        set_module(model, name, seq.train(m.training))
+    return model
+
+
 def fold_bn(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every eval-mode BatchNorm that directly follows a conv / linear layer folded into
     it (``Conv1d/2d/3d -> BatchNorm1d/2d/3d``, ``Linear -> BatchNorm1d``, the BN the layer's only user; layers of

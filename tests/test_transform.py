@@ -3,6 +3,8 @@ overrides, unsupported layers, calibrated state_dict round trip, recipe validati
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -219,3 +221,85 @@ def test_calibrated_state_dict_round_trip(weights_dir, method, calib):
         fls = {n: int(m.fl) for n, m in q.named_modules() if isinstance(m, FixedPointQuantizer)}
         assert fls == {n: int(m.fl) for n, m in fresh.named_modules() if isinstance(m, FixedPointQuantizer)}
     assert isinstance(q.linear, QLinear)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BatchNorm2d subclass computing act(drop(batch_norm(x)))."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(self.drop(nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)))
+
+
+class _NormActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = _BatchNormAct(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = _BatchNormAct(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn2(self.c2(self.bn1(self.c1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _norm_act_net():
+    torch.manual_seed(0)
+    net = _NormActNet()
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def _bn_graph_reads(q) -> list[str]:
+    return [str(n.target) for n in q.graph.nodes if n.op == "get_attr" and "bn" in str(n.target)]
+
+
+def test_batchnorm_act_subclasses_are_split_so_bn_folds_trains_and_reestimates():
+    """A BatchNorm subclass that also applies an activation is traced by fx into F.batch_norm with its mode fixed
+    at trace time: unsplit, PTQ could not fold it and QAT neither trained nor re-estimated its statistics."""
+    from qcnn.integer import to_integer
+    from qcnn.methods import calibrate_for_training
+    from qcnn.transform import split_norm_act
+
+    net = _norm_act_net()
+    x = torch.randn(16, 3, 12, 12)
+    split = split_norm_act(copy.deepcopy(net))
+    assert isinstance(split.bn1, nn.Sequential) and type(split.bn1.bn) is nn.BatchNorm2d
+    with torch.no_grad():
+        assert torch.equal(split(x), net(x))
+    q = quantize(net, Recipe(method="uniform", w_bits=8, a_bits=8, fold_bn=True)).eval()
+    assert _bn_graph_reads(q) == []  # folded into the convolutions
+    with torch.no_grad(), calibrating(q):
+        q(x)
+    to_integer(q, x[:2])  # the integer engine compiles it (the BN is gone, Hardswish is a lookup table)
+    qq = quantize(net, Recipe(method="lsq", w_bits=4, a_bits=4, first_last="same"))
+    before = qq.bn1.bn.running_var.clone()
+    calibrate_for_training(qq, [x], 16)
+    assert not torch.allclose(qq.bn1.bn.running_var, before)  # re-estimated on the quantized network
+    qq.train()
+    seen = qq.bn1.bn.num_batches_tracked.item()
+    other = 2 * torch.randn(16, 3, 12, 12) + 1  # batch statistics unlike the re-estimated ones
+    out_train = qq(other)
+    assert qq.bn1.bn.num_batches_tracked.item() == seen + 1  # train mode reaches the BatchNorm
+    qq.eval()
+    assert not torch.allclose(out_train, qq(other), atol=1e-3)
+
+
+def test_timm_batchnorm_act_model_quantizes_like_torchvision():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10).eval()
+    q = quantize(net, Recipe(method="uniform", w_bits=8, a_bits=8, fold_bn=True)).eval()
+    assert _bn_graph_reads(q) == []
+    assert not any(type(m).__name__ == "BatchNormAct2d" for m in q.modules())

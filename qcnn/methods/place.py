@@ -54,6 +54,7 @@ from qcnn.transform import (
     fold_bn,
     layers_in_order,
     quantize_adds,
+    split_norm_act,
     swap_layer,
     trace,
     weight_view,
@@ -146,7 +147,7 @@ def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> 
     check_defined(method, recipe)
     if not inplace:
         model = copy.deepcopy(model)
-    model = method.prepare(model)
+    model = split_norm_act(method.prepare(model))
     if recipe.fold_bn:
         model = fold_bn(model)
     gm = trace(model)
