@@ -175,6 +175,17 @@ class _Compiler(Emitter):
         if node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta and not any(
                 a.name in self.vals or a.name in self.pieces for a in node.all_input_nodes):
             return  # shape arithmetic (x.size(), its items, their products): the engine reads shapes from ShapeProp
+        if handler is None and node.op == "get_attr":  # a parameter read by a function: a traced-through module
+            owner = str(node.target).rpartition(".")[0]
+            try:
+                kind = type(self.gm.get_submodule(owner)).__name__ if owner else type(self.gm).__name__
+            except AttributeError:
+                kind = "module"
+            users = sorted({_target_name(u.target) for u in node.users})
+            kind = "" if kind in ("Module", "GraphModule") else f"{kind}: "  # fx keeps traced-through modules bare
+            raise ValueError(f"{owner or 'the model'} ({kind}{', '.join(users)} on its {node.target!r}) is not "
+                             "supported by the integer engine; qcnn export --onnx-form torch exports it with float "
+                             "ops between the quantized ones")
         if handler is None:
             raise ValueError(f"node {node.name!r} ({node.op} {node.target}) is not supported by the integer engine")
         res = handler(self, node)

@@ -31,6 +31,7 @@ are refused by name.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -279,28 +280,9 @@ def deploy_copy(model: nn.Module, style: str = "onnxruntime") -> nn.Module:
     return m
 
 
-def to_onnx_torch(model: nn.Module, example: Tensor, path: str | Path | None = None, style: str = "onnxruntime",
-                  dynamic: str = "auto", opset: int = 18):
-    """Export the quantized ``model`` with torch's ONNX exporter (``dynamo=True``) as a QDQ graph (see the module
-    docstring); returns the ``onnx.ModelProto`` (written to ``path`` if given).
-
-    ``dynamic``: ``"spatial"`` makes batch, height and width dynamic (4-d inputs; the length of a 3-d Conv1d
-    input), ``"batch"`` only the batch, ``"none"`` nothing; ``"auto"`` (default) is ``spatial`` where the model
-    runs on another input size and ``batch`` where its graph fixes the size (a flatten into a fixed-size linear
-    layer). ``spatial`` on such a model is refused with that advice. The choice made is in the model's metadata
-    (``qcnn_dynamic``)."""
-    import onnx
-
-    if dynamic not in ("auto", "spatial", "batch", "none"):
-        raise ValueError(f"dynamic={dynamic!r}: choose auto, spatial, batch or none")
-    m = deploy_copy(model, style)
-    if dynamic == "auto":
-        dynamic = "spatial" if example.dim() > 2 and _runs_on_another_size(m, example) is None else "batch"
-    if dynamic == "spatial" and example.dim() > 2:
-        err = _runs_on_another_size(m, example)
-        if err is not None:
-            raise ValueError(f"the model does not run on another input size ({err}), so its height / width cannot "
-                             "be dynamic: export with dynamic='batch' (qcnn export --dynamic batch)")
+def _export(m: nn.Module, example: Tensor, dynamic: str, opset: int):
+    """``torch.onnx.export(dynamo=True)`` with the dynamic dimensions of ``dynamic``; a failure is a ValueError with
+    the exporter's first line."""
     shapes = None
     if dynamic != "none":
         dims = {0: torch.export.Dim("batch", min=1, max=4096)}
@@ -309,7 +291,7 @@ def to_onnx_torch(model: nn.Module, example: Tensor, path: str | Path | None = N
                 dims[d] = torch.export.Dim(f"size{d}", min=8, max=4096)
         shapes = ({k: v for k, v in dims.items()},)
     try:
-        prog = torch.onnx.export(m, (example,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+        return torch.onnx.export(m, (example,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                  optimize=True, verbose=False, report=False,
                                  custom_translation_table=_onnx_translations())
     except Exception as e:  # torch.export's guard / constraint errors are long; keep their first line
@@ -317,6 +299,43 @@ def to_onnx_torch(model: nn.Module, example: Tensor, path: str | Path | None = N
         hint = (" (the graph fixes the input's height / width: export with dynamic='batch' / --dynamic batch)"
                 if dynamic == "spatial" else "")
         raise ValueError(f"torch.onnx.export failed{hint}: {type(e).__name__}: {first[:300]}") from e
+
+
+def to_onnx_torch(model: nn.Module, example: Tensor, path: str | Path | None = None, style: str = "onnxruntime",
+                  dynamic: str = "auto", opset: int = 18):
+    """Export the quantized ``model`` with torch's ONNX exporter (``dynamo=True``) as a QDQ graph (see the module
+    docstring); returns the ``onnx.ModelProto`` (written to ``path`` if given).
+
+    ``dynamic``: ``"spatial"`` makes batch, height and width dynamic (4-d inputs; the length of a 3-d Conv1d
+    input), ``"batch"`` only the batch, ``"none"`` nothing; ``"auto"`` (default) is ``spatial`` where the model
+    runs on another input size and ``batch`` where its graph fixes the size (a flatten into a fixed-size linear
+    layer, or a size guard torch.export proves, e.g. ceil-mode pooling: then with a warning). ``spatial`` on such
+    a model is refused with that advice. The choice made is in the model's metadata
+    (``qcnn_dynamic``)."""
+    import onnx
+
+    if dynamic not in ("auto", "spatial", "batch", "none"):
+        raise ValueError(f"dynamic={dynamic!r}: choose auto, spatial, batch or none")
+    m = deploy_copy(model, style)
+    auto = dynamic == "auto"
+    if auto:
+        dynamic = "spatial" if example.dim() > 2 and _runs_on_another_size(m, example) is None else "batch"
+    if dynamic == "spatial" and example.dim() > 2:
+        err = _runs_on_another_size(m, example)
+        if err is not None:
+            raise ValueError(f"the model does not run on another input size ({err}), so its height / width cannot "
+                             "be dynamic: export with dynamic='batch' (qcnn export --dynamic batch)")
+    try:
+        prog = _export(m, example, dynamic, opset)
+    except ValueError as e:
+        if not (auto and dynamic == "spatial"):
+            raise
+        # torch.export proved a size guard the trial run could not see (e.g. ceil-mode pooling on odd sizes):
+        # auto falls back to a dynamic batch only
+        warnings.warn(f"dynamic height / width failed to export ({str(e).strip().splitlines()[0][:200]}); "
+                      "exported with a dynamic batch only", stacklevel=2)
+        dynamic = "batch"
+        prog = _export(m, example, dynamic, opset)
     mp = _fold_constant_quantize(prog.model_proto)
     onnx.helper.set_model_props(mp, {**{p.key: p.value for p in mp.metadata_props}, "qcnn_dynamic": dynamic,
                                      "qcnn_style": style})

@@ -88,3 +88,28 @@ def test_unsupported_pool_arguments_are_named(kw, match):  # (ceil_mode: tests/i
 def test_unknown_operations_are_named():
     with pytest.raises(ValueError, match="unknown integer operation 'softmax'"):
         run_op(Op("softmax", ["x"], "y"), [torch.zeros(1)], {})
+
+
+class _ChannelsLayerNorm(nn.Module):
+    """A LayerNorm over channels written with F.layer_norm on its own weight (as torchvision's LayerNorm2d): fx
+    traces into it, so the graph reads ``ln.weight`` directly."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+def test_a_traced_through_module_is_refused_by_its_name_and_function():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), _ChannelsLayerNorm(4), nn.Conv2d(4, 2, 1)).eval()
+    q = quantize(net, {"method": "uniform", "w_bits": 8, "a_bits": 8, "fold_bn": True}).eval()
+    with torch.no_grad(), calibrating(q):
+        q(torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"^1 \(layer_norm on its '1.weight'\) is not supported by the integer "
+                                         r"engine; qcnn export --onnx-form torch"):
+        to_integer(q, torch.randn(2, 3, 8, 8))

@@ -199,3 +199,26 @@ def test_pact_lenet_exports_with_odd_weight_codes_and_per_tensor_weight_scales()
     fc = q.fc3
     bound = float(fc.input_quant.grid().scale) * float(fc.quantized_weight().detach().abs().sum(1).max())
     assert float((OrtModel(mp, threads=1)(x) - ref).abs().max()) <= bound + 1e-6
+
+
+def test_auto_falls_back_to_a_dynamic_batch_where_torch_export_proves_a_size_guard():
+    """SqueezeNet 1.0 runs at other sizes in torch, but torch.export fails on symbolic height / width (its
+    ceil-mode pools): ``dynamic='auto'`` then exports a dynamic batch, says so, and records it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.squeezenet1_0(weights=None, num_classes=10).eval()
+    q = quantize(net, {"method": "uniform", "w_bits": 8, "a_bits": 8, "fold_bn": True}).eval()
+    with torch.no_grad(), calibrating(q):
+        q(torch.randn(4, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="torch.onnx.export failed .*--dynamic batch"):
+        to_onnx_torch(q, x, dynamic="spatial")
+    with pytest.warns(UserWarning, match="exported with a dynamic batch only"):
+        mp = to_onnx_torch(q, x)
+    assert {p.key: p.value for p in mp.metadata_props}["qcnn_dynamic"] == "batch"
+    xx = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = q(xx)
+    got = OrtModel(mp, threads=2)(xx)
+    assert got.shape == ref.shape and float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
