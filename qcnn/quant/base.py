@@ -80,22 +80,23 @@ class _SignFn(torch.autograd.Function):
     """:func:`binary_sign` forward, ``g * grad_fn(x)`` backward, both through :mod:`qcnn.quant.kernels`."""
 
     @staticmethod
-    def forward(ctx, x, grad_fn):
+    def forward(ctx, x, backward_kernel):
         ctx.save_for_backward(x)
-        ctx.grad_fn = grad_fn
+        ctx.backward_kernel = backward_kernel
         return kernels.call(binary_sign, x)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return kernels.call(_sign_backward(ctx.grad_fn), g.contiguous(), x), None
+        return kernels.call(ctx.backward_kernel, g.contiguous(), x), None
 
 
 def sign_with_grad(x: Tensor, grad_fn) -> Tensor:
     """:func:`binary_sign` forward; backward ``g * grad_fn(x)`` (the surrogate derivative of a binary method:
     Bi-Real's ApproxSign, DoReFa's ``|x| <= 1`` mask, ...). ``grad_fn`` should be a module-level function
-    (its fused backward kernel is compiled once per function)."""
-    return _SignFn.apply(x, grad_fn)
+    (its fused backward kernel is compiled once per function). The kernel is looked up here, outside the
+    autograd Function, so that a first call under torch.compile has no side effect inside it (a graph break)."""
+    return _SignFn.apply(x, _sign_backward(grad_fn))
 
 
 def sign_ste(x: Tensor) -> Tensor:
