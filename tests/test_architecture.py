@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "qcnn.data": 5,
     "qcnn.models": 5,
     "qcnn.report": 5,
+    "qcnn.detection": 5,
     "qcnn.train": 6,
     "qcnn.methods": 7,
     "qcnn.checkpoint": 8,
