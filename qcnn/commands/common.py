@@ -94,7 +94,7 @@ def add_training_args(g) -> None:
                    help="train and evaluate torch.compile(model) (compiles at the first step)")
     g.add_argument("--freeze-bn", dest="freeze_bn", type=float, default=None, metavar="EPOCHS",
                    help="after EPOCHS (fractions allowed; 0: from the start) every BatchNorm uses its "
-                        "running statistics and stops updating them (steadies QAT of depthwise / SE nets)")
+                        "running statistics and stops updating them (for fine-tuning a trained network; default never)")
     g.add_argument("--grad-clip", dest="grad_clip", type=float, default=None, metavar="NORM",
                    help="clip the global gradient norm to NORM before every step (default: no clipping)")
 
