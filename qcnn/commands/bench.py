@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from qcnn.commands.common import add_deprecated_alias, positive_int
+from qcnn.commands.common import add_deprecated_alias, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                    help="cells run at once, each in its own process (several share one GPU well); default 1")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="intra-op threads per worker process (default: CPU cores / workers)")
-    p.add_argument("--time-limit", type=float, default=None,
+    p.add_argument("--time-limit", type=positive_float, default=None,
                    help="seconds after which no new cell starts (the rest stay pending for a later run)")
     p.add_argument("--out", required=True, help="output directory (results.json, tables, plots, cells/); resumable")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")

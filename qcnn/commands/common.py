@@ -32,6 +32,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"{v} must be a finite number > 0")
+    return v
+
+
 class _DeprecatedAlias(argparse.Action):
     """A former spelling of a flag, hidden from ``--help``: it still works, stores into the canonical flag's
     destination, and says on stderr which spelling to use."""
@@ -328,4 +339,4 @@ def finish(args, figures: dict) -> int:
 
 __all__ = ["DEVICES", "add_data_args", "add_deprecated_alias", "add_limit_args", "add_model_args", "add_output_args",
            "add_per_channel_args", "add_training_args", "finish", "load_data_from_args", "load_model_from_args",
-           "resolve_device", "seed_everything"]
+           "positive_float", "positive_int", "resolve_device", "seed_everything"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_parser(sub) -> None:
     from qcnn.commands.common import positive_int
@@ -66,6 +68,8 @@ def run(args) -> int:
 
     from qcnn.data import describe, get_spec, list_datasets
 
+    if args.data_dir is not None and not Path(args.data_dir).exists():
+        raise ValueError(f"--data-dir {args.data_dir}: no such file or directory")
     names = [get_spec(args.dataset).name] if args.dataset else list_datasets()
     infos = [describe(n, args.data_dir, download=args.download) for n in names]
     for info in infos:
@@ -93,4 +97,6 @@ def run(args) -> int:
                   f"batch {args.batch_size}, {b['threads']} threads)")
     if args.json:
         print(json.dumps(infos))
+    if args.dataset and not infos[0]["found"]:
+        return 1  # the one dataset asked for is not there (the listing above says where it was looked for)
     return 0

@@ -127,3 +127,11 @@ def test_freeze_bn_and_grad_clip_flags_reach_the_training_spec():
     with pytest.raises(ValueError, match="freeze_bn=-1.0"):
         recipe_from_args(build_parser().parse_args(["qat", "--model", "lenet5", "--dataset", "fashion-mnist",
                                                     "--freeze-bn", "-1"]))
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "inf", "soon"])
+def test_bench_time_limit_must_be_a_positive_number(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench", "--out", "x", "--time-limit", value])
+    assert e.value.code == 2 and "--time-limit" in capsys.readouterr().err
+    assert build_parser().parse_args(["bench", "--out", "x", "--time-limit", "2.5"]).time_limit == 2.5

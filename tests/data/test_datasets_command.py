@@ -47,3 +47,15 @@ def test_bench_iterates_one_full_epoch(fashion_dir, monkeypatch, capsys):
     b = info["bench"]
     assert b["train_images"] == 60000 and b["device"] == "cpu" and b["train_images_per_s"] > 0
     assert "bench: first load" in out
+
+
+def test_missing_data_dir_and_missing_dataset_fail(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QCNN_CACHE", str(tmp_path / "cache"))
+    assert main(["datasets", "--data-dir", str(tmp_path / "nonexistent")]) == 2
+    assert f"--data-dir {tmp_path / 'nonexistent'}: no such file or directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("QCNN_DATA", raising=False)
+    monkeypatch.setattr(datasets, "SYSTEM_ROOTS", [empty])
+    assert main(["datasets", "--dataset", "imagenet", "--data-dir", str(empty)]) == 1  # asked for, not found
+    assert "NOT FOUND" in capsys.readouterr().out
