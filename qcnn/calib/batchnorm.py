@@ -56,7 +56,6 @@ def batchnorm_in_train_mode(model: nn.Module):
             m.training = t
 
 
-@torch.no_grad()
 def batch_input(batch, device=None):
     """The model input of a calibration batch: a tensor, the first item of an (x, y, ...) tuple / list, or a
     dict's ``"image"`` / ``"input"`` / ``"x"`` entry; moved to the model's device."""

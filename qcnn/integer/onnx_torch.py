@@ -318,13 +318,12 @@ def to_onnx_torch(model: nn.Module, example: Tensor, path: str | Path | None = N
         raise ValueError(f"dynamic={dynamic!r}: choose auto, spatial, batch or none")
     m = deploy_copy(model, style)
     auto = dynamic == "auto"
+    err = _runs_on_another_size(m, example) if dynamic in ("auto", "spatial") and example.dim() > 2 else None
     if auto:
-        dynamic = "spatial" if example.dim() > 2 and _runs_on_another_size(m, example) is None else "batch"
-    if dynamic == "spatial" and example.dim() > 2:
-        err = _runs_on_another_size(m, example)
-        if err is not None:
-            raise ValueError(f"the model does not run on another input size ({err}), so its height / width cannot "
-                             "be dynamic: export with dynamic='batch' (qcnn export --dynamic batch)")
+        dynamic = "spatial" if example.dim() > 2 and err is None else "batch"
+    if dynamic == "spatial" and err is not None:
+        raise ValueError(f"the model does not run on another input size ({err}), so its height / width cannot "
+                         "be dynamic: export with dynamic='batch' (qcnn export --dynamic batch)")
     try:
         prog = _export(m, example, dynamic, opset)
     except ValueError as e:
