@@ -56,6 +56,8 @@ class Suite:
     float_recipe: dict = field(default_factory=dict)
     first_last: str = "8bit"
     batch_size: int = 128
+    metric: str = "top1"  #: the headline figure of every cell: top1 (classifiers) or map_50 (detectors, points)
+    qat_train: dict = field(default_factory=dict)  #: TrainSpec fields every QAT cell (and the reference) uses
 
 
 _FAST = ["qcode", "uniform", "uniform_qat", "dorefa", "pact", "lsq", "wrpn", "hwgq"]
@@ -68,6 +70,13 @@ SUITES: dict[str, Suite] = {
                    epochs=1, float_epochs=3),
     "cifar10": Suite("cifar10", "resnet20", "cifar10", _ALL, ["8/8", "4/4", "2/2", "1/2", "2/fp"], epochs=12,
                      float_epochs=12, batch_size=256),
+    # the YOLO-style detector on the composited Fashion-MNIST detection set: every layer and the head quantized
+    "detection": Suite("detection", "yolo_tiny", "fashion-detection", ["qcode", "uniform", "pact", "pact_unsigned",
+                                                                       "lsq", "fqn"], ["8/8", "4/4"], epochs=3,
+                       float_epochs=16, first_last="same", batch_size=64, metric="map_50",
+                       float_recipe={"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0005, "batch_size": 64},
+                       qat_train={"optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0, "schedule": "cosine",
+                                  "batch_size": 64}),
 }
 
 
@@ -88,8 +97,11 @@ def cell_key(method: str, bits: str) -> str:
     return f"{method}@{bits}"
 
 
-def _accuracy(model, loader) -> float:
-    return float(evaluate(model, loader)["top1"])
+def _scores(model, loader) -> dict:
+    """The headline figure under its name (``top1``, or ``map_50``) plus a detector's ``map`` / ``map_75``."""
+    res = evaluate(model, loader)
+    keys = [res.get("metric", "top1")] + [k for k in ("map", "map_75") if k in res]
+    return {k: float(res[k]) for k in keys}
 
 
 def _example(bundle) -> torch.Tensor:
@@ -158,10 +170,12 @@ class Bench:
     def data(self, full: bool = False):
         """The suite's data; QAT cells train on ``train_images`` images, the float model on all of them."""
         from qcnn.data import get_data
+        from qcnn.data.detection_loaders import detection_bundle, is_detection_set
 
         limit = None if full else self.suite.train_images
+        load = detection_bundle if is_detection_set(self.suite.dataset) else get_data
         if limit not in self._bundles:
-            self._bundles[limit] = get_data(self.suite.dataset, data_dir=self.data_dir,
+            self._bundles[limit] = load(self.suite.dataset, data_dir=self.data_dir,
                                             batch_size=self.suite.batch_size, device=self.device,
                                             seed=self.seed, train_limit=limit)
         return self._bundles[limit]
@@ -207,9 +221,9 @@ class Bench:
         t0 = time.time()
         float_model = self.float_model()
         bundle = self.data()
-        if "top1" not in self.results["float"]:
-            self.results["float"] = {"top1": _accuracy(float_model, bundle.test),
-                                     **self._size(float_model, bundle)}
+        M = self.suite.metric
+        if M not in self.results["float"]:
+            self.results["float"] = {**_scores(float_model, bundle.test), **self._size(float_model, bundle)}
             self._save()
         pending = []
         for m in methods:
@@ -247,16 +261,18 @@ class Bench:
         self._touched.add(key)
         self._save()
         self.log(f"[bench] {key:28s} {cell['status']:9s} "
-                 + (f"top1 {cell['top1']:.2f}  ({cell['seconds']:.0f} s)" if cell["status"] == "ok"
+                 + (f"{self.suite.metric} {cell[self.suite.metric]:.2f}  ({cell['seconds']:.0f} s)"
+                    if cell["status"] == "ok"
                     else cell.get("reason", "")))
 
     def _update_drops(self) -> None:
         """Drops against the fine-tuned float reference (known only once it finished, in parallel runs)."""
-        ref = self.results["float"].get("finetuned_top1", self.results["float"].get("top1"))
+        M = self.suite.metric
+        ref = self.results["float"].get(f"finetuned_{M}", self.results["float"].get(M))
         changed = False
         for key, c in self.results["cells"].items():
-            if c.get("status") == "ok" and ref is not None and c.get("drop") != ref - c["top1"]:
-                c["drop"], changed = ref - c["top1"], True
+            if c.get("status") == "ok" and ref is not None and c.get("drop") != ref - c[M]:
+                c["drop"], changed = ref - c[M], True
                 self._touched.add(key)
         if changed:
             self._save()
@@ -274,7 +290,7 @@ class Bench:
         deadline = None if self.time_limit is None else t0 + self.time_limit
         with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {}
-            if "finetuned_top1" not in self.results["float"] and self.suite.epochs > 0:
+            if f"finetuned_{self.suite.metric}" not in self.results["float"] and self.suite.epochs > 0:
                 futures[pool.submit(_worker_task, args, None, None, deadline)] = "float"
             for m, b in pending:
                 futures[pool.submit(_worker_task, args, m, b, deadline)] = cell_key(m, b)
@@ -300,7 +316,8 @@ class Bench:
                             else:
                                 self.results["float"].update(res)
                                 self._save()
-                                self.log(f"[bench] float fine-tuned: top1 {res['finetuned_top1']:.2f}")
+                                m = self.suite.metric
+                                self.log(f"[bench] float fine-tuned: {m} {res[f'finetuned_{m}']:.2f}")
                         else:
                             self._record(key, res)
             except BaseException:
@@ -310,7 +327,7 @@ class Bench:
 
     def _float_finetuned(self, float_model) -> None:
         """Float model trained with the same budget as the QAT cells (the fair reference)."""
-        if "finetuned_top1" in self.results["float"] or self.suite.epochs == 0:
+        if f"finetuned_{self.suite.metric}" in self.results["float"] or self.suite.epochs == 0:
             return
         self.results["float"].update(self._finetune(float_model))
         self._save()
@@ -321,13 +338,14 @@ class Bench:
         from qcnn.recipes import load_recipe as _lr
         from qcnn.train import fit
 
-        spec = _lr("uniform_qat").train
+        spec = dataclasses.replace(_lr("uniform_qat").train, **self.suite.qat_train)
         spec.epochs = self.suite.epochs
         model = copy.deepcopy(float_model)
         torch.manual_seed(self.seed)
         t0 = time.time()
         fit(model, self.data(), spec, None)
-        return {"finetuned_top1": _accuracy(model, self.data().test), "finetune_seconds": time.time() - t0}
+        scores = _scores(model, self.data().test)
+        return {**{f"finetuned_{k}": v for k, v in scores.items()}, "finetune_seconds": time.time() - t0}
 
     def _size(self, model, bundle) -> dict:
         from qcnn.report.size import summarize
@@ -362,22 +380,22 @@ class Bench:
         if a is None:  # replace() skips None values: float activations are set explicitly
             recipe = dataclasses.replace(recipe, a_bits=None)
         if recipe.train.epochs > 0:
-            recipe = recipe.replace(train={"epochs": self.suite.epochs})
+            recipe = recipe.replace(train={**self.suite.qat_train, "epochs": self.suite.epochs})
         out = self.out / "cells" / cell_key(name, bits).replace("/", "-")
         torch.manual_seed(self.seed)
         t0 = time.time()
         try:
             qmodel, metrics = run_recipe(copy.deepcopy(float_model), self.data(), recipe, out)
-            top1 = _accuracy(qmodel, self.data().test)
+            scores = _scores(qmodel, self.data().test)
             # procedures that train another network (WAGE, Bi-Real) return it with its architecture record
             arch = arch_record(qmodel) or self.arch()
-            save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics={"top1": top1})
+            save_model(out / "model.pt", qmodel, arch, recipe=recipe, metrics=scores)
         except Exception as e:  # noqa: BLE001 - one broken cell must not stop the suite; it is reported
             (out / "error.txt").parent.mkdir(parents=True, exist_ok=True)
             write_text(out / "error.txt", traceback.format_exc())
             return {"method": name, "bits": bits, "status": "error", "reason": f"{type(e).__name__}: {e}"}
         # "drop" (against the fine-tuned float reference) is filled in by _update_drops
-        return {"method": name, "bits": bits, "status": "ok", "top1": top1,
+        return {"method": name, "bits": bits, "status": "ok", **scores,
                 "seconds": time.time() - t0, "epochs": recipe.train.epochs,
                 **self._size(qmodel, self.data())}
 
@@ -417,14 +435,18 @@ def results_table(results: dict) -> str:
     bits = list(dict.fromkeys(s["bits"] + [c["bits"] for c in cells.values()]))
     bits = [b for b in bits if any(c["bits"] == b for c in cells.values())]
     f = results["float"]
+    M = s.get("metric", "top1")
+    label, unit = ("top-1", "%") if M == "top1" else ("mAP@0.5", " points")
     lines = [
         f"# Equal-bit-width benchmark: {s['model']} on {s['dataset']} (suite `{s['name']}`)",
         "",
-        f"Float top-1 {f.get('top1', float('nan')):.2f}%"
-        + (f"; float fine-tuned with the same budget {f['finetuned_top1']:.2f}%" if "finetuned_top1" in f else "")
+        f"Float {label} {f.get(M, float('nan')):.2f}{unit}"
+        + (f"; float fine-tuned with the same budget {f[f'finetuned_{M}']:.2f}{unit}" if f"finetuned_{M}" in f
+           else "")
         + f". QAT budget per cell: {s['epochs']} epoch(s) on "
         + (f"{s['train_images']} training images" if s.get("train_images") else "the full training set")
-        + f"; first/last layers: {s['first_last']}. Cells: top-1 % (drop vs the fine-tuned float); "
+        + f"; first/last layers: {s['first_last']}. Cells: {label} {'%' if M == 'top1' else 'points'} "
+        "(drop vs the fine-tuned float); "
         "`n/a` = the method does not define that setting.",
         "",
         "| method | " + " | ".join(f"W{b.replace('/', '/A')}" for b in bits) + " |",
@@ -437,7 +459,7 @@ def results_table(results: dict) -> str:
             if c is None:
                 row.append("")
             elif c["status"] == "ok":
-                row.append(f"{c['top1']:.2f} ({-c['drop']:+.2f})")
+                row.append(f"{c[M]:.2f} ({-c['drop']:+.2f})")
             elif c["status"] == "undefined":
                 row.append("n/a")
             else:
@@ -447,12 +469,12 @@ def results_table(results: dict) -> str:
     if notes:
         lines += ["", "Errors:", *notes]
     lines += ["", "Model size (KiB) and BOPs (G) per cell:", "",
-              "| cell | top-1 | size KiB | GBOPs | seconds |", "|---|---|---|---|---|"]
-    lines.append(f"| float | {f.get('top1', float('nan')):.2f} | {f.get('size_bytes', 0) / 1024:.1f} | "
+              f"| cell | {label} | size KiB | GBOPs | seconds |", "|---|---|---|---|---|"]
+    lines.append(f"| float | {f.get(M, float('nan')):.2f} | {f.get('size_bytes', 0) / 1024:.1f} | "
                  f"{f.get('bops', 0) / 1e9:.3f} | |")
     for k, c in cells.items():
         if c["status"] == "ok":
-            lines.append(f"| {k} | {c['top1']:.2f} | {c['size_bytes'] / 1024:.1f} | {c['bops'] / 1e9:.3f} | "
+            lines.append(f"| {k} | {c[M]:.2f} | {c['size_bytes'] / 1024:.1f} | {c['bops'] / 1e9:.3f} | "
                          f"{c['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -468,21 +490,23 @@ def plot_results(results: dict, out: Path) -> None:
     methods = list(dict.fromkeys(c["method"] for c in cells))
     name = f"{results['suite']['model']} / {results['suite']['dataset']}"
     f = results["float"]
+    M = results["suite"].get("metric", "top1")
+    ylabel = "test top-1 (%)" if M == "top1" else f"test {M.replace('map_50', 'mAP@0.5')} (points)"
     # one float reference for both plots: the fine-tuned float model where the suite fine-tunes one
-    ref = f.get("finetuned_top1", f.get("top1"))
-    ref_label = "float (fine-tuned)" if "finetuned_top1" in f else "float"
+    ref = f.get(f"finetuned_{M}", f.get(M))
+    ref_label = "float (fine-tuned)" if f"finetuned_{M}" in f else "float"
     fig, ax = plt.subplots(figsize=(8, 5))
     width = 0.6 / max(1, len(methods))  # bit widths are categories: methods side by side, no lines between them
     for i, m in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j, b in enumerate(bits)
               for c in cells if c["method"] == m and c["bits"] == b]
-        ys = [c["top1"] for b in bits for c in cells if c["method"] == m and c["bits"] == b]
+        ys = [c[M] for b in bits for c in cells if c["method"] == m and c["bits"] == b]
         ax.scatter(xs, ys, marker="o", s=28, label=m)
     if ref is not None:
         ax.axhline(ref, color="k", ls="--", lw=1, label=ref_label)
     ax.set_xticks(range(len(bits)), [f"W{b.replace('/', '/A')}" for b in bits])
     ax.set_xlabel("bit width (weights / activations)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{name}: accuracy vs bit width")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
@@ -492,13 +516,13 @@ def plot_results(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in methods:
-        pts = [(c["size_bytes"] / 1024, c["top1"]) for c in cells if c["method"] == m]
+        pts = [(c["size_bytes"] / 1024, c[M]) for c in cells if c["method"] == m]
         ax.scatter(*zip(*pts), label=m, s=25)
     if "size_bytes" in f and ref is not None:
         ax.scatter([f["size_bytes"] / 1024], [ref], marker="*", s=120, color="k", label=ref_label)
     ax.set_xscale("log")
     ax.set_xlabel("model size (KiB, log scale)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{name}: accuracy vs model size")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)

@@ -36,8 +36,14 @@
   and only rank 0 writes files. Evaluation loaders are not sharded: every rank evaluates the whole test set
   with the same weights.
 
-Callbacks: ``loss_fn(model, x, y) -> (loss, logits)`` (default cross-entropy), ``param_groups(model) ->
-list[dict]``, ``make_optimizer(groups, spec)``, ``step_hook(model, step)`` after every optimizer step,
+Tasks: a classifier trains on cross-entropy and reports top-1; a detector of the zoo (``yolo_tiny``,
+:func:`qcnn.detection.task.task_of`) brings its own loss and metric: its batches are ``(x, targets)`` with
+targets a list of ``{"boxes", "labels"}`` dicts, and every epoch records ``test_map_50`` / ``test_map`` /
+``test_map_75`` (COCO mAP in points, :mod:`qcnn.detection.yolo`) in place of top-1.
+
+Callbacks: ``loss_fn(model, x, y) -> (loss, logits)`` (default: the task's loss, else cross-entropy),
+``param_groups(model) -> list[dict]``, ``make_optimizer(groups, spec)``, ``step_hook(model, step)`` after every
+optimizer step,
 ``epoch_hook(model, epoch, metrics)`` after every epoch (``epoch`` counts from 0; ``metrics`` may be
 extended by the hook before it is written). Hooks get the unwrapped module; ``loss_fn`` gets the module that
 runs the forward (the DDP wrapper when distributed; its ``.module`` is the model).
@@ -65,6 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from qcnn.calib.batchnorm import batchnorms
+from qcnn.detection.task import task_of
 from qcnn.io import load_torch, save_torch, write_text
 from qcnn.models.weights import load_state_dict_checked
 from qcnn.quant import kernels
@@ -126,8 +133,13 @@ def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None)
     """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``, in eval mode.
 
     The model's train/eval mode is restored afterwards. A loader sharded over ranks (``world_size`` > 1)
-    is summed over the process group.
+    is summed over the process group. A detector of the zoo (:func:`qcnn.detection.task.task_of`) is
+    evaluated by its task instead: COCO mAP in percent points (``map_50``, ``map``, ``map_75``), ``loss`` and
+    ``"metric": "map_50"`` (the headline figure; classifiers have none: top-1).
     """
+    task = task_of(model)
+    if task is not None:
+        return task.evaluate(model, loader, max_batches)
     was_training = model.training
     model.eval()
     device = _device_of(model)
@@ -138,6 +150,10 @@ def evaluate(model: nn.Module, loader: Iterable, max_batches: int | None = None)
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
+            if not isinstance(y, torch.Tensor):
+                raise ValueError(f"evaluate: the loader's targets are {type(y).__name__}, not class labels, and "
+                                 f"{type(model).__name__} is no zoo detector (detectors: "
+                                 "qcnn.detection.task.DETECTORS; build them with qcnn.models.build_model)")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -326,7 +342,8 @@ class _Run:
         self.out = Path(out_dir) if out_dir is not None else None
         if self.out is not None and self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.loss_fn = loss_fn or cross_entropy_loss
+        self.task = task_of(model)  #: a detector's task (loss and metric), None for a classifier
+        self.loss_fn = loss_fn or (self.task.loss if self.task is not None else cross_entropy_loss)
         groups = param_groups(model) if param_groups is not None else default_param_groups(model, spec.weight_decay)
         self.optimizer = (make_optimizer or make_default_optimizer)(groups, spec)
         self.scheduler = make_scheduler(self.optimizer, spec, self.steps_per_epoch)
@@ -382,7 +399,7 @@ class _Run:
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}", leave=False,
                    dynamic_ncols=True, file=sys.stderr) if show else None
         for i, (x, y) in enumerate(self.train_loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), _to_device(y, device)
             if self.freeze_step is not None and self.step >= self.freeze_step:
                 for m in self.bns:  # after model.train() (every epoch) and from the freeze step on
                     m.eval()
@@ -400,9 +417,11 @@ class _Run:
             if step_hook is not None:
                 step_hook(self.model, self.step)
             with torch.no_grad():
-                loss_sum += loss.detach().double() * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum().double()
-                seen += y.numel()
+                n = y.numel() if isinstance(y, torch.Tensor) else len(y)
+                loss_sum += loss.detach().double() * n
+                if self.task is None:
+                    correct += (logits.detach().argmax(1) == y).sum().double()
+                seen += n
             if bar is not None:
                 bar.update(1)
                 if i % 20 == 0:
@@ -459,9 +478,32 @@ def _epoch_metrics(run: _Run, epoch: int, sums: tuple[float, float, float], t0: 
     _check_finite_loss(loss_sum, epoch, run.spec, run.ckpt_path)
     test = evaluate(run.eval_model, run.test_loader)
     n = max(1.0, seen)
-    return {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_top1": 100.0 * correct / n,
-            "test_loss": test["loss"], "test_top1": test["top1"], "lr": run.optimizer.param_groups[0]["lr"],
+    if run.task is None:
+        scores = {"train_top1": 100.0 * correct / n, "test_loss": test["loss"], "test_top1": test["top1"]}
+    else:  # a detector: its mAP figures
+        scores = {"test_loss": test["loss"], **{f"test_{k}": test[k] for k in _DETECTION_FIGURES}}
+    return {"epoch": epoch + 1, "train_loss": loss_sum / n, **scores, "lr": run.optimizer.param_groups[0]["lr"],
             "train_seconds": round(train_seconds, 3), "seconds": round(time.time() - t0, 3)}
+
+
+_DETECTION_FIGURES = ("map_50", "map", "map_75")
+
+
+def _to_device(y, device: torch.device):
+    """Labels (a tensor) or detection targets (a list of dicts of tensors) on ``device``."""
+    if isinstance(y, torch.Tensor):
+        return y.to(device, non_blocking=True)
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in y]
+
+
+def epoch_line(m: dict, epochs: int) -> str:
+    """The progress line of one epoch's metrics (top-1 for classifiers, mAP for detectors)."""
+    if "test_top1" in m:
+        return (f"epoch {m['epoch']}/{epochs}: train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2f} | "
+                f"test loss {m['test_loss']:.4f} top1 {m['test_top1']:.2f} ({m['seconds']:.1f} s)")
+    return (f"epoch {m['epoch']}/{epochs}: train loss {m['train_loss']:.4f} | test loss {m['test_loss']:.4f} "
+            f"mAP@0.5 {m['test_map_50']:.2f} mAP {m['test_map']:.2f} ({m['seconds']:.1f} s)")
 
 
 def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = None, *,
@@ -471,7 +513,8 @@ def fit(model: nn.Module, bundle, spec: TrainSpec, out_dir: str | Path | None = 
     """Train ``model`` on ``bundle.train`` for ``spec.epochs`` epochs, evaluating on ``bundle.test``.
 
     Returns ``{"top1", "loss", "epochs", "seconds", "history"}`` (final test accuracy in percent, test loss,
-    epochs done, training wall time of this call, per-epoch metrics). See the module docstring.
+    epochs done, training wall time of this call, per-epoch metrics); for a detector ``map_50``, ``map``,
+    ``map_75`` and ``"metric": "map_50"`` take the place of ``top1``. See the module docstring.
     """
     if isinstance(spec, dict):
         spec = TrainSpec(**spec)
@@ -504,21 +547,25 @@ def _fit(model, bundle, spec, out_dir, loss_fn, param_groups, make_optimizer, st
             epoch_hook(model, epoch, m)
         run.history.append(m)
         if run.main:
-            progress_line(f"epoch {epoch + 1}/{spec.epochs}: train loss {m['train_loss']:.4f} top1 "
-                          f"{m['train_top1']:.2f} | test loss {m['test_loss']:.4f} top1 {m['test_top1']:.2f} "
-                          f"({m['seconds']:.1f} s)")
+            progress_line(epoch_line(m, spec.epochs))
             if run.out is not None:
                 run.save(m)
     model.train()
     if run.history:
-        top1, loss = run.history[-1]["test_top1"], run.history[-1]["test_loss"]
+        last = run.history[-1]
+        if run.task is None:
+            final = {"top1": last["test_top1"], "loss": last["test_loss"]}
+        else:
+            final = {**{k: last[f"test_{k}"] for k in _DETECTION_FIGURES}, "loss": last["test_loss"],
+                     "metric": run.task.metric}
     else:
         res = evaluate(model, run.test_loader)
-        top1, loss = res["top1"], res["loss"]
-    return {"top1": top1, "loss": loss, "epochs": len(run.history), "seconds": round(time.time() - t_start, 3),
+        final = {"top1": res["top1"], "loss": res["loss"]} if run.task is None else {
+            **{k: res[k] for k in _DETECTION_FIGURES}, "loss": res["loss"], "metric": res["metric"]}
+    return {**final, "epochs": len(run.history), "seconds": round(time.time() - t_start, 3),
             "history": run.history}
 
 
 __all__ = ["SCHEDULES", "OPTIMIZERS", "check_spec", "cross_entropy_loss", "default_param_groups", "dist_info",
-           "distributed_device", "evaluate", "fit", "init_distributed", "is_main_process",
+           "distributed_device", "epoch_line", "evaluate", "fit", "init_distributed", "is_main_process",
            "make_default_optimizer", "make_scheduler", "progress_enabled", "progress_line", "progress_mode"]

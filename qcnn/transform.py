@@ -280,9 +280,26 @@ def swap_layer(root: nn.Module, name: str, aq, wq, gq) -> None:
 _CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 _MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
 #: elementwise activations that integer inference runs as lookup tables (QAct): modules, functions, methods
-_LUT_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh)
-_LUT_FUNCS = {F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, F.silu: nn.SiLU, torch.sigmoid: nn.Sigmoid,
-              F.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh, F.tanh: nn.Tanh}
+_LUT_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU)
+
+
+def _leaky_relu_module(node: fx.Node) -> nn.Module | None:
+    """``nn.LeakyReLU`` of an ``F.leaky_relu(x, negative_slope=0.01, inplace=False)`` call: its slope read from
+    the node (positional or keyword); None where the slope is not a number (a graph value: no fixed table)."""
+    slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+        return None
+    return nn.LeakyReLU(float(slope))
+
+
+def _plain(cls: type[nn.Module]):
+    return lambda node: cls()
+
+
+#: function -> builder(node) of the float module it applies (None: not a lookup table)
+_LUT_FUNCS = {F.hardswish: _plain(nn.Hardswish), F.hardsigmoid: _plain(nn.Hardsigmoid), F.silu: _plain(nn.SiLU),
+              torch.sigmoid: _plain(nn.Sigmoid), F.sigmoid: _plain(nn.Sigmoid), torch.tanh: _plain(nn.Tanh),
+              F.tanh: _plain(nn.Tanh), F.leaky_relu: _leaky_relu_module, F.leaky_relu_: _leaky_relu_module}
 _LUT_METHODS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 #: nodes that move codes without changing them (with the ReLU-like clamps of :func:`is_relu`)
 _CODE_MOVES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -359,7 +376,7 @@ def _lut_activation(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module |
         mod = modules[node.target]
         return mod if isinstance(mod, _LUT_MODULES) else None
     if node.op == "call_function" and node.target in _LUT_FUNCS:
-        return _LUT_FUNCS[node.target]()
+        return _LUT_FUNCS[node.target](node)
     if node.op == "call_method" and node.target in _LUT_METHODS:
         return _LUT_METHODS[node.target]()
     return None
@@ -427,9 +444,10 @@ def quantize_adds(gm: fx.GraphModule, make_quantizer) -> int:
     * a tensor-tensor add becomes ``QAdd`` (``qadd_<i>``), a ``torch.cat`` ``QCat`` (``qcat_<i>``), a
       tensor-tensor product ``QMul`` (``qmul_<i>``; an operand that is not already codes first passes an identity
       ``QAct``, its own quantizer: the product is taken of codes);
-    * a Hardswish / Hardsigmoid / SiLU / Sigmoid / Tanh (module, function or method) becomes ``QAct`` with an
-      input quantizer (unless its input already is codes) and an output quantizer: the lookup table of integer
-      inference maps input codes to output codes. A module is wrapped under its own name."""
+    * a Hardswish / Hardsigmoid / SiLU / Sigmoid / Tanh / LeakyReLU (module, function or method; a
+      ``F.leaky_relu`` keeps the ``negative_slope`` of its call) becomes ``QAct`` with an input quantizer (unless
+      its input already is codes) and an output quantizer: the lookup table of integer inference maps input
+      codes to output codes. A module is wrapped under its own name."""
     ops = _TensorOps(gm, make_quantizer)
     for node in list(gm.graph.nodes):
         ops.visit(node)

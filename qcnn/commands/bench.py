@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("bench", help="equal-bit-width benchmark of every method (resumable)")
     p.add_argument("--suite", default="quick", choices=sorted(SUITES),
-                   help="demo/quick: LeNet-5 on Fashion-MNIST (CPU); cifar10: ResNet-20 on CIFAR-10 (GPU)")
+                   help="demo/quick: LeNet-5 on Fashion-MNIST (CPU); cifar10: ResNet-20 on CIFAR-10 (GPU); "
+                        "detection: the YOLO-style yolo_tiny on the composited Fashion-MNIST detection set (mAP)")
     p.add_argument("--methods", default=None, help="comma-separated recipe names (default: the suite's)")
     p.add_argument("--bits", default=None, help="comma-separated W/A cells, e.g. 8/8,4/4,2/2,1/2,2/fp")
     p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"],
@@ -68,7 +69,8 @@ def run(args) -> int:
     print(results_table(results))
     print(f"wrote {args.out}/results.json, results.md, accuracy_vs_bits.png, accuracy_vs_size.png")
     if args.json:
-        ok = {k: round(c["top1"], 2) for k, c in results["cells"].items() if c["status"] == "ok"}
-        print(json.dumps({"float_top1": round(results["float"]["top1"], 2), "cells": ok,
+        m = suite.metric
+        ok = {k: round(c[m], 2) for k, c in results["cells"].items() if c["status"] == "ok"}
+        print(json.dumps({f"float_{m}": round(results["float"][m], 2), "cells": ok,
                           "seconds": round(time.time() - t0, 1)}))
     return 0

@@ -113,7 +113,8 @@ def add_training_args(g) -> None:
 def add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=dataset_required,
-                   help="mnist, fashion-mnist, cifar10, imagenet or imagefolder (see `qcnn datasets`)")
+                   help="mnist, fashion-mnist, cifar10, imagenet or imagefolder (see `qcnn datasets`); "
+                        "fashion-detection: the composited detection set (detectors such as yolo_tiny)")
     g.add_argument("--data-dir", default=None, help="dataset folder or archive (default: standard locations)")
     g.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (default: 128)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda if available, else cpu")
@@ -164,6 +165,7 @@ def seed_everything(seed: int) -> None:
 def load_data_from_args(args, augment: bool = True, **kw):
     """``qcnn.data.get_data`` from the parsed data arguments; joins torchrun's process group and shards."""
     from qcnn.data import get_data
+    from qcnn.data.detection_loaders import detection_bundle, is_detection_set
     from qcnn.train import init_distributed
 
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
@@ -174,6 +176,10 @@ def load_data_from_args(args, augment: bool = True, **kw):
     if world > 1:
         kw.setdefault("rank", rank)
         kw.setdefault("world_size", world)
+    if is_detection_set(args.dataset):
+        kw["batch_size"] = args.batch_size or 64
+        return detection_bundle(args.dataset, data_dir=args.data_dir, device=device, augment=augment,
+                                seed=getattr(args, "seed", 0), **kw)
     return get_data(args.dataset, data_dir=args.data_dir, device=device, augment=augment,
                     seed=getattr(args, "seed", 0), **kw)
 
@@ -316,6 +322,16 @@ def _rounded(v):
     return v
 
 
+def headline(res: dict, prefix: str = "") -> dict:
+    """The headline figures of an evaluation result under their names: ``{"top1": ...}`` for a classifier,
+    ``{"map_50": ..., "map": ...}`` for a detector (COCO mAP, points); ``prefix`` e.g. ``"float_"``."""
+    from qcnn.detection.task import metric_of
+
+    m = metric_of(res)
+    keys = (m,) if m == "top1" else (m, "map")
+    return {f"{prefix}{k}": res[k] for k in keys}
+
+
 def finish(args, figures: dict) -> int:
     """Print ``figures`` (one ``key: value`` line each); with ``--json`` the last line is them as JSON.
 
@@ -338,5 +354,5 @@ def finish(args, figures: dict) -> int:
 
 
 __all__ = ["DEVICES", "add_data_args", "add_deprecated_alias", "add_limit_args", "add_model_args", "add_output_args",
-           "add_per_channel_args", "add_training_args", "finish", "load_data_from_args", "load_model_from_args",
-           "positive_float", "positive_int", "resolve_device", "seed_everything"]
+           "add_per_channel_args", "add_training_args", "finish", "headline", "load_data_from_args",
+           "load_model_from_args", "positive_float", "positive_int", "resolve_device", "seed_everything"]

@@ -15,6 +15,7 @@ from qcnn.commands.common import (
     add_model_args,
     add_output_args,
     finish,
+    headline,
     load_data_from_args,
     load_model_from_args,
 )
@@ -80,8 +81,8 @@ def run(args) -> int:
 
     with kernels.use(args.kernels):
         res = run_engine(engine, model, loader)
-    figures = {"top1": res["top1"]}
-    figures.update({k: v for k, v in res.items() if k != "top1"})
+    figures = headline(res)
+    figures.update({k: v for k, v in res.items() if k not in figures and k != "metric"})
     figures.update({"engine": engine, "model": arch["name"],
                     "images": res.get("images", getattr(loader, "num_samples", None)),
                     "seconds": round(time.time() - t0, 1)})

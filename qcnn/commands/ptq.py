@@ -27,6 +27,7 @@ from qcnn.commands.common import (
     add_output_args,
     add_per_channel_args,
     finish,
+    headline,
     load_data_from_args,
     load_model_from_args,
     positive_int,
@@ -155,6 +156,7 @@ def _check_early(args, recipe) -> None:
 def run(args) -> int:
     from qcnn.checkpoint import save_model
     from qcnn.data import subset
+    from qcnn.detection.task import metric_of
     from qcnn.methods.ptq import post_training_quantize
     from qcnn.report.layers import layer_table, write_layer_table
     from qcnn.report.size import summarize
@@ -184,21 +186,22 @@ def run(args) -> int:
     if getattr(args, "checkpoint_info", None) and args.checkpoint_info.get("recipe"):
         raise ValueError(f"checkpoint {args.checkpoint!r} is already quantized; ptq needs a float model")
     model.eval()
-    float_top1 = evaluate(model, bundle.test)["top1"]
+    float_res = evaluate(model, bundle.test)
+    m = metric_of(float_res)
     # the accuracy search reports every trial; otherwise each step (calibration included) is a progress line
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.search == "accuracy" else progress_line
-    progress_line(f"float test top1 {float_top1:.2f}; quantizing ({recipe.method} W{recipe.w_bits}"
+    progress_line(f"float test {m} {float_res[m]:.2f}; quantizing ({recipe.method} W{recipe.w_bits}"
                   f"A{recipe.a_bits or 'fp'}) and calibrating on {recipe.calib_images} images")
     res = post_training_quantize(model, recipe, bundle.calib, search=args.search, metric=args.metric,
                                  max_drop=args.max_drop, bit_candidates=bits, window=args.window,
                                  eval_images=args.eval_images, log=log)
     qmodel, recipe = res.model, res.recipe
-    top1 = evaluate(qmodel, bundle.test)["top1"]
+    res_q = evaluate(qmodel, bundle.test)
     batch = next(iter(bundle.calib))[0]
     size = summarize(qmodel, batch[:1])
     figures = {"method": recipe.method, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "calib": recipe.calib,
                "search": args.search, "first_last": recipe.first_last, "per_channel": recipe.per_channel,
-               "float_top1": float_top1, "top1": top1, "drop": float_top1 - top1,
+               **headline(float_res, "float_"), **headline(res_q), "drop": float_res[m] - res_q[m],
                "size_bytes": size["size_bytes"], "bops": size["bops"]}
     figures["ptq_steps"] = recipe.ptq.steps
     figures["ptq_step_details"] = res.ptq_steps

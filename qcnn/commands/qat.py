@@ -21,6 +21,7 @@ from qcnn.commands.common import (
     add_per_channel_args,
     add_training_args,
     finish,
+    headline,
     load_data_from_args,
     load_model_from_args,
     seed_everything,
@@ -79,6 +80,7 @@ def recipe_from_args(args, base=None):
 def run(args) -> int:
     from qcnn.checkpoint import save_model
     from qcnn.data import subset
+    from qcnn.detection.task import metric_of
     from qcnn.methods import run_recipe, train_quantized
     from qcnn.recipes import Recipe
     from qcnn.train import check_spec, evaluate, is_main_process, progress_line
@@ -110,28 +112,30 @@ def run(args) -> int:
         recipe = recipe_from_args(args, base=Recipe.from_dict(info["recipe"], where="checkpoint recipe"))
         if is_main_process():  # refuse to overwrite an earlier run, or to resume one with other settings
             write_run_config(out, args.resume, config_of(recipe, arch), write=False, ignore=("model",))
-        float_top1 = None
+        float_res = None
         qmodel = model.train()
         metrics = train_quantized(qmodel, bundle, recipe, out, args.resume)
     else:
         if is_main_process():
             write_run_config(out, args.resume, config_of(recipe, arch), write=False, ignore=("model",))
-        float_top1 = evaluate(model, bundle.test)["top1"]
-        progress_line(f"float test top1 {float_top1:.2f}; quantizing ({recipe.method} W{recipe.w_bits}"
+        float_res = evaluate(model, bundle.test)
+        m = metric_of(float_res)
+        progress_line(f"float test {m} {float_res[m]:.2f}; quantizing ({recipe.method} W{recipe.w_bits}"
                       f"A{recipe.a_bits or 'fp'}) and calibrating on {recipe.calib_images} images")
         qmodel, metrics = run_recipe(model, bundle, recipe, out, args.resume)
         arch = arch_record(qmodel) or arch  # WAGE / Bi-Real train another network than the one passed in
     if out is not None and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_of(recipe, arch), default=str)
-    top1 = evaluate(qmodel, bundle.test)["top1"]
+    res = evaluate(qmodel, bundle.test)
+    m = metric_of(res)
     figures = {"method": recipe.method, "procedure": recipe.procedure, "w_bits": recipe.w_bits,
                "a_bits": recipe.a_bits, "first_last": recipe.first_last, "epochs": recipe.train.epochs,
-               "top1": top1, "float_top1": float_top1,
-               "drop": None if float_top1 is None else float_top1 - top1,
+               **headline(res), **(headline(float_res, "float_") if float_res else {f"float_{m}": None}),
+               "drop": None if float_res is None else float_res[m] - res[m],
                "seconds": round(time.time() - t0, 1)}
     if out is not None and is_main_process():
-        extra = {k: v for k, v in metrics.items() if k not in ("top1", "loss")}
+        extra = {k: v for k, v in metrics.items() if k not in ("top1", "loss", "map_50", "map", "map_75", "metric")}
         save_model(out / "model.pt", qmodel, arch, recipe=recipe,
                    metrics={**figures, "dataset": args.dataset, **extra})
         figures["model"] = str(out / "model.pt")

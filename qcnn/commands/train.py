@@ -12,6 +12,7 @@ from qcnn.commands.common import (
     add_output_args,
     add_training_args,
     finish,
+    headline,
     load_data_from_args,
     load_model_from_args,
     seed_everything,
@@ -24,6 +25,8 @@ DEFAULTS = {
                                       batch_size=128, epochs=3),
     ("lenet5", "mnist"): dict(optimizer="adam", lr=0.01, schedule="onecycle", weight_decay=5e-4, augment=False,
                               batch_size=128, epochs=3),
+    ("yolo_tiny", "fashion-detection"): dict(optimizer="adamw", lr=0.003, schedule="onecycle", weight_decay=5e-4,
+                                             batch_size=64, epochs=16),
     ("resnet*", "cifar10"): dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, schedule="onecycle",
                                  weight_decay=5e-4, batch_size=256),
 }
@@ -53,7 +56,7 @@ def add_parser(sub) -> None:
     g.add_argument("--augment", dest="augment", action="store_true", default=None,
                    help="random crop (+ flip for CIFAR) on the training set (default: on, except lenet5 on MNIST-like)")
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
-    add_limit_args(g, test=False)
+    add_limit_args(g)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     add_output_args(p)
     p.set_defaults(func=run)
@@ -88,6 +91,10 @@ def run(args) -> int:
         from qcnn.data import subset
 
         bundle.train = subset(bundle.train, args.limit_train)
+    if args.limit_test:
+        from qcnn.data import subset
+
+        bundle.test = subset(bundle.test, args.limit_test)
     model, arch = load_model_from_args(args, bundle)
     info = getattr(args, "checkpoint_info", None)
     if info and info.get("recipe"):
@@ -99,10 +106,11 @@ def run(args) -> int:
     if out is not None and is_main_process():
         config = {"model": arch, "dataset": args.dataset, "data_dir": args.data_dir, "init": args.checkpoint,
                   "seed": args.seed, "device": str(bundle.device), "limit_train": args.limit_train,
+                  "limit_test": args.limit_test,
                   "train": spec.__dict__}
         write_run_config(out, args.resume, config)
     result = fit(model, bundle, spec, out, resume=args.resume)
-    figures = {"top1": result["top1"], "loss": result["loss"], "epochs": result["epochs"],
+    figures = {**headline(result), "loss": result["loss"], "epochs": result["epochs"],
                "seconds": round(time.time() - t0, 1)}
     if out is not None and is_main_process():
         save_model(out / "model.pt", model, arch,

@@ -26,10 +26,11 @@ from qcnn.data.datasets import (
     list_datasets,
     locate,
 )
+from qcnn.data.detection_loaders import DetectionLoader, detection_bundle
 from qcnn.data.loaders import DataBundle, StreamLoader, TensorLoader, subset
 
 __all__ = [
-    "DATASETS", "DataBundle", "DatasetSpec", "Normalize", "Source", "StreamLoader", "TensorLoader", "cache_dir",
-    "clear_memory_cache", "crop_flip", "describe", "get_data", "get_spec", "hflip", "list_datasets", "locate",
-    "subset", "translate",
+    "DATASETS", "DataBundle", "DatasetSpec", "DetectionLoader", "Normalize", "Source", "StreamLoader", "TensorLoader",
+    "cache_dir", "clear_memory_cache", "crop_flip", "describe", "detection_bundle", "get_data", "get_spec", "hflip",
+    "list_datasets", "locate", "subset", "translate",
 ]

@@ -20,8 +20,9 @@ dequantizing the output only integer arithmetic runs (int64 tensors):
   ``s / K``), flatten / reshape / slicing / zero padding (by ``z``) / permute / chunk move codes.
 * **concatenation** (``QCat``: every input requantized to the output grid), **products** (``QMul``: the exact
   product of two code operands, requantized once), **activations** (``QAct``: Hardswish, Hardsigmoid, SiLU,
-  Sigmoid, Tanh as lookup tables from input codes to output codes, built with the simulation's float64
-  arithmetic), a **BatchNorm on codes** (DenseNet: an exact per-channel affine map, requantized by its consumer).
+  Sigmoid, Tanh, LeakyReLU (any slope) as lookup tables from input codes to output codes, built with the
+  simulation's float64 arithmetic), a **BatchNorm on codes** (DenseNet: an exact per-channel affine map,
+  requantized by its consumer).
 
 The fake-quant simulation (the quantized model in eval mode) defines the expected codes. The engine rounds
 exactly once per quantizer where the simulation does, with the simulation's own rule (``x * fl32(1/s)``)
@@ -56,8 +57,8 @@ _FLOAT_ADDS = (operator.add, torch.add, operator.iadd)
 _UNWRAPPED = {torch.cat: "concatenation", torch.concat: "concatenation", operator.mul: "product",
               torch.mul: "product", operator.imul: "product", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
               F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu", torch.tanh: "tanh",
-              F.tanh: "tanh"}
-_ACTIVATION_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh)
+              F.tanh: "tanh", F.leaky_relu: "leaky relu", F.leaky_relu_: "leaky relu"}
+_ACTIVATION_MODULES = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU)
 
 
 def _pair(v) -> list[int]:

@@ -1,10 +1,11 @@
-"""Top-1 of a quantized model with one of the inference engines (``qcnn eval --engine``)."""
+"""Top-1 (a detector: mAP) of a quantized model with one of the inference engines (``qcnn eval --engine``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from qcnn.detection.task import task_of
 from qcnn.integer.compiler import to_integer
 from qcnn.integer.onnx_export import to_onnx
 from qcnn.integer.onnx_runtime import OrtModel
@@ -35,7 +36,8 @@ def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) 
     forward), ``integer`` (:func:`to_integer`), ``onnx`` / ``onnxruntime`` (the exported model in ONNX
     Runtime: QLinear form where the graph allows it, else QDQ), ``onnxruntime-integer`` (the integer ONNX form,
     bit-exact with ``integer``). Returns ``{"top1", "images", "engine"}`` (plus
-    ``loss`` for the PyTorch engines)."""
+    ``loss`` for the PyTorch engines); a detector's mAP figures (:mod:`qcnn.detection.yolo`) in place of top-1:
+    the engine runs the network to its raw head tensor, box decoding and NMS stay float."""
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {ENGINES}")
     if kind in ("float", "fakequant"):
@@ -43,6 +45,12 @@ def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) 
     model.eval()
     im = to_integer(model, _first_batch(loader))
     fn = im if kind == "integer" else _ort_engine(kind, im, threads)
+    task = task_of(model)
+    if task is not None:  # a detector: the engine computes the raw head tensor, decoding and NMS stay float
+        def head(x):
+            return torch.as_tensor(fn(x if kind == "integer" else x.cpu())).float()
+
+        return {**task.evaluate(head, loader), "engine": kind}
     correct = seen = 0
     for x, y in loader:
         logits = fn(x.cpu() if kind != "integer" else x)

@@ -32,7 +32,8 @@ class QLinearBuilder(QDQBuilder):
     * ``sumpool`` + its ``requant``: ``com.microsoft.QLinearGlobalAveragePool`` / ``QLinearAveragePool``
       (``channels_last=1``); ``maxpool``: ``com.microsoft.NhwcMaxPool``;
     * clamps narrower than the container (ReLU on a signed grid, ReLU6, grids under 8 bits): uint8 ``Clip``;
-    * ``linear``: QDQ (``DequantizeLinear -> Gemm``), which ONNX Runtime fuses into ``com.microsoft.QGemm``.
+    * ``linear``: QDQ (``DequantizeLinear -> Gemm``), which ONNX Runtime fuses into ``com.microsoft.QGemm``; a
+      conv whose accumulator is the network's output (a detection head): QDQ too (``DequantizeLinear -> Conv``).
 
     A graph this form cannot express (a conv whose accumulator feeds a float consumer, an unquantized residual
     operand, non-zero weight zero points) raises a ValueError; use the QDQ form for it."""
@@ -322,7 +323,20 @@ class QLinearBuilder(QDQBuilder):
         return self._copy_meta(out, x, self.layout.get(x, "nchw"))
 
     def op_dequantize(self, op: Op, x: str) -> str:
+        if x in self.pending:  # an accumulator read as the network's output: no grid to requantize it to
+            x = self._float_head(x)
         return self.float_of(self._to_nchw(x, op.output), op.output)
+
+    def _float_head(self, x: str) -> str:
+        """A conv whose accumulator is the network's output (a detector's head): emitted as QDQ,
+        ``DequantizeLinear -> Conv`` with int8 weights and int32 bias (as the classifier's ``Gemm``)."""
+        src, xin, posts = self.pending.pop(x)
+        if src.kind != "conv" or posts:
+            what = " after ".join([p.kind for p in reversed(posts)] + [src.kind])
+            raise ValueError(f"{what} {src.attrs.get('layer', src.output)!r}: its unquantized output is the network's "
+                             "output, which the QLinear form expresses only for a conv read as it is; quantize that "
+                             "output in the model or export form='qdq' / form='integer'")
+        return super().op_linear(src, self._to_nchw(xin, src.output))
 
     def extra_output(self, v: str, key: str) -> str:
         """Codes of ``v`` as an NCHW uint8 graph output (code offset in the model's metadata)."""

@@ -11,7 +11,9 @@ becomes an ``nn.Identity``.
 **Pairs.** ``layer1 -> [activation / passthroughs] -> layer2`` where layer1 is a Conv2d (any groups) or Linear,
 layer2 a Conv2d with ``groups == 1``, a depthwise Conv2d (``groups == in == out channels``) or a Linear, and
 every tensor on the way has a single user (a tensor that also feeds a residual add is never rescaled). On the
-way: ReLU / LeakyReLU (positively homogeneous: ``f(x / s) = f(x) / s`` for ``s > 0``), Identity, Dropout
+way: ReLU / LeakyReLU (positively homogeneous: ``f(x / s) = f(x) / s`` for ``s > 0``; also the ``QAct``
+lookup-table wrapper :func:`qcnn.methods.quantize` puts around a LeakyReLU, whose quantizers calibrate
+afterwards), Identity, Dropout
 (eval), and between a conv and what follows it, max / average pooling (per channel, positively homogeneous)
 and a flatten when it yields exactly the channels (``Linear.in_features == out_channels``, i.e. after a
 global pool). ReLU6 / Hardtanh(0, 6) is not positively homogeneous. ``relu6="clip"`` (the default) turns it into
@@ -62,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from qcnn.nn.layers import ChannelClamp, QConvBn2d
+from qcnn.nn.layers import ChannelClamp, QAct, QConvBn2d
 from qcnn.transform import _is_passthrough, clip_bounds, is_relu, node_is_one_of, set_module, trace
 
 __all__ = ["EqualizeReport", "absorb_high_bias", "cross_layer_equalize", "equalization_pairs",
@@ -201,6 +203,9 @@ def _step_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if is_relu(node, modules) or (node.op == "call_function" and node.target in _HOMOGENEOUS_FUNCS):
         return "act"
     if node.op == "call_module" and isinstance(modules[node.target], nn.LeakyReLU):
+        return "act"
+    if node.op == "call_module" and isinstance(modules[node.target], QAct) and isinstance(
+            modules[node.target].act, nn.LeakyReLU):  # wrapped by qcnn.quantize, its quantizers not yet calibrated
         return "act"
     return _passthrough_kind(node, modules) if _is_passthrough(node, modules) else None
 

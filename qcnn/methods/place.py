@@ -147,6 +147,7 @@ def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> 
     check_defined(method, recipe)
     if not inplace:
         model = copy.deepcopy(model)
+    record = arch_record(model)  # before BN folding, which traces the model into a GraphModule
     model = split_norm_act(method.prepare(model))
     if recipe.fold_bn:
         model = fold_bn(model)
@@ -179,7 +180,7 @@ def quantize(model: nn.Module, recipe: Recipe | dict, inplace: bool = False) -> 
         quantize_adds(gm, lambda: method.add_quantizer(max(recipe.a_bits, 8), recipe.calib))
         gm.recompile()
     _post_training_structure(root, gm, recipe)
-    return keep_arch(root, arch_record(model))  # the traced copy keeps the model's architecture record
+    return keep_arch(root, arch_record(model) or record)  # the traced copy keeps the architecture record
 
 
 def _post_training_structure(root: nn.Module, gm, recipe: Recipe) -> None:

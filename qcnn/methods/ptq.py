@@ -149,9 +149,11 @@ def greedy_fl_search(qmodel: nn.Module, hists: dict[str, HistogramObserver], met
 # -- accuracy-aware bit-width search ------------------------------------------------------------------
 @torch.no_grad()
 def top1(model: nn.Module, batches) -> float:
-    """Top-1 (percent) of ``model`` in eval mode on a list of ``(x, y)`` batches (:func:`qcnn.train.evaluate`)."""
+    """Top-1 (percent) of ``model`` in eval mode on a list of ``(x, y)`` batches (:func:`qcnn.train.evaluate`); for a
+    detector its headline metric (mAP@0.5, points)."""
     model.eval()
-    return float(evaluate(model, batches)["top1"])
+    res = evaluate(model, batches)
+    return float(res[res.get("metric", "top1")])
 
 
 def accuracy_search(qmodel: nn.Module, eval_batches, float_top1: float, hists: dict[str, HistogramObserver],

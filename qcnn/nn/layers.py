@@ -282,7 +282,7 @@ class QMul(nn.Module):
 
 class QAct(nn.Module):
     """Elementwise activation on quantized values ``out_quant(act(input_quant(x)))`` (Hardswish, Hardsigmoid,
-    SiLU, Sigmoid, Tanh; ``act=None``: identity, a plain quantization point). Integer inference runs it as a
+    SiLU, Sigmoid, Tanh, LeakyReLU; ``act=None``: identity, a plain quantization point). Integer inference runs it as a
     lookup table from input codes to output codes; ``input_quant`` is None where the input already is codes
     (the output of another quantized op)."""
 

@@ -147,8 +147,10 @@ def test_squeeze_excitation_product_is_bit_exact(act, gate):
 
 
 # -- lookup-table activations --------------------------------------------------------------------------------
+#: name -> (module factory, function)
 _ACTS = {"hardswish": (nn.Hardswish, F.hardswish), "hardsigmoid": (nn.Hardsigmoid, F.hardsigmoid),
-         "silu": (nn.SiLU, F.silu), "sigmoid": (nn.Sigmoid, torch.sigmoid), "tanh": (nn.Tanh, torch.tanh)}
+         "silu": (nn.SiLU, F.silu), "sigmoid": (nn.Sigmoid, torch.sigmoid), "tanh": (nn.Tanh, torch.tanh),
+         "leaky_relu": (lambda: nn.LeakyReLU(0.1), lambda x: F.leaky_relu(x, 0.1))}
 
 
 class Activated(nn.Module):
@@ -187,13 +189,98 @@ def test_activation_lookup_tables_are_bit_exact(name, functional, bn, recipe):
     x = torch.randn(8, 3, 8, 8)
     im = assert_bit_exact(q, x, {"lut", "add"})
     luts = [op for op in im.ops if op.kind == "lut"]
-    assert len(luts) == 2 and {op.attrs["function"] for op in luts} == {_ACTS[name][0].__name__}
+    assert len(luts) == 2 and {op.attrs["function"] for op in luts} == {type(_ACTS[name][0]()).__name__}
+    if name == "leaky_relu":  # the slope of the call (F.leaky_relu(x, 0.1)) or of the module
+        assert {m.act.negative_slope for m in acts.values()} == {0.1}
     for op in luts:
         g = op.attrs["input_grid"]
         assert op.tensors["table"].numel() == g["qmax"] - g["qmin"] + 1
         assert op.tensors["table"].unique().numel() >= 16  # a real function of the input codes
     _, codes = im.run(x, record=True)
     assert _live(codes["act.out_quant"]) and _live(codes[f"{first}.out_quant"])
+
+
+class LeakySlopes(nn.Module):
+    """F.leaky_relu with the slope as a keyword, with the default slope, in place; an in-place module."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.c3 = nn.Conv2d(6, 6, 3, padding=1)
+        self.act = nn.LeakyReLU(0.05, inplace=True)
+        self.fc = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.c1(x), negative_slope=0.2)
+        y = F.leaky_relu(self.c2(y))
+        y = self.act(F.leaky_relu(self.c3(y), 0.3, inplace=True) + y)
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_leaky_relu_tables_keep_the_slope_of_each_call():
+    q = calibrated(LeakySlopes(), (3, 8, 8))
+    acts = {n: m for n, m in q.named_modules() if isinstance(m, QAct)}
+    assert {n: m.act.negative_slope for n, m in acts.items()} == {"qact_0": 0.2, "qact_1": 0.01, "qact_2": 0.3,
+                                                                   "act": 0.05}
+    assert not any(m.act.inplace for m in acts.values())  # each reads a quantizer's output
+    assert acts["act"].input_quant is None  # it reads the add's codes
+    x = torch.randn(6, 3, 8, 8)
+    im = assert_bit_exact(q, x, {"lut", "add"})
+    assert [op.attrs["function"] for op in im.ops if op.kind == "lut"] == ["LeakyReLU"] * 4
+    with pytest.raises(ValueError, match="leaky relu 'leaky_relu' .*quantize_adds=True"):
+        to_integer(calibrated(LeakySlopes(), (3, 8, 8), {**W8A8, "quantize_adds": False}), x)
+
+
+class TinyYolo(nn.Module):
+    """A YOLO-style detector: conv-BN-LeakyReLU(0.1) x3 (an in-place module, a module, a function), one of the
+    convs of stride 2, and a 1x1 conv head of 15 channels (3 anchors x (4 box + 1 objectness)) per cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), _bn(8)
+        self.a1 = nn.LeakyReLU(0.1, inplace=True)
+        self.c2, self.b2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), _bn(16)
+        self.a2 = nn.LeakyReLU(0.1)
+        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), _bn(16)
+        self.head = nn.Conv2d(16, 15, 1)
+
+    def forward(self, x):
+        x = self.a1(self.b1(self.c1(x)))
+        x = self.a2(self.b2(self.c2(x)))
+        return self.head(F.leaky_relu(self.b3(self.c3(x)), 0.1))
+
+
+_PACT4 = {"method": "pact", "w_bits": 4, "a_bits": 4, "first_last": "same"}
+
+
+@pytest.mark.parametrize("recipe", [_PACT4, _FQN4], ids=["pact", "fqn"])
+def test_yolo_style_leaky_relu_detector_is_bit_exact_and_exports(recipe):
+    q = calibrated(TinyYolo(), (3, 16, 16), recipe)
+    acts = {n: m for n, m in q.named_modules() if isinstance(m, QAct)}
+    assert set(acts) == {"a1", "a2", "qact_0"} and all(m.input_quant is not None for m in acts.values())
+    if recipe is _PACT4:  # a conv reading a leaky relu's output sees a signed input: PACT's signed variant
+        assert all(q.get_submodule(n).input_quant.signed for n in ("c2", "c3", "head"))
+    x = torch.randn(4, 3, 16, 16)
+    im = assert_bit_exact(q, x, {"conv", "lut"})
+    assert [op.attrs["layer"] for op in im.ops if op.kind == "lut"] == ["a1", "a2", "qact_0"]
+    out, codes = im.run(x, record=True)
+    assert out.shape == (4, 15, 8, 8) and out.std(0).mean() > 0
+    assert all(_live(codes[f"{n}.out_quant"]) for n in acts)
+    logits, got = ort_codes(*to_onnx(im, with_codes=True, form="integer"), x, threads=1)
+    assert compare_codes(got, codes)["equal"] == 1.0 and torch.equal(logits, out)
+    _, sim64 = simulation_codes(q, x, dtype=torch.float64)
+    for form in ("qdq", "qlinear") if recipe is _PACT4 else ("qdq",):  # FQN's weights are asymmetric
+        model, names = to_onnx(im, with_codes=True, forced=True, form=form)  # the head's conv stays float
+        _, per_layer = ort_codes(model, names, x, force=sim64, threads=1)
+        cmp = compare_codes(per_layer, sim64)  # float32 requantization, int32 bias: within one LSB
+        assert cmp["points"] == len(sim64) and cmp["max_diff"] <= 1, (form, cmp)
+
+
+def test_pact_unsigned_variant_after_leaky_relu():
+    q = calibrated(TinyYolo(), (3, 16, 16), {**_PACT4, "params": {"signed_variant": False}})
+    assert not any(q.get_submodule(n).input_quant.signed for n in ("c2", "c3", "head"))
+    assert_bit_exact(q, torch.randn(4, 3, 16, 16), {"lut"})
 
 
 # -- moves, global pooling, ceil-mode max pools --------------------------------------------------------------

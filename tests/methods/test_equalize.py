@@ -21,9 +21,9 @@ from qcnn.methods.equalize import (
     scale_residual_stream,
 )
 from qcnn.models import build_model
-from qcnn.nn.layers import ChannelClamp
+from qcnn.nn.layers import ChannelClamp, QAct
 from qcnn.recipes import Recipe
-from qcnn.transform import fold_bn, set_module
+from qcnn.transform import float_twin, fold_bn, set_module
 
 
 def _unequal(seed=0):
@@ -223,6 +223,25 @@ def test_cle_on_quantized_graph_lowers_4bit_error():
     plain = _quantized_mse(model, recipe, x, equalize=False)
     cle = _quantized_mse(model, recipe, x, equalize=True)
     assert cle < 0.05 * plain, (cle, plain)  # measured: 0.80 without CLE, 0.0030 with
+
+
+@torch.no_grad()
+def test_cle_runs_through_the_lookup_table_of_a_quantized_leaky_relu():
+    """qcnn.quantize wraps a LeakyReLU into a QAct (a lookup table in integer inference) before it equalizes:
+    the pairs still run through it (positively homogeneous; its quantizers calibrate afterwards), the float
+    function is kept and the ranges are equalized."""
+    model = _unequal(seed=2)
+    model[2], model[5] = nn.LeakyReLU(0.1), nn.LeakyReLU(0.1, inplace=True)
+    q = quantize(model, Recipe(method="uniform", w_bits=4, a_bits=8, fold_bn=True, first_last="same"))
+    assert isinstance(q.get_submodule("2"), QAct) and isinstance(q.get_submodule("5").act, nn.LeakyReLU)
+    x = _x((8, 3, 8, 8), dtype=torch.float32)
+    y0 = float_twin(q)(x)
+    rep = cross_layer_equalize(q, iterations=100, tol=1e-8)
+    assert rep.pairs == [("0", "3"), ("3", "8")]
+    assert _rel(float_twin(q)(x), y0) < 1e-5
+    assert rep.range_spread_before["0"] > 50 and rep.range_spread_after["0"] < 5
+    for pair in rep.pairs:
+        assert _range_mismatch(q, pair) < 1e-4
 
 
 def _biased_net():

@@ -60,6 +60,8 @@ def test_quantized_model_keeps_the_architecture_record_through_deepcopy():
     assert arch_record(q) == expect
     assert arch_record(copy.deepcopy(q)) == expect  # fx GraphModule deepcopy drops plain attributes
     assert arch_record(torch.nn.Linear(2, 2)) is None
+    # PTQ folds BatchNorm first (a traced copy): the record must survive that too (a detector's task is read off it)
+    assert arch_record(quantize(model, Recipe(w_bits=8, a_bits=8, fold_bn=True))) == expect
 
 
 # -- the layers users bring: subclasses, Conv1d, ConvTranspose2d, overrides, untraceable models ------------------
