@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from qcnn.checkpoint import save_atomic, save_model
+from qcnn.detection.task import metric_of
 from qcnn.io import write_text
 from qcnn.methods.base import get_method
 from qcnn.models import arch_record, build_model, load_weights
@@ -100,7 +101,7 @@ def cell_key(method: str, bits: str) -> str:
 def _scores(model, loader) -> dict:
     """The headline figure under its name (``top1``, or ``map_50``) plus a detector's ``map`` / ``map_75``."""
     res = evaluate(model, loader)
-    keys = [res.get("metric", "top1")] + [k for k in ("map", "map_75") if k in res]
+    keys = [metric_of(res)] + [k for k in ("map", "map_75") if k in res]
     return {k: float(res[k]) for k in keys}
 
 

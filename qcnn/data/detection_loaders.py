@@ -70,9 +70,8 @@ class DetectionLoader(_Batches):
         return self._copy(images=self.images[:n], boxes=self.boxes[:n], labels=self.labels[:n])
 
     def to(self, device: str | torch.device) -> DetectionLoader:
-        return DetectionLoader(self.images.to(device), self.boxes, self.labels, batch_size=self.batch_size,
-                               normalize=self.normalize, shuffle=self.shuffle, flip=self.flip, seed=self.seed,
-                               drop_last=self.drop_last, name=self.name)
+        return self._copy(images=self.images.to(device), boxes=[b.to(device) for b in self.boxes],
+                          labels=[lab.to(device) for lab in self.labels])
 
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This epoch's (indices, flips) on the CPU."""
@@ -117,7 +116,7 @@ def detection_bundle(name: str = "fashion-detection", data_dir=None, batch_size:
                      calib_size: int = 500, *, exclude_calib: bool = False, eval_batch_size: int | None = None,
                      train_limit: int | None = None, test_limit: int | None = None, download: bool = True,
                      cache_dir=None, n_train: int = DEFAULT_TRAIN, n_test: int = DEFAULT_TEST,
-                     data_seed: int = 0, **ignored) -> DataBundle:
+                     data_seed: int = 0, image_size: int | None = None, **ignored) -> DataBundle:
     """Train / test / calibration loaders of the composited detection set.
 
     ``n_train`` / ``n_test`` canvases are generated (or read from the cache) with ``data_seed`` from the
@@ -136,7 +135,7 @@ def detection_bundle(name: str = "fashion-detection", data_dir=None, batch_size:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if name == "coco":
-        train, test = coco_sets(data_dir, ignored.get("image_size") or COCO_IMAGE_SIZE)
+        train, test = coco_sets(data_dir, image_size or COCO_IMAGE_SIZE)
         mean, std = pixel_statistics(train.images)
     else:
         common = dict(data_dir=data_dir, cache_dir=cache_dir, download=download, seed=data_seed)

@@ -58,29 +58,26 @@ class YoloTask:
                              f"(5 + {self.num_classes} classes)")
 
     def assign(self, targets: list[dict], sh: int, sw: int, device) -> tuple[Tensor, ...]:
-        """Flat cell index ``b S_h S_w + i S_w + j``, gt boxes [P, 4] and labels [P] of the assigned boxes."""
-        cells, boxes, labels = [], [], []
-        for b, t in enumerate(targets):
-            bx = t["boxes"].to(device, torch.float32).reshape(-1, 4)
-            if bx.numel() == 0:
-                continue
-            lab = t["labels"].to(device, torch.int64).reshape(-1)
-            area = (bx[:, 2] - bx[:, 0]) * (bx[:, 3] - bx[:, 1])
-            order = torch.argsort(area, stable=True)  # smaller first: a larger box in the same cell overwrites
-            bx, lab = bx[order], lab[order]
-            cx, cy = (bx[:, 0] + bx[:, 2]) / 2, (bx[:, 1] + bx[:, 3]) / 2
-            j = (cx / self.stride).floor().long().clamp(0, sw - 1)
-            i = (cy / self.stride).floor().long().clamp(0, sh - 1)
-            flat = b * sh * sw + i * sw + j
-            keep = {int(f): k for k, f in enumerate(flat.tolist())}  # last (largest) wins
-            idx = torch.tensor(sorted(keep.values()), device=device, dtype=torch.long)
-            cells.append(flat[idx])
-            boxes.append(bx[idx])
-            labels.append(lab[idx])
-        if not cells:
+        """Flat cell index ``b S_h S_w + i S_w + j``, gt boxes [P, 4] and labels [P] of the assigned boxes (all
+        images at once: sorted by cell, the larger box of a shared cell last, and the last of each cell kept)."""
+        boxes = [t["boxes"].to(device, torch.float32).reshape(-1, 4) for t in targets]
+        labels = [t["labels"].to(device, torch.int64).reshape(-1) for t in targets]
+        if sum(len(b) for b in boxes) == 0:
             z = torch.zeros(0, dtype=torch.long, device=device)
             return z, torch.zeros(0, 4, device=device), z
-        return torch.cat(cells), torch.cat(boxes), torch.cat(labels)
+        bx, lab = torch.cat(boxes), torch.cat(labels)
+        counts = torch.tensor([len(b) for b in boxes], device=device)
+        image = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts)
+        j = ((bx[:, 0] + bx[:, 2]) / 2 / self.stride).floor().long().clamp(0, sw - 1)
+        i = ((bx[:, 1] + bx[:, 3]) / 2 / self.stride).floor().long().clamp(0, sh - 1)
+        flat = image * sh * sw + i * sw + j
+        order = torch.argsort((bx[:, 2] - bx[:, 0]) * (bx[:, 3] - bx[:, 1]), stable=True)
+        order = order[torch.argsort(flat[order], stable=True)]  # by cell; within a cell by area (ties: listed order)
+        f = flat[order]
+        last = torch.ones_like(f, dtype=torch.bool)
+        last[:-1] = f[1:] != f[:-1]
+        keep = order[last]
+        return flat[keep], bx[keep], lab[keep]
 
     def decode_boxes(self, p: Tensor) -> Tensor:
         """Boxes ``[N, S_h S_w, 4]`` (xyxy pixels) of every cell."""

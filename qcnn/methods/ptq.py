@@ -41,6 +41,7 @@ from torch import Tensor, fx, nn
 from qcnn.calib import calibrating
 from qcnn.calib.histogram import HistogramObserver
 from qcnn.calib.observers import check_finite
+from qcnn.detection.task import metric_of
 from qcnn.methods.adaround import adaround
 from qcnn.methods.base import get_method
 from qcnn.methods.bias_correction import analytic_bias_correction, empirical_bias_correction
@@ -153,7 +154,7 @@ def top1(model: nn.Module, batches) -> float:
     detector its headline metric (mAP@0.5, points)."""
     model.eval()
     res = evaluate(model, batches)
-    return float(res[res.get("metric", "top1")])
+    return float(res[metric_of(res)])
 
 
 def accuracy_search(qmodel: nn.Module, eval_batches, float_top1: float, hists: dict[str, HistogramObserver],
