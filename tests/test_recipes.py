@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 ALL = sorted(PACKAGED_RECIPES.glob("*.yaml"))
 QAT_RECIPES = ["dorefa", "pact", "wrpn", "hwgq", "lsq", "zhuang_two_step", "zhuang_progressive", "zhuang_guided"]
 #: one recipe per method and procedure of the survey (README table)
-METHOD_RECIPES = {"bireal", "clipq", "dorefa", "elq", "fqn", "hwgq", "lsq", "nonuniform", "pact", "pact_unsigned",
-                  "qcode", "uniform", "uniform_qat", "vnq", "wage", "wrpn", "zhuang_guided", "zhuang_progressive",
-                  "zhuang_two_step"}
+METHOD_RECIPES = {"bireal", "clipq", "dorefa", "elq", "fqn", "fqn_mse", "hwgq", "lsq", "nonuniform", "pact",
+                  "pact_unsigned", "qcode", "uniform", "uniform_qat", "vnq", "wage", "wrpn", "zhuang_guided",
+                  "zhuang_progressive", "zhuang_two_step"}
 
 
 def test_the_package_holds_every_method_recipe(monkeypatch):
