@@ -52,12 +52,13 @@ class FQNMethod(Method):
                                 dynamic=True)
 
     def calibrated_act(self, bits: int, signed: bool, calib: str) -> UniformQuantizer:
-        if calib in ("ema", "minmax"):
-            return UniformQuantizer(bits, signed=signed, symmetric=False, observer="ema", track_in_training=True,
-                                    gamma=self.options.gamma)
-        if calib == "mse":
-            return UniformQuantizer(bits, signed=signed, symmetric=False, observer="mse", track_in_training=True,
-                                    track_momentum=self.options.gamma)
+        # the EMA observer averages batch min/max with its own gamma; the MSE one is tracked by an EMA of
+        # per-batch MSE ranges with momentum gamma
+        ranges = {"ema": dict(observer="ema", gamma=self.options.gamma),
+                  "minmax": dict(observer="ema", gamma=self.options.gamma),
+                  "mse": dict(observer="mse", track_momentum=self.options.gamma)}
+        if calib in ranges:
+            return UniformQuantizer(bits, signed=signed, symmetric=False, track_in_training=True, **ranges[calib])
         raise ValueError(f"fqn: calib={calib!r} is not an FQN activation range: choose 'ema' (EMA of batch "
                          "min/max, the paper's) or 'mse' (EMA of per-batch MSE-optimal ranges)")
 
