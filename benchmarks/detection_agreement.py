@@ -1,15 +1,17 @@
 """Quantized detector: integer engine and ONNX Runtime against the fake-quant model, raw head tensors and mAP.
 
-For each quantized ``yolo_tiny`` checkpoint (e.g. the W4A4 / W8A8 cells of ``qcnn bench --suite detection``):
+For each quantized zoo detector checkpoint (e.g. the W4A4 / W8A8 cells of ``qcnn bench --suite detection``, with
+``yolo_tiny``, or ``--suite detection-ssd``, with ``ssdlite``):
 
 * ``codes``: every quantizer's codes (layer inputs, lookup-table activations) of the integer engine on the
   test canvases against the fake-quant simulation evaluated in float64
   (:func:`qcnn.integer.agreement.simulation_codes`): fraction equal and max |difference| in LSB;
-* ``head``: the raw head tensor ``[N, 15, 12, 12]`` of the engine against that simulation (max |difference|,
-  float rounding of the dequantized accumulator only) and ONNX Runtime on the integer ONNX form against the
-  engine (``torch.equal``);
+* ``head``: the raw head tensors (yolo_tiny: one ``[N, 15, 12, 12]``; ssdlite: the 12 per-level class and box
+  maps) of the engine against that simulation (max |difference| over all of them, float rounding of the
+  dequantized accumulator only) and ONNX Runtime on the integer ONNX form against the engine (``torch.equal``);
 * ``map``: COCO mAP@0.5 / mAP@[.5:.95] (points) of the fake-quant model (float32, as trained), the engine and
-  ONNX Runtime, each followed by the same float decoding and NMS (:mod:`qcnn.detection.yolo`).
+  ONNX Runtime, each followed by the same float decoding and NMS (the model's task: :mod:`qcnn.detection.yolo`,
+  :mod:`qcnn.detection.ssd`).
 
     python benchmarks/detection_agreement.py runs/bench_detection/cells/fqn@4-4/model.pt ...
 
@@ -39,6 +41,10 @@ from qcnn.integer.onnx_runtime import OrtModel  # noqa: E402
 from qcnn.io import write_text  # noqa: E402
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 @torch.no_grad()
 def check(path: str, bundle, threads: int) -> dict:
     model, info = load_model(path)
@@ -60,13 +66,14 @@ def check(path: str, bundle, threads: int) -> dict:
         equal += cmp["equal"] * cmp["elements"]
         elements += cmp["elements"]
         max_code = max(max_code, cmp["max_diff"])
-        head_diff = max(head_diff, float((out.double() - ref64).abs().max()))
-        head_scale = max(head_scale, float(ref64.abs().max()))
         o = ort(x)
-        ort_equal &= bool(torch.equal(o, out.float()))
+        out_l, ref_l, o_l = _tensors(out), _tensors(ref64), _tensors(o)
+        head_diff = max(head_diff, *(float((a.double() - r).abs().max()) for a, r in zip(out_l, ref_l)))
+        head_scale = max(head_scale, *(float(r.abs().max()) for r in ref_l))
+        ort_equal &= len(o_l) == len(out_l) and all(torch.equal(a, b.float()) for a, b in zip(o_l, out_l))
         outs["fakequant"].append(model(x))
-        outs["integer"].append(out.float())
-        outs["onnxruntime-integer"].append(o)
+        outs["integer"].append(task.as_output(out))
+        outs["onnxruntime-integer"].append(task.as_output(o))
     maps = {}
     for kind, heads in outs.items():
         it = iter(heads)
@@ -74,7 +81,7 @@ def check(path: str, bundle, threads: int) -> dict:
         maps[kind] = {"map_50": round(res["map_50"], 2), "map": round(res["map"], 2)}
     recipe = info.get("recipe") or {}
     bits = f"W{recipe.get('w_bits')}A{recipe.get('a_bits')}"
-    return {"checkpoint": path, "method": recipe.get("method"), "bits": bits,
+    return {"checkpoint": path, "model": info["arch"]["name"], "method": recipe.get("method"), "bits": bits,
             "images": sum(len(t) for _, t in batches), "points": len(sim64),
             "codes_equal": equal / max(elements, 1), "codes_max_diff": max_code, "codes_elements": elements,
             "head_max_abs_diff_vs_float64_sim": head_diff, "head_max_abs": head_scale,
@@ -82,9 +89,9 @@ def check(path: str, bundle, threads: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["# Quantized yolo_tiny: integer engine and ONNX Runtime vs the fake-quant model", "",
+    lines = ["# Quantized detectors: integer engine and ONNX Runtime vs the fake-quant model", "",
              "Codes: every quantizer point of the engine vs the float64 simulation (fraction equal, max LSB). "
-             "Head: the raw head tensor, engine vs float64 simulation (max |diff| against max |value|); ORT = "
+             "Head: the raw head tensors, engine vs float64 simulation (max |diff| against max |value|); ORT = "
              "ONNX Runtime on the integer ONNX form, equal to the engine element for element. mAP (points) after "
              "the same float decoding and NMS.", "",
              "| cell | images | codes equal | max LSB | head max diff / max | ORT == engine | "
@@ -93,7 +100,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m = r["map"]
         lines.append(
-            f"| {r['method']} {r['bits']} | {r['images']} | {r['codes_equal']:.6f} | {r['codes_max_diff']} | "
+            f"| {r.get('model', 'yolo_tiny')} {r['method']} {r['bits']} | {r['images']} | {r['codes_equal']:.6f} | "
+            f"{r['codes_max_diff']} | "
             f"{r['head_max_abs_diff_vs_float64_sim']:.2e} / {r['head_max_abs']:.2f} | "
             f"{r['ort_integer_equals_engine']} | "
             + " | ".join(" / ".join(f"{m[k][f]:.2f}" for k in ("fakequant", "integer", "onnxruntime-integer"))
@@ -103,7 +111,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="quantized yolo_tiny model.pt files")
+    p.add_argument("checkpoints", nargs="+", help="quantized detector model.pt files (yolo_tiny, ssdlite)")
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)

@@ -81,6 +81,13 @@ SUITES: dict[str, Suite] = {
                        float_recipe={"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0005, "batch_size": 64},
                        qat_train={"optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0, "schedule": "cosine",
                                   "batch_size": 64, "freeze_bn": 0.0}),
+    # torchvision's SSDlite (MobileNetV3-Large: Hardswish, squeeze-excitation, depthwise convs) on the same set
+    "detection-ssd": Suite("detection-ssd", "ssdlite", "fashion-detection", ["qcode", "uniform", "pact", "lsq", "fqn",
+                                                                             "fqn_mse"], ["8/8", "4/4"],
+                           epochs=3, float_epochs=16, first_last="same", batch_size=64, metric="map_50",
+                           float_recipe={"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0005, "batch_size": 64},
+                           qat_train={"optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0, "schedule": "cosine",
+                                      "batch_size": 64, "freeze_bn": 0.0}),
 }
 
 

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="equal-bit-width benchmark of every method (resumable)")
     p.add_argument("--suite", default="quick", choices=sorted(SUITES),
                    help="demo/quick: LeNet-5 on Fashion-MNIST (CPU); cifar10: ResNet-20 on CIFAR-10 (GPU); "
-                        "detection: the YOLO-style yolo_tiny on the composited Fashion-MNIST detection set (mAP)")
+                        "detection: the YOLO-style yolo_tiny on the composited Fashion-MNIST detection set (mAP); "
+                        "detection-ssd: torchvision's SSDlite (MobileNetV3) on it")
     p.add_argument("--methods", default=None, help="comma-separated recipe names (default: the suite's)")
     p.add_argument("--bits", default=None, help="comma-separated W/A cells, e.g. 8/8,4/4,2/2,1/2,2/fp")
     p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"],

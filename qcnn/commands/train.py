@@ -27,6 +27,8 @@ DEFAULTS = {
                               batch_size=128, epochs=3),
     ("yolo_tiny", "fashion-detection"): dict(optimizer="adamw", lr=0.003, schedule="onecycle", weight_decay=5e-4,
                                              batch_size=64, epochs=16),
+    ("ssdlite", "fashion-detection"): dict(optimizer="adamw", lr=0.003, schedule="onecycle", weight_decay=5e-4,
+                                           batch_size=64, epochs=16),
     ("resnet*", "cifar10"): dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, schedule="onecycle",
                                  weight_decay=5e-4, batch_size=256),
 }

@@ -12,12 +12,14 @@ from collections.abc import Callable
 
 from torch import nn
 
+from qcnn.detection.ssd import SSDTask
 from qcnn.detection.yolo import YoloTask
 from qcnn.models import arch_record
 
 #: zoo detector name -> task factory of its architecture record
 DETECTORS: dict[str, Callable[[dict], object]] = {
     "yolo_tiny": lambda arch: YoloTask(num_classes=int(arch["num_classes"])),
+    "ssdlite": lambda arch: SSDTask(num_classes=int(arch["num_classes"])),
 }
 
 

@@ -19,27 +19,26 @@ class-wise NMS at IoU ``nms_iou`` (``torchvision.ops.batched_nms``) and keeps th
 The post-processing is float and outside the quantized / integer graph: the integer engine and ONNX export
 run the network up to ``p``.
 
-:func:`evaluate` gives COCO mAP (pycocotools, :mod:`qcnn.detection.metrics`) in percent points:
-``{"map_50", "map", "map_75", "loss", "images", "metric": "map_50"}``.
+``evaluate`` (:class:`qcnn.detection.base.DetectionTask`) gives COCO mAP (pycocotools,
+:mod:`qcnn.detection.metrics`) in percent points: ``{"map_50", "map", "map_75", "loss", "images", "metric":
+"map_50"}``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from qcnn.detection.metrics import mean_average_precision
+from qcnn.detection.base import DetectionTask
 from qcnn.models.yolo import STRIDE
 
 MAX_LOG_SIZE = 4.0
 
 
 @dataclass(frozen=True)
-class YoloTask:
+class YoloTask(DetectionTask):
     """Loss, decoding and evaluation of a :class:`qcnn.models.yolo.TinyYOLO` with ``num_classes`` classes."""
 
     num_classes: int = 10
@@ -146,45 +145,6 @@ class YoloTask:
             sel = batched_nms(bx, top, label, self.nms_iou)[: self.max_detections]
             out.append({"boxes": bx[sel].cpu(), "scores": top[sel].cpu(), "labels": label[sel].cpu()})
         return out
-
-    # -- evaluation ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model, loader: Iterable, max_batches: int | None = None) -> dict:
-        """COCO mAP (percent points) and the batch losses' mean (weighted by images) of ``model`` on
-        ``loader``, in eval mode. ``model`` may be any callable from images to the raw head output (an
-        integer engine, an ONNX Runtime session)."""
-        was = getattr(model, "training", None)
-        if was is not None:
-            model.eval()
-        preds, gts, loss_sum, count = [], [], 0.0, 0
-        try:
-            for bi, (x, targets) in enumerate(loader):
-                if max_batches is not None and bi >= max_batches:
-                    break
-                p = torch.as_tensor(model(x))
-                loss_sum += float(self.loss_from_output(p, targets)) * len(targets)
-                count += len(targets)
-                preds.extend(self.decode(p))
-                gts.extend({"boxes": t["boxes"].cpu(), "labels": t["labels"].cpu()} for t in targets)
-        finally:
-            if was is not None:
-                model.train(was)
-        if count == 0:
-            raise ValueError("evaluate: the loader is empty (0 images)")
-        m = mean_average_precision(preds, gts)
-        pct = {k: (100.0 * m[k] if m[k] >= 0 else m[k]) for k in ("map_50", "map", "map_75")}
-        return {**pct, "loss": loss_sum / count if math.isfinite(loss_sum) else math.inf, "images": count,
-                "metric": self.metric}
-
-    def outputs(self, model: nn.Module, loader: Iterable) -> list[dict[str, Tensor]]:
-        """Decoded detections of ``model`` over ``loader`` (eval mode), one dict per image."""
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return [d for x, _ in loader for d in self.decode(model(x))]
-        finally:
-            model.train(was)
 
 
 __all__ = ["YoloTask"]

@@ -48,7 +48,7 @@ def run_engine(kind: str, model: nn.Module, loader, threads: int | None = None) 
     task = task_of(model)
     if task is not None:  # a detector: the engine computes the raw head tensor, decoding and NMS stay float
         def head(x):
-            return torch.as_tensor(fn(x if kind == "integer" else x.cpu())).float()
+            return task.as_output(fn(x if kind == "integer" else x.cpu()))
 
         return {**task.evaluate(head, loader), "engine": kind}
     correct = seen = 0

@@ -34,8 +34,15 @@ class OrtModel:
         arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
         return self.session.run(None, {self.input_name: arr})
 
-    def __call__(self, x) -> torch.Tensor:
-        return torch.from_numpy(self.run(x)[0])
+    def __call__(self, x) -> torch.Tensor | list[torch.Tensor]:
+        """The network's output: ``logits`` (one tensor), or ``[logits, output1, ...]`` for a network of several
+        outputs (a detector's per-level heads); the code outputs of a ``with_codes`` export are left out."""
+        outs = self.run(x)
+        net = [i for i, n in enumerate(self.output_names) if n == "logits" or (n.startswith("output") and
+                                                                               n[6:].isdigit())]
+        if len(net) <= 1:
+            return torch.from_numpy(outs[0])
+        return [torch.from_numpy(outs[i]) for i in net]
 
 
 def ort_codes(model, names: dict[str, str], x: torch.Tensor, force: dict[str, torch.Tensor] | None = None,

@@ -127,7 +127,7 @@ def scaled(channels: int, width: float) -> int:
 
 
 # zoo modules register themselves on import (kept at the bottom: they import register_model)
-from qcnn.models import bireal, lenet, resnet_cifar, vgg, wage_nets, yolo  # noqa: E402, F401
+from qcnn.models import bireal, lenet, resnet_cifar, ssdlite, vgg, wage_nets, yolo  # noqa: E402, F401
 from qcnn.models.tv import build_torchvision  # noqa: E402
 
 __all__ = ["ARCH_ATTR", "MODELS", "arch_record", "build_model", "keep_arch", "record_arch", "extract_state_dict",
