@@ -21,6 +21,9 @@ class DetectionTask:
 
     metric: str = "map_50"
 
+    def check_input(self, x) -> None:
+        """Refuse an input the task cannot decode (here: any)."""
+
     def as_output(self, p):
         """The raw head output in the task's form (here one float32 tensor; engines may return numpy arrays or
         float64)."""
@@ -40,6 +43,7 @@ class DetectionTask:
             for bi, (x, targets) in enumerate(loader):
                 if max_batches is not None and bi >= max_batches:
                     break
+                self.check_input(x)
                 p = self.as_output(model(x))
                 loss_sum += float(self.loss_from_output(p, targets)) * len(targets)
                 count += len(targets)

@@ -20,7 +20,8 @@ by cell, then box by box) and everything else is torchvision's ``SSD`` code, cal
   ``max_detections`` best kept.
 
 The image side is taken as ``16`` times the first level's grid (the first level is at stride 16 in
-MobileNetV3): exact for inputs whose sides are multiples of 16, the 96-pixel canvases among them.
+MobileNetV3), so the training loss and evaluation refuse inputs whose sides are not multiples of 16 (the
+96-pixel canvases are).
 Labels are ``0..C-1`` outside this module (shifted by one for torchvision's background class).
 """
 
@@ -65,6 +66,13 @@ class SSDTask(DetectionTask):
                    score_thresh=self.score_threshold, nms_thresh=self.nms_iou,
                    detections_per_img=self.max_detections, iou_thresh=self.iou_threshold,
                    topk_candidates=self.pre_nms)
+
+    def check_input(self, x) -> None:
+        h, w = x.shape[-2:]
+        if h % FIRST_STRIDE or w % FIRST_STRIDE:
+            raise ValueError(f"SSD input {h}x{w}: the sides must be multiples of {FIRST_STRIDE} (the default boxes "
+                             f"are laid out on {FIRST_STRIDE} x the first level's grid); resize the images (the "
+                             "COCO-format loader resizes to 96 x 96)")
 
     # -- layout ----------------------------------------------------------------------------------------
     def as_output(self, p) -> tuple[Tensor, ...]:
@@ -127,6 +135,7 @@ class SSDTask(DetectionTask):
 
     def loss(self, net: nn.Module, x: Tensor, targets: list[dict]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The training loss of ``net`` on a batch, and its raw output (the ``fit`` ``loss_fn`` signature)."""
+        self.check_input(x)
         p = net(x)
         return self.loss_from_output(p, targets), p
 

@@ -103,6 +103,8 @@ def test_bad_outputs_are_named():
         SSDTask(num_classes=4).decode(p)
     with pytest.raises(ValueError, match="SSD output is Tensor"):
         TASK.decode(p[0])
+    with pytest.raises(ValueError, match="SSD input 100x96: the sides must be multiples of 16"):
+        TASK.loss(model, torch.rand(1, 1, 100, 96), _targets()[:1])
 
 
 def test_task_of_and_checkpoints(tmp_path):
