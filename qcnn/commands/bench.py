@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--first-last", default=None, choices=["fp32", "8bit", "same"],
                    help="first/last layer policy of every cell (default: the suite's)")
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs per cell (default: the suite's)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate of every QAT cell and of the fine-tuned float reference (default: the suite's, "
+                        "else each recipe's)")
     p.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
                    help="QAT cells train on the first N training images (default: the suite's)")
     add_deprecated_alias(p, "--train-images", "--limit-train", "limit_train", type=positive_int, metavar="N")
@@ -51,6 +54,8 @@ def run(args) -> int:
     suite = SUITES[args.suite]
     changes = {k: v for k, v in {"first_last": args.first_last, "epochs": args.epochs,
                                  "train_images": args.limit_train}.items() if v is not None}
+    if args.lr is not None:
+        changes["qat_train"] = {**suite.qat_train, "lr": args.lr}
     suite = dataclasses.replace(suite, **changes)
     methods = args.methods.split(",") if args.methods else None
     bits = args.bits.split(",") if args.bits else None

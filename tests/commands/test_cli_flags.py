@@ -135,3 +135,26 @@ def test_bench_time_limit_must_be_a_positive_number(value, capsys):
         build_parser().parse_args(["bench", "--out", "x", "--time-limit", value])
     assert e.value.code == 2 and "--time-limit" in capsys.readouterr().err
     assert build_parser().parse_args(["bench", "--out", "x", "--time-limit", "2.5"]).time_limit == 2.5
+
+
+def test_bench_lr_sets_the_qat_learning_rate_of_the_suite(monkeypatch, tmp_path, capsys):
+    import qcnn.bench
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_bench(suite, *a, **kw):
+        seen.append(suite)
+        raise Stop
+
+    monkeypatch.setattr(qcnn.bench, "Bench", fake_bench)
+    for extra in ([], ["--lr", "0.001"]):
+        with pytest.raises(Stop):
+            main(["bench", "--suite", "detection", "--out", str(tmp_path), *extra])
+    assert seen[0].qat_train["lr"] == 0.0005 and seen[1].qat_train == {**seen[0].qat_train, "lr": 0.001}
+    assert qcnn.bench.SUITES["detection"].qat_train["lr"] == 0.0005  # the suite itself is unchanged
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--out", "x", "--lr", "0"])
+    assert "--lr" in capsys.readouterr().err
