@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +17,17 @@ from torch import Tensor, nn
 from qcnn.detection.metrics import mean_average_precision
 
 
+@dataclass(frozen=True, kw_only=True)
 class DetectionTask:
-    """Evaluation shared by the detection tasks (mixin of the task dataclasses)."""
+    """Decoding settings and evaluation shared by the detection tasks (the base of the task dataclasses):
+    detections scoring above ``score_threshold``, at most ``pre_nms`` of them before class-wise NMS at IoU
+    ``nms_iou``, the ``max_detections`` best kept."""
 
+    score_threshold: float = 0.01
+    nms_iou: float = 0.5
+    pre_nms: int = 300
+    max_detections: int = 100
+    name: str = "detection"
     metric: str = "map_50"
 
     def check_input(self, x) -> None:

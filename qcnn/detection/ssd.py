@@ -47,12 +47,6 @@ class SSDTask(DetectionTask):
     min_ratio: float = 0.15
     max_ratio: float = 0.65
     iou_threshold: float = 0.5
-    score_threshold: float = 0.01
-    nms_iou: float = 0.5
-    pre_nms: int = 300
-    max_detections: int = 100
-    name: str = "detection"
-    metric: str = "map_50"
 
     @cached_property
     def ssd(self):

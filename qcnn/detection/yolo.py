@@ -43,12 +43,6 @@ class YoloTask(DetectionTask):
 
     num_classes: int = 10
     stride: int = STRIDE
-    score_threshold: float = 0.01
-    nms_iou: float = 0.5
-    pre_nms: int = 300
-    max_detections: int = 100
-    name: str = "detection"
-    metric: str = "map_50"
 
     # -- targets and loss ------------------------------------------------------------------------------
     def check_output(self, p: Tensor) -> None:
