@@ -34,9 +34,14 @@ CONFIGS = {
     "qcode-pt-8/8": dict(method="qcode", per_channel=False, w_bits=8, a_bits=8, calib="mse"),
     "qcode-pt-8/8-unsigned": dict(method="qcode", per_channel=False, w_bits=8, a_bits=8, calib="mse",
                                   params={"unsigned_acts": True}),
+    "qcode-pt-8/8-unsigned-kl": dict(method="qcode", per_channel=False, w_bits=8, a_bits=8, calib="kl",
+                                     params={"unsigned_acts": True}),
+    "qcode-pt-8/8-unsigned-percentile": dict(method="qcode", per_channel=False, w_bits=8, a_bits=8,
+                                             calib="percentile", params={"unsigned_acts": True}),
     "qcode-pc-4/8": dict(method="qcode", per_channel=True, w_bits=4, a_bits=8, calib="mse"),
     "uniform-pc-4/8": dict(method="uniform", per_channel=True, w_bits=4, a_bits=8, calib="mse",
                            params={"weight_range": "mse"}),
+    "uniform-pc-4/8-minmax": dict(method="uniform", per_channel=True, w_bits=4, a_bits=8, calib="mse"),
     "uniform-pc-4/4": dict(method="uniform", per_channel=True, w_bits=4, a_bits=4, calib="mse",
                            params={"weight_range": "mse"}),
     "uniform-pc-8/8": dict(method="uniform", per_channel=True, w_bits=8, a_bits=8, calib="mse"),
@@ -54,6 +59,8 @@ STEPS = {
     "+brecq+bc": {"round": "brecq", "bias_correction": "empirical"},
     "+cle+brecq+bc": {"equalize": True, "round": "brecq", "bias_correction": "empirical"},
 }
+#: learned-rounding steps per layer / block; a run with another count labels its column with it
+DEFAULT_ITERATIONS = 1000
 WEIGHTS = {"resnet20": "../shared/data/weights/resnet20-12fca82f.th",
            "resnet56": "../shared/data/weights/resnet56-4bfd9763.th",
            "tv:mobilenet_v2": "../shared/data/weights/mobilenet_v2-b0353104.pth"}
@@ -149,7 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", default=".data/imagenet_samples", help="MobileNetV2: the foolbox samples")
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--calib-images", type=int, default=1024)
-    p.add_argument("--iterations", type=int, default=1000, help="learned rounding steps per layer / block")
+    p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                   help="learned rounding steps per layer / block")
     p.add_argument("--configs", default=None, help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--steps", default=None, help="comma-separated subset of " + ",".join(STEPS))
     p.add_argument("--out", default="benchmarks/results")
@@ -168,7 +176,9 @@ def main(argv=None) -> int:
             recipe = Recipe(**CONFIGS[cfg], first_last="same", calib_images=args.calib_images,
                             ptq={"round_iterations": args.iterations, **STEPS[st]})
             figures, details = score(recipe)
-            row = {"config": cfg, "steps": st, "recipe": recipe.to_dict(), **figures,
+            label = st if "round" not in STEPS[st] or args.iterations == DEFAULT_ITERATIONS else \
+                f"{st} ({args.iterations} it)"
+            row = {"config": cfg, "steps": label, "recipe": recipe.to_dict(), **figures,
                    "cpu_seconds": sum(_total(d, "cpu_seconds") for d in details),
                    "seconds": sum(_total(d, "seconds") for d in details), "step_details": details}
             print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_details")}), flush=True)
