@@ -47,12 +47,16 @@ CONFIGS = {
     "uniform-pc-8/8": dict(method="uniform", per_channel=True, w_bits=8, a_bits=8, calib="mse"),
 }
 #: the steps of each column (``+cle``: cross-layer equalization with high-bias absorption; ``+bc``: empirical
-#: bias correction; ``+adaround`` layer-wise, ``+brecq`` block-wise learned rounding)
+#: bias correction; ``+pot``: power-of-two activation alignment; ``+adaround`` layer-wise, ``+brecq`` block-wise
+#: learned rounding)
 STEPS = {
     "nearest": {},
     "+cle": {"equalize": True},
     "+bc": {"bias_correction": "empirical"},
     "+cle+bc": {"equalize": True, "bias_correction": "empirical"},
+    "+cle+pot+bc": {"equalize": True, "pot_align": True, "bias_correction": "empirical"},
+    "+cle+pot+adaround+bc": {"equalize": True, "pot_align": True, "round": "adaround", "bias_correction": "empirical"},
+    "+pot+bc": {"pot_align": True, "bias_correction": "empirical"},
     "+adaround": {"round": "adaround"},
     "+adaround+bc": {"round": "adaround", "bias_correction": "empirical"},
     "+cle+adaround+bc": {"equalize": True, "round": "adaround", "bias_correction": "empirical"},

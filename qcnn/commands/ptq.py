@@ -70,6 +70,9 @@ def add_parser(sub) -> None:
                    help="with --equalize: a ReLU6 between two equalized layers becomes a per-channel clamp (clip, "
                         "default: the function is kept), a ReLU (relu: as Nagel et al.; integer-engine friendly) "
                         "or the pair is left alone (skip)")
+    t.add_argument("--pot-align", action="store_true", default=None,
+                   help="power-of-two activation grids (QCode): scale each rescalable activation, on the calibration "
+                        "images, so that its power-of-two step is its free optimum (after --equalize for ReLU6 nets)")
     t.add_argument("--bias-correction", nargs="?", const="empirical", default=None,
                    choices=["empirical", "analytic"],
                    help="correct each layer's mean output shift (default when given: empirical, on the "
@@ -104,7 +107,7 @@ def recipe_from_args(args):
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(method="qcode")
     ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
-           "bias_correction": args.bias_correction,
+           "pot_align": args.pot_align, "bias_correction": args.bias_correction,
            "round": args.round, "round_iterations": args.round_iterations, "round_drop_prob": args.round_drop_prob,
            "mixed_precision": args.mixed_precision,
            "mp_candidates": list(_bits_list(args.mp_candidates, "--mp-candidates")) if args.mp_candidates else None}

@@ -52,6 +52,7 @@ see 0 instead of ``c_i``), and likewise for average pooling that counts padding.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections import Counter
@@ -65,10 +66,12 @@ from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qcnn.nn.layers import ChannelClamp, QAct, QConvBn2d
+from qcnn.quant.fixed_point import FixedPointQuantizer
+from qcnn.quant.uniform import UniformQuantizer
 from qcnn.transform import _is_passthrough, clip_bounds, is_relu, node_is_one_of, set_module, trace
 
-__all__ = ["EqualizeReport", "absorb_high_bias", "cross_layer_equalize", "equalization_pairs",
-           "scale_residual_stream"]
+__all__ = ["EqualizeReport", "PotAlignReport", "absorb_high_bias", "align_pot_activations", "cross_layer_equalize",
+           "equalization_pairs", "scale_residual_stream"]
 
 RELU6_MODES = ("clip", "relu", "skip")
 
@@ -483,6 +486,101 @@ def absorb_high_bias(model: nn.Module, calib_batches=None, n_sigma: float = 3.0)
         _absorb(modules[p.first], modules[p.second], c)
         changed += int((c > 0).sum())
     return changed
+
+
+# ------------------------------------------------------------------------------ power-of-two alignment
+
+
+def _pot_act_quant(m: nn.Module):
+    """The input quantizer of layer ``m`` when its grid is a power of two with zero point 0 and it is not yet
+    calibrated (QCode's fixed point, a symmetric power-of-two uniform grid); else None."""
+    q = getattr(m, "input_quant", None)
+    if isinstance(q, FixedPointQuantizer) or (isinstance(q, UniformQuantizer) and q.pot and q.symmetric
+                                              and q.observer is not None):
+        obs = q.observer
+        return q if obs is not None and not obs.is_initialized() else None
+    return None
+
+
+@dataclass
+class PotAlignReport:
+    """What :func:`align_pot_activations` did."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)  #: (layer1, layer2) whose activation was aligned
+    factors: dict[str, float] = field(default_factory=dict)  #: layer2 -> the factor c its input now carries
+    skipped: list[str] = field(default_factory=list)  #: layer2 of pairs whose input grid is not power-of-two
+
+
+@torch.no_grad()
+def align_pot_activations(model: nn.Module, calib_batches) -> PotAlignReport:
+    """Scale the activation between each rescalable pair so that its calibrated step is a power of two.
+
+    A power-of-two grid (QCode's ``2^-fl``) can only place its step on powers of two, so an activation whose
+    best free step is ``s* = t* / q_max`` (``t*``: the range the quantizer's own observer picks on the
+    calibration images, ``q_max = 2^B - 1`` unsigned, ``2^(B-1) - 1`` signed) gets the step ``2^ceil(log2 s*)``:
+    up to twice as coarse, 1/3 more noise power on average. For a pair ``layer1 -> f -> layer2`` of
+    :func:`equalization_pairs` (``f`` positively homogeneous, or a per-channel clamp left by cross-layer
+    equalization) the activation can be multiplied by any ``c > 0`` without changing the function::
+
+        W1 <- c W1,  b1 <- c b1,  clamp bounds <- c bounds,  W2 <- W2 / c
+
+    and ``c = 2^ceil(log2 s*) / s*`` (in ``[1, 2)``) makes ``c s*`` a power of two: the calibrated power-of-two
+    grid of ``c x`` then has exactly the free-scale grid's step and clipping range, relative to the signal.
+    The weights' own power-of-two grids move by the same factors (their alignment changes at random).
+
+    Only pairs whose layer2 quantizes its input on a not yet calibrated power-of-two grid (a
+    :class:`~qcnn.quant.fixed_point.FixedPointQuantizer`, or a symmetric ``pot`` uniform grid) are aligned; a
+    ReLU6 between the layers is aligned once cross-layer equalization made it a per-channel clamp (a ReLU6 is
+    not positively homogeneous), otherwise the pair is left. The ranges are measured on ``calib_batches`` with
+    every quantizer bypassed (one pass, each quantizer's observer type), before calibration; every tensor that
+    also feeds a residual add is left alone. Works in place on what :func:`qcnn.methods.quantize` returns.
+    Measured on MobileNetV2 (docs/RESULTS.md): per-tensor QCode W8A8 after CLE, 15.14 -> 16.39 dB with bias
+    correction.
+    """
+    gm = _graph_of(model)
+    modules = dict(gm.named_modules())
+    report = PotAlignReport()
+    pairs = []
+    for p in equalization_pairs(gm, "clip", editable=False):
+        if any(not (n.op == "call_module" and isinstance(modules[n.target], ChannelClamp)) for n in p.bounded):
+            continue  # a ReLU6 not yet turned into a clamp
+        q = _pot_act_quant(modules[p.second])
+        if q is None:
+            report.skipped.append(p.second)
+            continue
+        pairs.append((p, q, copy.deepcopy(q.observer)))
+    if not pairs:
+        return report
+    handles = [modules[p.second].register_forward_pre_hook(lambda m, a, o=obs: o.update(a[0].detach()))
+               for p, _, obs in pairs]
+    was_training = gm.training
+    try:
+        with _float_forward(gm):
+            gm.eval()
+            for b in [calib_batches] if isinstance(calib_batches, Tensor) else calib_batches:
+                gm(b[0] if isinstance(b, (tuple, list)) else b)
+    finally:
+        gm.train(was_training)
+        for h in handles:
+            h.remove()
+    for p, q, obs in pairs:
+        if not obs.is_initialized():
+            raise ValueError("align_pot_activations: calib_batches is empty, no batch was seen")
+        lo, hi = obs.compute_range(q.bits, q.signed)
+        t = float(torch.maximum(-lo, hi).max()) if q.signed else float(hi.max())
+        if not (math.isfinite(t) and t > 0):
+            continue
+        s = t / q.qmax
+        c = 2.0 ** math.ceil(math.log2(s)) / s
+        l1, l2 = modules[p.first], modules[p.second]
+        inv = torch.full((l1.weight.shape[0],), 1.0 / c, dtype=l1.weight.dtype, device=l1.weight.device)
+        _scale_out(l1, inv)
+        _scale_in(l2, inv)
+        for node in p.bounded:
+            modules[node.target].upper.mul_(c)
+        report.pairs.append((p.first, p.second))
+        report.factors[p.second] = c
+    return report
 
 
 # ----------------------------------------------------------------------------------- stream scaling

@@ -23,7 +23,8 @@ Three levels of effort, chosen by ``search``:
 
 The post-training steps of ``recipe.ptq`` run around the calibration, each in its own module:
 cross-layer equalization (structural, applied by ``quantize()``: :mod:`qcnn.methods.equalize`) and high-bias
-absorption before it; after it the mixed-precision search (:mod:`qcnn.methods.mixed_precision`), the weight
+absorption before it, then the power-of-two alignment of the activations (the same module); after it the
+mixed-precision search (:mod:`qcnn.methods.mixed_precision`), the weight
 grids fixed (:func:`freeze_weight_grids`), learned rounding (:mod:`qcnn.methods.adaround`) and bias correction
 (:mod:`qcnn.methods.bias_correction`), all on the calibration images; each step's wall and CPU seconds are in
 :attr:`PTQResult.ptq_steps`.
@@ -45,7 +46,7 @@ from qcnn.detection.task import metric_of
 from qcnn.methods.adaround import adaround
 from qcnn.methods.base import get_method
 from qcnn.methods.bias_correction import analytic_bias_correction, empirical_bias_correction
-from qcnn.methods.equalize import absorb_high_bias
+from qcnn.methods.equalize import absorb_high_bias, align_pot_activations
 from qcnn.methods.mixed_precision import parse_budget, sensitivity_search
 from qcnn.methods.place import quantize
 from qcnn.methods.regrid import METRICS, best_act_fl, best_weight_fl, restore, set_bits, snapshot
@@ -305,6 +306,9 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
     if spec.equalize and spec.absorb_bias:
         n = steps.run("absorb_bias", absorb_high_bias, qmodel, calib_batches)
         steps.record["absorb_bias"]["channels"] = int(n)
+    if spec.pot_align:
+        rep = steps.run("pot_align", align_pot_activations, qmodel, calib_batches)
+        steps.record["pot_align"]["pairs"] = len(rep.pairs)
     twin = float_twin(qmodel) if (spec.round != "nearest" or spec.bias_correction or spec.mixed_precision) else None
     want_hists = fl_search and search != "none"
     hists = steps.run("calibrate", calibrate_with_histograms, qmodel, calib_batches, record=want_hists)

@@ -153,7 +153,8 @@ BIAS_CORRECTIONS = ("empirical", "analytic")
 @dataclass
 class PTQSpec:
     """Post-training steps (``ptq:`` in a recipe; ``qcnn ptq`` flags of the same names), applied in this order:
-    cross-layer equalization (+ high-bias absorption), calibration, learned rounding, bias correction, then
+    cross-layer equalization (+ high-bias absorption), power-of-two alignment, calibration, learned rounding,
+    bias correction, then
     the mixed-precision search. See docs/ptq.md."""
 
     equalize: bool = False  #: cross-layer equalization (Nagel et al. 2019), data-free; needs fold_bn
@@ -161,6 +162,9 @@ class PTQSpec:
     #: with ``equalize``: a ReLU6 between two equalized layers becomes a per-channel ``clip`` (exact), a ``relu``
     #: (Nagel et al.; changes the function above 6) or the pair is ``skip``-ped
     equalize_relu6: str = "clip"
+    #: scale each rescalable activation so that its calibrated step on a power-of-two grid (QCode) is its free
+    #: optimum (:func:`qcnn.methods.equalize.align_pot_activations`), on calibration data
+    pot_align: bool = False
     bias_correction: str | None = None  #: empirical | analytic (None: off)
     round: str = "nearest"  #: nearest | adaround (layer-wise) | brecq (block reconstruction)
     round_iterations: int = 1000  #: optimisation steps per layer (adaround) or block (brecq)
@@ -191,6 +195,7 @@ class PTQSpec:
         """The enabled steps, in the order they run (recorded in checkpoints and reports)."""
         out = ["equalize"] if self.equalize else []
         out += ["absorb_bias"] if self.equalize and self.absorb_bias else []
+        out += ["pot_align"] if self.pot_align else []
         out += [] if self.round == "nearest" else [self.round]
         out += [f"bias_correction:{self.bias_correction}"] if self.bias_correction else []
         return out + ([f"mixed_precision:{self.mixed_precision}"] if self.mixed_precision else [])

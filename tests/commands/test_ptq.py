@@ -34,6 +34,24 @@ def test_ptq_then_eval_same_accuracy(cifar_zip, weights_dir, tmp_path, capsys):
     assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
 
 
+def test_pot_align_is_recorded_and_rebuilt_by_eval(cifar_zip, weights_dir, tmp_path, capsys):
+    """``--pot-align`` on per-tensor QCode: the step and the pairs it aligned are in the figures, and the
+    checkpoint (weights and biases rescaled) gives the same top-1 in ``qcnn eval``."""
+    out = tmp_path / "ptq"
+    common = ["--dataset", "cifar10", "--data-dir", str(cifar_zip), "--batch-size", "200"]
+    rc = main(["ptq", "--model", "resnet20", "--checkpoint", str(weights_dir / "resnet20-12fca82f.th"), *common,
+               "--method", "qcode", "--per-tensor", "--w-bits", "8", "--a-bits", "4", "--calib", "mse",
+               "--first-last", "same", "--calib-images", "200", "--limit-test", "400", "--pot-align",
+               "--out", str(out), "--json"])
+    assert rc == 0
+    res = _last_json(capsys.readouterr().out)
+    assert res["ptq_steps"] == ["pot_align"]
+    assert res["ptq_step_details"]["pot_align"]["pairs"] == 9  # conv1 -> ReLU -> conv2 of each residual block
+    rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--limit-test", "400", "--json"])
+    assert rc == 0
+    assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
+
+
 def test_ptq_steps_are_recorded_and_rebuilt_by_eval(cifar_zip, weights_dir, tmp_path, capsys):
     """``--equalize --bias-correction --round adaround --mixed-precision``: the steps are in the printed
     figures and the checkpoint's recipe, and ``qcnn eval`` of the checkpoint gives the same top-1 (the

@@ -14,13 +14,15 @@ from qcnn.calib import calibrating
 from qcnn.methods import quantize
 from qcnn.methods.equalize import (
     EqualizeReport,
+    _float_forward,
     _in_range,
     _out_range,
     absorb_high_bias,
+    align_pot_activations,
     cross_layer_equalize,
     scale_residual_stream,
 )
-from qcnn.models import build_model
+from qcnn.models import build_model, load_weights
 from qcnn.nn.layers import ChannelClamp, QAct
 from qcnn.recipes import Recipe
 from qcnn.transform import float_twin, fold_bn, set_module
@@ -415,3 +417,70 @@ def test_stream_scale_brings_pretrained_block_inputs_under_dorefa_clip(cifar_zip
     assert max(after) < 0.015
     x = next(iter(bundle.calib))[0]
     assert torch.equal(model(x).argmax(1), scaled(x).argmax(1))
+
+
+@torch.no_grad()
+def test_pot_alignment_puts_each_activation_step_on_a_power_of_two(cifar_zip, weights_dir):
+    """Pretrained MobileNetV2, per-tensor QCode W8A8 after CLE: every one of the 37 rescalable activations is
+    scaled by c in [1, 2) with the float function kept; measured again, each calibrated free step is now a power
+    of two (c = 1 or 2); the activation quantizers' noise falls (measured: 3.4 dB on average, -0.08 at worst)
+    and the logits get closer to float (measured 6.2 -> 9.8 dB on these 16 images, no bias correction)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from qcnn.data import get_data
+    from qcnn.report.layers import sqnr_db
+
+    bundle = get_data("cifar10", data_dir=cifar_zip, batch_size=16, augment=False, calib_size=16)
+    x = F.interpolate(next(iter(bundle.calib))[0], size=96, mode="bilinear", align_corners=False)
+    model = load_weights(build_model("tv:mobilenet_v2", num_classes=1000),
+                         weights_dir / "mobilenet_v2-b0353104.pth").eval()
+    recipe = Recipe(method="qcode", per_channel=False, w_bits=8, a_bits=8, calib="mse", first_last="same",
+                    fold_bn=True, params={"unsigned_acts": True}, ptq={"equalize": True})
+    plain = quantize(model, recipe).eval()
+    aligned = copy.deepcopy(plain)
+    rep = align_pot_activations(aligned, [x])
+    assert len(rep.pairs) == 37 and rep.skipped == []
+    assert all(1.0 <= c < 2.0 for c in rep.factors.values()) and max(rep.factors.values()) > 1.5
+    with _float_forward(plain), _float_forward(aligned):
+        assert _rel(aligned(x), plain(x)) < 1e-5
+    again = align_pot_activations(copy.deepcopy(aligned), [x])
+    assert max(min(abs(c - 1), abs(c - 2)) for c in again.factors.values()) < 1e-4
+    ref, noise, logits = model(x), {}, {}
+    for name, m in (("plain", plain), ("aligned", aligned)):
+        with calibrating(m):
+            m(x)
+        err = noise[name] = {}
+
+        def hook(mod, a, n):
+            q = mod.input_quant
+            err[n] = float(((q(a[0]) - a[0]) ** 2).sum() / (a[0] ** 2).sum())
+
+        hs = [m.get_submodule(n).register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for _, n in rep.pairs]
+        logits[name] = sqnr_db(ref, m(x))
+        for h in hs:
+            h.remove()
+    gain = [10 * math.log10(noise["plain"][n] / noise["aligned"][n]) for _, n in rep.pairs]
+    assert sum(gain) / len(gain) > 2.0 and min(gain) > -0.5, gain
+    assert logits["aligned"] > logits["plain"] + 2.0, logits
+
+
+def test_pot_alignment_leaves_free_scale_grids_and_bare_relu6_alone():
+    """A uniform (free-scale) activation grid gains nothing from alignment: such pairs are reported as skipped
+    and nothing changes; a ReLU6 pair is aligned only once CLE turned the ReLU6 into a clamp."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = quantize(net, Recipe(method="uniform", per_channel=False, first_last="same", fold_bn=True)).eval()
+    before = copy.deepcopy(q.state_dict())
+    rep = align_pot_activations(q, [x])
+    assert rep.pairs == [] and rep.skipped == ["4"]  # the ReLU6 pair (0, 2) is not a candidate at all
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in before.items())
+    q = quantize(net, Recipe(method="qcode", per_channel=False, first_last="same", fold_bn=True)).eval()
+    assert [p for p, _ in align_pot_activations(q, [x]).pairs] == ["2"]
+    q = quantize(net, Recipe(method="qcode", per_channel=False, first_last="same", fold_bn=True,
+                             ptq={"equalize": True})).eval()
+    assert [p for p, _ in align_pot_activations(q, [x]).pairs] == ["0", "2"]
+    with pytest.raises(ValueError, match="calib_batches is empty"):
+        align_pot_activations(quantize(net, Recipe(method="qcode", fold_bn=True)).eval(), [])
