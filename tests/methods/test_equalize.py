@@ -453,7 +453,7 @@ def test_pot_alignment_puts_each_activation_step_on_a_power_of_two(cifar_zip, we
             m(x)
         err = noise[name] = {}
 
-        def hook(mod, a, n):
+        def hook(mod, a, n, err=err):
             q = mod.input_quant
             err[n] = float(((q(a[0]) - a[0]) ** 2).sum() / (a[0] ** 2).sum())
 
