@@ -152,6 +152,21 @@ class Method:
         """Optimizer parameter groups, e.g. PACT's alpha with its own L2; None = one group."""
         return None
 
+    @staticmethod
+    def own_group(model: nn.Module, default_decay: float, params: list, **group) -> list[dict]:
+        """The default groups (:func:`qcnn.train.default_param_groups`, kernels decayed by ``default_decay``)
+        without ``params``, which get a group of their own with the settings ``group`` (``weight_decay``,
+        ``lr``, ...)."""
+        from qcnn.train import default_param_groups
+
+        ids = {id(p) for p in params}
+        groups = []
+        for g in default_param_groups(model, default_decay):
+            rest = [p for p in g["params"] if id(p) not in ids]
+            if rest:
+                groups.append({**g, "params": rest})
+        return groups + ([{"params": list(params), **group}] if params else [])
+
     def step_hook(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step (weight clipping, freezing, ...)."""
 

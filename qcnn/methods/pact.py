@@ -12,7 +12,6 @@ from qcnn.methods.base import EdgeUniformMethod, LayerContext, register_method
 from qcnn.quant.base import Quantizer
 from qcnn.quant.dorefa import DoReFaWeight
 from qcnn.quant.pact import PACTQuantizer
-from qcnn.train import default_param_groups
 
 
 @dataclass
@@ -58,18 +57,8 @@ class PACTMethod(EdgeUniformMethod):
         decayed by ``alpha_decay`` (the paper's L2 on alpha) and optionally on its own learning rate
         (``alpha_lr``)."""
         alphas = [m.alpha for m in model.modules() if isinstance(m, PACTQuantizer) and m.alpha.requires_grad]
-        ids = {id(p) for p in alphas}
-        groups = []
-        for g in default_param_groups(model, weight_decay):
-            rest = [p for p in g["params"] if id(p) not in ids]
-            if rest:
-                groups.append({**g, "params": rest})
-        if alphas:
-            alpha_group = {"params": alphas, "weight_decay": self.options.alpha_decay}
-            if self.options.alpha_lr is not None:
-                alpha_group["lr"] = self.options.alpha_lr
-            groups.append(alpha_group)
-        return groups
+        lr = {} if self.options.alpha_lr is None else {"lr": self.options.alpha_lr}
+        return self.own_group(model, weight_decay, alphas, weight_decay=self.options.alpha_decay, **lr)
 
 
 __all__ = ["PACTMethod", "PACTOptions"]
