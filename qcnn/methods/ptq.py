@@ -308,7 +308,7 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
         steps.record["absorb_bias"]["channels"] = int(n)
     if spec.pot_align:
         rep = steps.run("pot_align", align_pot_activations, qmodel, calib_batches)
-        steps.record["pot_align"]["pairs"] = len(rep.pairs)
+        steps.record["pot_align"].update(pairs=len(rep.pairs), streams=len(rep.streams))
     twin = float_twin(qmodel) if (spec.round != "nearest" or spec.bias_correction or spec.mixed_precision) else None
     want_hists = fl_search and search != "none"
     hists = steps.run("calibrate", calibrate_with_histograms, qmodel, calib_batches, record=want_hists)

@@ -46,7 +46,9 @@ def test_pot_align_is_recorded_and_rebuilt_by_eval(cifar_zip, weights_dir, tmp_p
     assert rc == 0
     res = _last_json(capsys.readouterr().out)
     assert res["ptq_steps"] == ["pot_align"]
-    assert res["ptq_step_details"]["pot_align"]["pairs"] == 9  # conv1 -> ReLU -> conv2 of each residual block
+    details = res["ptq_step_details"]["pot_align"]
+    assert details["pairs"] == 9  # conv1 -> ReLU -> conv2 of each residual block
+    assert details["streams"] == 1  # the residual stream: stem and block outputs, pads and adds, the classifier
     rc = main(["eval", "--checkpoint", str(out / "model.pt"), *common, "--limit-test", "400", "--json"])
     assert rc == 0
     assert _last_json(capsys.readouterr().out)["top1"] == res["top1"]
