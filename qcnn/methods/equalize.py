@@ -411,6 +411,22 @@ def _float_forward(model: nn.Module):
 
 
 @torch.no_grad()
+def _float_pass(gm: fx.GraphModule, batches, handles: list) -> None:
+    """One eval-mode pass of ``gm`` over ``batches`` (tensors or (x, y) tuples, or one tensor) with every
+    quantizer bypassed, for the hooks ``handles``, which are removed afterwards."""
+    was_training = gm.training
+    try:
+        with _float_forward(gm):
+            gm.eval()
+            for b in [batches] if isinstance(batches, Tensor) else batches:
+                gm(b[0] if isinstance(b, (tuple, list)) else b)
+    finally:
+        gm.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def _measure(gm: fx.GraphModule, names: list[str], batches: Iterable) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-channel (mean, std) of each named layer's output over ``batches`` (tensors or (x, y) tuples)."""
     acc: dict[str, list] = {}
@@ -422,17 +438,7 @@ def _measure(gm: fx.GraphModule, names: list[str], batches: Iterable) -> dict[st
             s[0], s[1], s[2] = s[0] + y.sum(1), s[1] + (y * y).sum(1), s[2] + y.shape[1]
         return fn
 
-    handles = [gm.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    was_training = gm.training
-    try:
-        with _float_forward(gm):
-            gm.eval()
-            for b in [batches] if isinstance(batches, Tensor) else batches:
-                gm(b[0] if isinstance(b, (tuple, list)) else b)
-    finally:
-        gm.train(was_training)
-        for h in handles:
-            h.remove()
+    _float_pass(gm, batches, [gm.get_submodule(n).register_forward_hook(hook(n)) for n in names])
     if not acc:
         raise ValueError("absorb_high_bias: calib_batches is empty, no batch was seen")
     out = {}
@@ -610,24 +616,7 @@ def align_pot_activations(model: nn.Module, calib_batches) -> PotAlignReport:
     gm = _graph_of(model)
     modules = dict(gm.named_modules())
     report = PotAlignReport()
-    pairs = []
-    for p in equalization_pairs(gm, "clip", editable=False):
-        if any(not (n.op == "call_module" and isinstance(modules[n.target], ChannelClamp)) for n in p.bounded):
-            continue  # a ReLU6 not yet turned into a clamp
-        q = _pot_act_quant(modules[p.second])
-        if q is None:
-            report.skipped.append(p.second)
-            continue
-        pairs.append((p, q, copy.deepcopy(q.observer)))
-    streams = []
-    for st in _stream_groups(gm, modules):
-        quants = [modules[n].input_quant for n in st.consumers] + [modules[n].out_quant for n in st.adds]
-        quants = [q for q in quants if q is not None]
-        if quants and all(_is_pot(q) and not q.observer.is_initialized() for q in quants):
-            streams.append((st, {n: (modules[n].input_quant, copy.deepcopy(modules[n].input_quant.observer), [])
-                                 for n in st.consumers if modules[n].input_quant is not None}
-                            | {n: (modules[n].out_quant, copy.deepcopy(modules[n].out_quant.observer), [])
-                               for n in st.adds if modules[n].out_quant is not None}))
+    pairs, streams = _pot_pairs(gm, modules, report), _pot_streams(gm, modules)
     if not pairs and not streams:
         return report
     gen = torch.Generator().manual_seed(0)
@@ -645,39 +634,19 @@ def align_pot_activations(model: nn.Module, calib_batches) -> PotAlignReport:
                 handles.append(modules[n].register_forward_hook(lambda m, a, y, e=entry: seen(e, y)))
             else:
                 handles.append(modules[n].register_forward_pre_hook(lambda m, a, e=entry: seen(e, a[0])))
-    was_training = gm.training
-    try:
-        with _float_forward(gm):
-            gm.eval()
-            for b in [calib_batches] if isinstance(calib_batches, Tensor) else calib_batches:
-                gm(b[0] if isinstance(b, (tuple, list)) else b)
-    finally:
-        gm.train(was_training)
-        for h in handles:
-            h.remove()
+    _float_pass(gm, calib_batches, handles)
+    if any(not obs.is_initialized() for _, _, obs in pairs) or any(
+            not e[1].is_initialized() for _, entries in streams for e in entries.values()):
+        raise ValueError("align_pot_activations: calib_batches is empty, no batch was seen")
     for p, q, obs in pairs:
-        if not obs.is_initialized():
-            raise ValueError("align_pot_activations: calib_batches is empty, no batch was seen")
         t = _free_step(q, obs)
-        if t is None:
-            continue
-        c = 2.0 ** math.ceil(math.log2(t)) / t
-        l1, l2 = modules[p.first], modules[p.second]
-        _scale_out(l1, _full(l1.weight.shape[0], 1.0 / c, l1.weight))
-        _scale_in(l2, _full(l1.weight.shape[0], 1.0 / c, l1.weight))
-        for node in p.bounded:
-            modules[node.target].upper.mul_(c)
-        report.pairs.append((p.first, p.second))
-        report.factors[p.second] = c
+        if t is not None:
+            report.factors[p.second] = _scale_pair(modules, p, 2.0 ** math.ceil(math.log2(t)) / t)
+            report.pairs.append((p.first, p.second))
     for st, entries in streams:
-        if any(not e[1].is_initialized() for e in entries.values()):
-            raise ValueError("align_pot_activations: calib_batches is empty, no batch was seen")
-        free = [(q, _free_step(q, obs), torch.cat(xs)) for q, obs, xs in entries.values()]
-        free = [(q, t, x) for q, t, x in free if t is not None]
-        if not free:
+        c = _stream_factor(entries)
+        if c is None:
             continue
-        cands = [2.0 ** (j / STREAM_CANDIDATES) for j in range(STREAM_CANDIDATES)]
-        c = min(cands, key=lambda c: float(sum(_pot_error(c * x, c * t, q) for q, t, x in free)))
         for n in st.producers:
             _scale_out(modules[n], _full(modules[n].weight.shape[0], 1.0 / c, modules[n].weight))
         for n in st.consumers:
@@ -685,6 +654,55 @@ def align_pot_activations(model: nn.Module, calib_batches) -> PotAlignReport:
             _scale_in(m, _full(m.weight.shape[0] if _depthwise(m) else m.weight.shape[1], 1.0 / c, m.weight))
         report.streams.append((st.producers, c))
     return report
+
+
+def _scale_pair(modules: dict[str, nn.Module], p: _Pair, c: float) -> float:
+    """Multiply the activation of pair ``p`` by ``c`` (layer1 and the clamps between times ``c``, layer2's
+    weights over ``c``); returns ``c``."""
+    l1, l2 = modules[p.first], modules[p.second]
+    _scale_out(l1, _full(l1.weight.shape[0], 1.0 / c, l1.weight))
+    _scale_in(l2, _full(l1.weight.shape[0], 1.0 / c, l1.weight))
+    for node in p.bounded:
+        modules[node.target].upper.mul_(c)
+    return c
+
+
+def _pot_pairs(gm: fx.GraphModule, modules: dict[str, nn.Module], report: PotAlignReport) -> list:
+    """(pair, its layer2's input quantizer, a fresh copy of that quantizer's observer) for every pair with a
+    power-of-two input grid; the others are added to ``report.skipped``."""
+    pairs = []
+    for p in equalization_pairs(gm, "clip", editable=False):
+        if any(not (n.op == "call_module" and isinstance(modules[n.target], ChannelClamp)) for n in p.bounded):
+            continue  # a ReLU6 not yet turned into a clamp
+        q = _pot_act_quant(modules[p.second])
+        if q is None:
+            report.skipped.append(p.second)
+            continue
+        pairs.append((p, q, copy.deepcopy(q.observer)))
+    return pairs
+
+
+def _pot_streams(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> list:
+    """(stream, {module: (quantizer, fresh observer, samples)}) for every stream whose quantizers are all
+    power-of-two grids not yet calibrated."""
+    streams = []
+    for st in _stream_groups(gm, modules):
+        quants = {n: modules[n].input_quant for n in st.consumers} | {n: modules[n].out_quant for n in st.adds}
+        quants = {n: q for n, q in quants.items() if q is not None}
+        if quants and all(_is_pot(q) and not q.observer.is_initialized() for q in quants.values()):
+            streams.append((st, {n: (q, copy.deepcopy(q.observer), []) for n, q in quants.items()}))
+    return streams
+
+
+def _stream_factor(entries: dict) -> float | None:
+    """The factor in ``2^(j / STREAM_CANDIDATES)`` with the least summed relative error of the stream's
+    quantizers on their power-of-two grids (None when no quantizer saw a non-zero range)."""
+    free = [(q, _free_step(q, obs), torch.cat(xs)) for q, obs, xs in entries.values()]
+    free = [(q, t, x) for q, t, x in free if t is not None]
+    if not free:
+        return None
+    cands = [2.0 ** (j / STREAM_CANDIDATES) for j in range(STREAM_CANDIDATES)]
+    return min(cands, key=lambda c: float(sum(_pot_error(c * x, c * t, q) for q, t, x in free)))
 
 
 #: factors tried for a residual stream: 2^(j / STREAM_CANDIDATES), j = 0 .. STREAM_CANDIDATES - 1
