@@ -119,23 +119,34 @@ class IntegerBuilder(GraphBuilder):
         if k[0] != "q":
             raise ValueError(f"layer {a['layer']!r} reads an accumulator, not codes")
         dt = container(*k[4], a["layer"])
-        xc = self.node("Cast", [x], op.output + "_x8", to=self.TP.UINT8 if dt is np.uint8 else self.TP.INT8)
-        xzc = self.const("xz", dt(xz))
+        # both operands as uint8 (signed codes and weights shifted by 128, their zero points too): ONNX Runtime's
+        # uint8 x int8 kernels on AVX2 CPUs without VNNI add pairs of products in saturating int16 (up to
+        # 2 * 255 * 128 > 32767: measured wrong logits), its uint8 x uint8 kernels widen to int32 first
+        if dt is np.uint8:
+            xc = self.node("Cast", [x], op.output + "_x8", to=self.TP.UINT8)
+        else:
+            x64 = self.node("Cast", [x], op.output + "_x64s", to=self.TP.INT64)
+            xc = self.node("Cast", [self.node("Add", [x64, self.i64("s128", 128)], op.output + "_xs")],
+                           op.output + "_x8", to=self.TP.UINT8)
+            xz = xz + 128
+        xzc = self.const("xz", np.uint8(xz))
+        wu = (wq.astype(np.int16) + 128).astype(np.uint8)
+        wz = self.const("wz", np.uint8(128))
         if op.kind == "conv":
             p = a["padding"]
             conv = dict(kernel_shape=list(w.shape[2:]), strides=a["stride"], pads=[p[0], p[1], p[0], p[1]],
                         dilations=a["dilation"], group=a["groups"])
-            wc = self.const(a["layer"] + ".weight", wq)
-            acc = self.node("ConvInteger", [xc, wc, xzc, self.const("wz", np.int8(0))], op.output + "_conv", **conv)
+            wc = self.const(a["layer"] + ".weight", wu)
+            acc = self.node("ConvInteger", [xc, wc, xzc, wz], op.output + "_conv", **conv)
         else:
-            acc = self.node("MatMulInteger", [xc, self.const(a["layer"] + ".weight", np.ascontiguousarray(wq.T)), xzc,
-                                              self.const("wz", np.int8(0))], op.output + "_mm")
+            acc = self.node("MatMulInteger", [xc, self.const(a["layer"] + ".weight", np.ascontiguousarray(wu.T)), xzc,
+                                              wz], op.output + "_mm")
         acc = self.node("Cast", [acc], op.output + "_acc", to=self.TP.INT64)
         if not direct:  # sum x (w - z_w) = sum x w - z_w sum x
             if op.kind == "conv":
                 g = a["groups"]
-                ones = np.ones((g, w.shape[1]) + tuple(w.shape[2:]), np.int8)
-                sx = self.node("ConvInteger", [xc, self.const("ones", ones), xzc, self.const("wz", np.int8(0))],
+                ones = np.ones((g, w.shape[1]) + tuple(w.shape[2:]), np.uint8)
+                sx = self.node("ConvInteger", [xc, self.const("ones", ones), xzc, self.const("wz0", np.uint8(0))],
                                op.output + "_sumx", **conv)
                 sx = self.node("Cast", [sx], op.output + "_sumx64", to=self.TP.INT64)
                 if g > 1:
