@@ -660,8 +660,9 @@ def _scale_pair(modules: dict[str, nn.Module], p: _Pair, c: float) -> float:
     """Multiply the activation of pair ``p`` by ``c`` (layer1 and the clamps between times ``c``, layer2's
     weights over ``c``); returns ``c``."""
     l1, l2 = modules[p.first], modules[p.second]
-    _scale_out(l1, _full(l1.weight.shape[0], 1.0 / c, l1.weight))
-    _scale_in(l2, _full(l1.weight.shape[0], 1.0 / c, l1.weight))
+    inv = _full(l1.weight.shape[0], 1.0 / c, l1.weight)
+    _scale_out(l1, inv)
+    _scale_in(l2, inv)
     for node in p.bounded:
         modules[node.target].upper.mul_(c)
     return c
