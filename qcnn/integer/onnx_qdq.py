@@ -38,6 +38,10 @@ from qcnn.integer.onnx_builder import GraphBuilder, container, onnx_pads
 class QDQBuilder(GraphBuilder):
     """Builds the QDQ form: values are float32 (``("f",)``) or 8-bit codes (``("q", dtype, scale, zp)``)."""
 
+    #: weights as int8 (the portable QDQ convention, symmetric weights with zero points 0) or as uint8 shifted by
+    #: 128 (the QLinear form: ONNX Runtime's uint8 x int8 kernels saturate on AVX2 CPUs without VNNI)
+    UINT8_WEIGHTS = False
+
     def input_clip(self, a: dict, x: str) -> str:
         """The float input clipped to the quantize op's real range, where it has one."""
         if a.get("lo_real") is None and a.get("hi_real") is None:
@@ -93,8 +97,10 @@ class QDQBuilder(GraphBuilder):
         bias = np.round(t["bias_real"].numpy() / (a["input_scale"] * s_eff.astype(np.float64)))
         if np.abs(bias).max(initial=0) >= 2**31:
             raise ValueError(f"layer {a['layer']!r}: bias does not fit int32")
-        wq = self.const(a["layer"] + ".weight", w.astype(np.int8))
-        wdq = self.node("DequantizeLinear", [wq, self.const("ws", s_eff), self.const("wz", zw.astype(np.int8))],
+        wdt = np.uint8 if self.UINT8_WEIGHTS else np.int8
+        off = 128 if self.UINT8_WEIGHTS else 0  # the same real values: (w + 128 - (zw + 128)) * s
+        wq = self.const(a["layer"] + ".weight", (w + off).astype(wdt))
+        wdq = self.node("DequantizeLinear", [wq, self.const("ws", s_eff), self.const("wz", (zw + off).astype(wdt))],
                         a["layer"] + ".weight_dq", axis=0)
         bs = (np.float32(a["input_scale"]) * s_eff).astype(np.float32)
         bq = self.const(a["layer"] + ".bias", bias.astype(np.int32))

@@ -25,8 +25,9 @@ class QLinearBuilder(QDQBuilder):
     represents the same real values), 4-D values in NHWC so that no ``Transpose`` runs between layers:
 
     * ``quantize``: ``QuantizeLinear`` (NCHW) then one uint8 ``Transpose`` to NHWC;
-    * ``conv`` + its ``requant``: ``com.microsoft.QLinearConv(channels_last=1)`` (int8 per-channel weights with
-      zero weight zero points, int32 bias ``round(b / (s_x s_w))``, requantization to the output grid);
+    * ``conv`` + its ``requant``: ``com.microsoft.QLinearConv(channels_last=1)`` (symmetric per-channel weights
+      stored as uint8 with zero point 128, which ONNX Runtime runs exactly on x86 CPUs without VNNI, see
+      :mod:`qcnn.integer.cpu`; int32 bias ``round(b / (s_x s_w))``, requantization to the output grid);
     * ``add``: ``com.microsoft.QLinearAdd``; ``requant`` from codes (a ReLU'd residual sum rescaled to the grid
       of the next conv): ``com.microsoft.QLinearLeakyRelu(alpha=1)``, a 256-entry lookup table;
     * ``sumpool`` + its ``requant``: ``com.microsoft.QLinearGlobalAveragePool`` / ``QLinearAveragePool``
@@ -39,6 +40,7 @@ class QLinearBuilder(QDQBuilder):
     operand, non-zero weight zero points) raises a ValueError; use the QDQ form for it."""
 
     MS = "com.microsoft"
+    UINT8_WEIGHTS = True  # the classifier's QDQ Gemm (fused to QGemm) too
     #: input channels of a (non-grouped) conv are zero-padded to a multiple of this (zero weights)
     CHANNEL_MULTIPLE = 4
 
@@ -137,8 +139,12 @@ class QLinearBuilder(QDQBuilder):
             x = self.node("Pad", [x, pads, xz], op.output + "_pad4", mode="constant")  # zero weights there
         ys, yz = self._grid_sz(rq.attrs["grid"])
         p = a["padding"]
-        out = self.node("QLinearConv", [x, xs, xz, self.const(a["layer"] + ".weight", w.astype(np.int8)),
-                                        self.const("ws", s_eff), self.const("wz", np.zeros(len(s_eff), np.int8)),
+        # weights as uint8 shifted by 128 (zero point 128 on every channel, the same real values): ONNX Runtime's
+        # uint8 x int8 kernels on AVX2 CPUs without VNNI add pairs of products in saturating int16 (measured: codes
+        # 60 LSB off), its uint8 x uint8 kernels widen to int32 first
+        wu = (w + 128).astype(np.uint8)
+        out = self.node("QLinearConv", [x, xs, xz, self.const(a["layer"] + ".weight", wu),
+                                        self.const("ws", s_eff), self.const("wz", np.full(len(s_eff), 128, np.uint8)),
                                         ys, yz, self.const(a["layer"] + ".bias", bias.astype(np.int32))],
                         rq.output + "_conv", domain=self.MS, channels_last=1, kernel_shape=list(w.shape[2:]),
                         strides=a["stride"], pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"],

@@ -15,6 +15,12 @@ weights and int32 biases as the engine and the ONNX export:
   computed from the integer codes in float32, where every partial sum is an integer below 2^24 (checked), so
   exactly, then requantized / scaled like the engine.
 
+On x86 CPUs without AVX512-VNNI, fbgemm and oneDNN multiply uint8 codes by int8 weights with ``vpmaddubsw``,
+which adds each pair of adjacent products in saturating int16: a conv whose uint8 input codes ``x`` and weights
+``w`` allow ``2 max(x) max|w| > 32767`` (8-bit weights on a full 8-bit grid) can return wrong codes there
+(measured: LeNet-5 W8A8 logits 0.04 off, 7-bit weights exact). :func:`to_torch_quantized` names such layers in
+a ``RuntimeWarning`` on those CPUs; the integer engine and the ONNX export are exact on them.
+
 Requantization is the kernels' own (float multiplier, round to nearest even), so codes can differ from the
 simulation by one LSB next to rounding ties, as ONNX Runtime's. Unsupported graphs raise a ValueError that names
 the operation.
@@ -29,12 +35,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qcnn.integer.cpu import u8s8_saturates
 from qcnn.integer.ir import Op, index_from_json
 from qcnn.integer.runtime import IntegerModel
 
 
 def _shift(grid: dict) -> int:
     return 128 if grid["qmin"] < 0 else 0
+
+
+def int16_pairs_saturate() -> bool:
+    """Whether torch's x86 int8 kernels on this CPU add pairs of uint8 x int8 products in saturating int16: an x86
+    engine (``x86`` / ``fbgemm`` / ``onednn``) on an x86 CPU without AVX512-VNNI or AMX (fbgemm does not use
+    AVX-VNNI); see :mod:`qcnn.integer.cpu`."""
+    if torch.backends.quantized.engine == "qnnpack":
+        return False
+    return u8s8_saturates(("avx512_vnni", "amx_int8"))
 
 
 class TorchQuantizedModel(nn.Module):
@@ -67,6 +83,7 @@ class _Lowering:
         self.pending: dict[str, tuple[Op, str, list]] = {}
         self.steps: list = []
         self.acc_float: dict[str, tuple] = {}  # value -> (kind, scale tensor, offset) for float-held accumulators
+        self.saturating: list[str] = []  # convs whose pairs of products can leave int16 (see the module docstring)
 
     def emit(self, out: str, fn, ins: list[str]) -> str:
         self.steps.append((out, fn, ins))
@@ -130,6 +147,10 @@ class _Lowering:
                                         torch.zeros_like(s_w, dtype=torch.int64), 0, torch.qint8)
         if not torch.equal(wq.int_repr().to(torch.int64), w):
             raise ValueError(f"conv {a['layer']!r}: the int8 weight codes do not survive PyTorch's quantization")
+        xg = self.grid[x]
+        x_max = xg["qmax"] + _shift(xg)
+        if 2 * x_max * int(w.abs().max()) > 32767:
+            self.saturating.append(f"{a['layer']} (2 x {x_max} x {int(w.abs().max())})")
         bias_int = torch.round(t["bias_real"].to(torch.float64) / (s_x * s_w))
         bias = (bias_int * (s_x * s_w)).to(torch.float32)
         packed = torch.ops.quantized.conv2d_prepack(wq, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
@@ -274,9 +295,16 @@ def to_torch_quantized(im: IntegerModel) -> TorchQuantizedModel:
     ``torch.backends.quantized.engine`` names). Raises ValueError for graphs it cannot express."""
     if not torch.backends.quantized.supported_engines or torch.backends.quantized.engine == "none":
         raise ValueError("this PyTorch build has no quantized CPU engine")
+    lowering = _Lowering(im)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensor creation is deprecated in recent torch
-        return _Lowering(im).build()
+        model = lowering.build()
+    if lowering.saturating and int16_pairs_saturate():
+        warnings.warn(f"on this CPU (x86 without AVX512-VNNI) torch's {torch.backends.quantized.engine} int8 "
+                      "kernels add pairs of products in saturating int16, and these convs' codes can exceed it: "
+                      f"{', '.join(lowering.saturating)}; their outputs may be wrong (7-bit weights, the integer "
+                      "engine or the ONNX export are exact)", RuntimeWarning, stacklevel=2)
+    return model
 
 
-__all__ = ["TorchQuantizedModel", "to_torch_quantized"]
+__all__ = ["TorchQuantizedModel", "int16_pairs_saturate", "to_torch_quantized"]

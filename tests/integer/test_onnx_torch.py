@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from qcnn.calib import calibrating
-from qcnn.integer.onnx_runtime import OrtModel
+from qcnn.integer.onnx_runtime import OrtModel, optimized_op_counts, uint8_weights
 from qcnn.integer.onnx_torch import ExportActFQ, deploy_copy, to_onnx_torch
 from qcnn.methods import quantize
 
@@ -128,6 +128,36 @@ def test_conv1d_model_exports_with_a_dynamic_length():
     with torch.no_grad():
         ref = q(x)
     assert float((ort(x) - ref).abs().max()) <= _lsb_bound(q) + 1e-5
+
+
+def test_uint8_weights_keep_the_real_values_and_the_fused_kernels_exact():
+    """The int8 -> uint8 weight rewrite OrtModel applies on x86 CPUs without VNNI: the same real weights (equal
+    outputs unoptimised), and ONNX Runtime's fused kernels within one LSB on every CPU."""
+    import onnxruntime as ort
+
+    torch.manual_seed(1)
+    q = _quantized(_Seq1d())
+    mp = to_onnx_torch(q, torch.randn(2, 2, 50))
+    m8 = uint8_weights(mp)
+    dtypes = lambda m: sorted(onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in m.graph.initializer
+                              if len(i.dims) >= 2)
+    assert dtypes(mp) == ["int8"] * 3 and dtypes(m8) == ["uint8"] * 3
+    x = torch.randn(3, 2, 77)
+
+    def run(m, level):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert np.array_equal(run(mp, off), run(m8, off))
+    with torch.no_grad():
+        ref = q(x)
+    fused = run(m8, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert float(np.abs(fused - ref.numpy()).max()) <= _lsb_bound(q) + 1e-5
+    counts = optimized_op_counts(m8)
+    assert any(k.endswith("QLinearConv") for k in counts), counts  # the integer kernels, no float fallback
 
 
 def test_fixed_size_graph_asks_for_batch_only_and_exports_with_it():
