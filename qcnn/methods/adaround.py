@@ -12,12 +12,18 @@ whether to round down or up::
     h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1),   zeta = 1.1, gamma = -0.1   (rectified sigmoid)
 
 ``V`` starts where ``h(V) = W/s - floor(W/s)`` (so the first forward is the float weight, up to clipping), and
-is the only trained tensor (Adam, ``lr``). The loss of a unit (a layer, or a block of layers) is::
+is the only trained tensor (Adam, ``lr``; by default ``max(4e-3, 10 / iterations)``: Adam moves each ``V`` by
+about ``lr`` per step, and a variable that starts in the middle (``V = 0``) needs ``|V| >= 2.3`` to reach
+``h`` 0.01 or 0.99, so a short schedule needs a larger step; 4e-3 is BRECQ's, for its 20 000 iterations). The loss of a unit (a layer, or a block of layers) is::
 
     L = || f(x) - f~(x~) ||^2  +  lambda sum_i (1 - |2 h(V_i) - 1|^beta)
 
-with the reconstruction term summed over each sample's output elements and averaged over the mini-batch
-(BRECQ's ``lp_loss``; the scale for which ``lambda = 0.01`` was tuned), ``f`` the float unit on the float
+with the reconstruction term summed over the output channels and averaged over the mini-batch and the
+spatial positions (BRECQ's ``lp_loss``, ``(pred - tgt)^2 .sum(1).mean()``: the scale for which ``lambda =
+0.01`` was tuned; summed over all ``C H W`` output elements instead, the reconstruction outweighs the
+regulariser ``H W`` times, up to 12 544x on MobileNetV2's 112x112 maps, and most ``h`` stay undecided:
+measured 63-89 % of them strictly inside (0.01, 0.99) after 500 iterations on its first nine layers, 0-8 %
+with this scale and the default ``lr`` below), ``f`` the float unit on the float
 model's input, ``f~`` the quantized unit (soft-rounded weights, calibrated activation quantizers) on the
 quantized model's input ``x~`` with every earlier unit already rounded (sequential, in graph order). The
 regulariser is off for the first ``warmup`` fraction of the iterations (20 %), then ``beta`` decays linearly
@@ -91,6 +97,9 @@ class AdaRoundReport:
     recon_mse_nearest: dict[str, float] = field(default_factory=dict)  #: unit -> output MSE, nearest rounding
     recon_mse_learned: dict[str, float] = field(default_factory=dict)  #: unit -> output MSE, learned rounding
     flipped: dict[str, float] = field(default_factory=dict)  #: layer -> fraction of codes != nearest rounding
+    #: layer -> fraction of rounding variables still undecided (``0.01 < h < 0.99``) when its optimisation ends,
+    #: where the soft solution and the hard rounding it is replaced by can differ
+    undecided: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0  #: wall time of the whole pass
     units: list[str] = field(default_factory=list)  #: the unit names (keys of the MSE dicts), as ``blocks``
 
@@ -467,7 +476,7 @@ def _optimise(region: nn.Module, rounders: list[AdaRoundWeight], cache: _Cache, 
         for _, w in wrappers:
             w.current, w.mask = w.cached[idx], masks[w.index]
         out = region(*xs)
-        loss = (out - cache.target[idx]).pow(2).flatten(1).sum(1).mean()
+        loss = (out - cache.target[idx]).pow(2).sum(1).mean()  # over channels; mean over samples and positions
         if t >= warm and cfg.reg:
             beta = _beta(t, warm, cfg)
             loss = loss + cfg.reg * sum(r.regularizer(beta) for r in rounders)
@@ -494,21 +503,23 @@ def _install(layer: nn.Module) -> AdaRoundWeight:
     return r
 
 
-def _uninstall(layer: nn.Module, done: bool) -> float:
+def _uninstall(layer: nn.Module, done: bool) -> tuple[float, float]:
     """Put the layer's quantizer back; when ``done``, with the hard-rounded weight and the grid frozen.
-    Returns the fraction of codes that differ from nearest rounding."""
+    Returns the fractions of codes that differ from nearest rounding and of rounding variables undecided."""
     r, q = layer.weight_quant, layer._adaround_quant
     layer.weight_quant = q
     del layer._adaround_quant
     if not done:
-        return 0.0
+        return 0.0, 0.0
     with torch.no_grad():
+        h = r.h()
+        undecided = float(((h > 0.01) & (h < 0.99)).double().mean())
         r.hard = True
         layer.weight.copy_(r())
         flipped = float((r.codes() != r.nearest_codes).double().mean())
     if isinstance(q, UniformQuantizer):
         q.freeze()
-    return flipped
+    return flipped, undecided
 
 
 def _run_unit(gm, twin, unit: _Unit, xs, cfg: _Config, gen, report: AdaRoundReport, log) -> None:
@@ -528,7 +539,7 @@ def _run_unit(gm, twin, unit: _Unit, xs, cfg: _Config, gen, report: AdaRoundRepo
         for m, w in wrappers:
             m.input_quant = w.inner
         for name, m in zip(unit.layers, layers):
-            report.flipped[name] = _uninstall(m, done)
+            report.flipped[name], report.undecided[name] = _uninstall(m, done)
     report.recon_mse_learned[unit.name] = _recon_mse(region, cache, cfg.batch_size)
     if log is not None:
         log(f"  {report.mode} {unit.name}: output MSE nearest {report.recon_mse_nearest[unit.name]:.4g} -> "
@@ -537,6 +548,11 @@ def _run_unit(gm, twin, unit: _Unit, xs, cfg: _Config, gen, report: AdaRoundRepo
 
 
 # -- entry point ----------------------------------------------------------------------------------------
+def default_lr(iterations: int) -> float:
+    """The default Adam step of the rounding variables: ``max(4e-3, 10 / iterations)`` (module docstring)."""
+    return max(4e-3, 10.0 / iterations)
+
+
 def _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, max_elements) -> _Config:
     if mode not in MODES:
         raise ValueError(f"adaround: unknown mode {mode!r}; choose one of {MODES}")
@@ -549,7 +565,7 @@ def _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, 
         raise ValueError(f"adaround: max_elements={max_elements!r} must be a positive integer or None")
     if not (isinstance(drop_prob, (int, float)) and 0.0 <= drop_prob < 1.0):
         raise ValueError(f"adaround: drop_prob={drop_prob!r} must lie in [0, 1)")
-    if not (math.isfinite(lr) and lr > 0):
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"adaround: lr={lr!r} must be positive")
     if not (math.isfinite(reg) and reg >= 0):
         raise ValueError(f"adaround: reg={reg!r} must be >= 0")
@@ -569,7 +585,7 @@ def _inputs(batches, device) -> list[Tensor]:
 
 
 def adaround(qmodel: nn.Module, float_model: nn.Module | None, batches, mode: str = "layer",
-             iterations: int = 1000, lr: float = 4e-3, reg: float = 0.01, beta=(20.0, 2.0), warmup: float = 0.2,
+             iterations: int = 1000, lr: float | None = None, reg: float = 0.01, beta=(20.0, 2.0), warmup: float = 0.2,
              drop_prob: float = 0.0, batch_size: int = 32, seed: int = 0, log=None,
              max_elements: int | None = MAX_BATCH_ELEMENTS) -> AdaRoundReport:
     """Learn the rounding of every quantized layer of the calibrated ``qmodel`` in place (see module
@@ -581,6 +597,8 @@ def adaround(qmodel: nn.Module, float_model: nn.Module | None, batches, mode: st
     for a unit whose per-sample input or output exceeds ``max_elements / batch_size`` elements (None: never).
     Deterministic for a given ``seed``.
     """
+    if lr is None and isinstance(iterations, int) and not isinstance(iterations, bool) and iterations > 0:
+        lr = default_lr(iterations)
     cfg = _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, max_elements)
     gm = _graph_module(qmodel)
     names = _weight_layers(gm)
@@ -607,5 +625,5 @@ def adaround(qmodel: nn.Module, float_model: nn.Module | None, batches, mode: st
     return report
 
 
-__all__ = ["AdaRoundReport", "AdaRoundWeight", "GAMMA", "MAX_BATCH_ELEMENTS", "MODES", "ZETA", "adaround",
+__all__ = ["AdaRoundReport", "AdaRoundWeight", "GAMMA", "MAX_BATCH_ELEMENTS", "MODES", "ZETA", "adaround", "default_lr",
            "block_groups"]

@@ -254,6 +254,7 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
                         iterations=spec.round_iterations, drop_prob=spec.round_drop_prob)
         steps.record[spec.round].update(
             flipped=sum(rep.flipped.values()) / max(len(rep.flipped), 1),
+            undecided=sum(rep.undecided.values()) / max(len(rep.undecided), 1),
             recon_mse_nearest=sum(rep.recon_mse_nearest.values()),
             recon_mse_learned=sum(rep.recon_mse_learned.values()))
     if spec.bias_correction == "empirical":

@@ -175,6 +175,26 @@ def test_float_reference_defaults_to_the_quantized_models_weights():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_rounding_is_decided_on_a_large_map_with_a_short_schedule():
+    """The reconstruction term is BRECQ's (summed over channels, averaged over positions) and the default step
+    follows the schedule: on a 48x48 map, 200 iterations leave few rounding variables undecided, so the hard
+    rounding keeps what the soft one learned. (Summed over all C H W elements, the term outweighed the
+    regulariser 2304x here; with a fixed 4e-3 step most ``h`` ended inside (0.01, 0.99).)"""
+    from qcnn.methods.adaround import default_lr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)).eval()
+    recipe = Recipe(method="uniform", w_bits=4, a_bits=8, first_last="same", per_channel=True, fold_bn=True)
+    calib, held = _batches(_images(16, hw=48), bs=8), _images(16, hw=48, seed=7)
+    q, nearest = _qmodel(model, recipe, calib), _qmodel(model, recipe, calib)
+    rep = adaround(q, model, calib, iterations=200, seed=0)
+    assert rep.undecided["0"] <= 0.1, rep.undecided
+    assert default_lr(200) == pytest.approx(0.05) and default_lr(5000) == pytest.approx(4e-3)
+    with torch.no_grad():
+        ref = model(held)
+        assert _mse(q(held), ref) < 0.9 * _mse(nearest(held), ref)
+
+
 def test_resnet20_w4a8_real_cifar(cifar_zip, weights_dir):
     from qcnn.data import get_data
     from qcnn.models import build_model, load_weights
