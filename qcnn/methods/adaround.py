@@ -14,7 +14,8 @@ whether to round down or up::
 ``V`` starts where ``h(V) = W/s - floor(W/s)`` (so the first forward is the float weight, up to clipping), and
 is the only trained tensor (Adam, ``lr``; by default ``max(4e-3, 10 / iterations)``: Adam moves each ``V`` by
 about ``lr`` per step, and a variable that starts in the middle (``V = 0``) needs ``|V| >= 2.3`` to reach
-``h`` 0.01 or 0.99, so a short schedule needs a larger step; 4e-3 is BRECQ's, for its 20 000 iterations). The loss of a unit (a layer, or a block of layers) is::
+``h`` 0.01 or 0.99, so a short schedule needs a larger step; 4e-3 is BRECQ's, for its 20 000 iterations).
+The loss of a unit (a layer, or a block of layers) is::
 
     L = || f(x) - f~(x~) ||^2  +  lambda sum_i (1 - |2 h(V_i) - 1|^beta)
 
