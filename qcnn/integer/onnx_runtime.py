@@ -43,7 +43,7 @@ def uint8_weights(model):
         g.initializer.extend([nph.from_array((w.astype(np.int16) + 128).astype(np.uint8), wn),
                               nph.from_array((z.astype(np.int16) + 128).astype(np.uint8), zn)])
         n.input[0], n.input[2] = wn, zn
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
