@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcnn.integer.ir import Op, operand_tensors, operand_zero_points
-from qcnn.integer.onnx_builder import GraphBuilder, container, onnx_pads
+from qcnn.integer.onnx_builder import GraphBuilder, as_uint8, container, onnx_pads
 from qcnn.integer.runtime import IntegerModel
 from qcnn.integer.schemes import Int64Scheme, get_scheme, scheme_of
 
@@ -130,8 +130,8 @@ class IntegerBuilder(GraphBuilder):
                            op.output + "_x8", to=self.TP.UINT8)
             xz = xz + 128
         xzc = self.const("xz", np.uint8(xz))
-        wu = (wq.astype(np.int16) + 128).astype(np.uint8)
-        wz = self.const("wz", np.uint8(128))
+        wu = as_uint8(wq)
+        wz = self.const("wz", as_uint8(0))
         if op.kind == "conv":
             p = a["padding"]
             conv = dict(kernel_shape=list(w.shape[2:]), strides=a["stride"], pads=[p[0], p[1], p[0], p[1]],

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcnn.integer.ir import Op
-from qcnn.integer.onnx_builder import GraphBuilder, container, onnx_pads
+from qcnn.integer.onnx_builder import GraphBuilder, as_uint8, container, onnx_pads
 
 
 class QDQBuilder(GraphBuilder):
@@ -97,10 +97,9 @@ class QDQBuilder(GraphBuilder):
         bias = np.round(t["bias_real"].numpy() / (a["input_scale"] * s_eff.astype(np.float64)))
         if np.abs(bias).max(initial=0) >= 2**31:
             raise ValueError(f"layer {a['layer']!r}: bias does not fit int32")
-        wdt = np.uint8 if self.UINT8_WEIGHTS else np.int8
-        off = 128 if self.UINT8_WEIGHTS else 0  # the same real values: (w + 128 - (zw + 128)) * s
-        wq = self.const(a["layer"] + ".weight", (w + off).astype(wdt))
-        wdq = self.node("DequantizeLinear", [wq, self.const("ws", s_eff), self.const("wz", (zw + off).astype(wdt))],
+        cast = as_uint8 if self.UINT8_WEIGHTS else (lambda v: v.astype(np.int8))
+        wq = self.const(a["layer"] + ".weight", cast(w))
+        wdq = self.node("DequantizeLinear", [wq, self.const("ws", s_eff), self.const("wz", cast(zw))],
                         a["layer"] + ".weight_dq", axis=0)
         bs = (np.float32(a["input_scale"]) * s_eff).astype(np.float32)
         bq = self.const(a["layer"] + ".bias", bias.astype(np.int32))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcnn.integer.ir import Op
+from qcnn.integer.onnx_builder import as_uint8
 from qcnn.integer.onnx_qdq import QDQBuilder
 from qcnn.integer.runtime import IntegerModel
 
@@ -142,9 +143,8 @@ class QLinearBuilder(QDQBuilder):
         # weights as uint8 shifted by 128 (zero point 128 on every channel, the same real values): ONNX Runtime's
         # uint8 x int8 kernels on AVX2 CPUs without VNNI add pairs of products in saturating int16 (measured: codes
         # 60 LSB off), its uint8 x uint8 kernels widen to int32 first
-        wu = (w + 128).astype(np.uint8)
-        out = self.node("QLinearConv", [x, xs, xz, self.const(a["layer"] + ".weight", wu),
-                                        self.const("ws", s_eff), self.const("wz", np.full(len(s_eff), 128, np.uint8)),
+        out = self.node("QLinearConv", [x, xs, xz, self.const(a["layer"] + ".weight", as_uint8(w)),
+                                        self.const("ws", s_eff), self.const("wz", as_uint8(np.zeros(len(s_eff)))),
                                         ys, yz, self.const(a["layer"] + ".bias", bias.astype(np.int32))],
                         rq.output + "_conv", domain=self.MS, channels_last=1, kernel_shape=list(w.shape[2:]),
                         strides=a["stride"], pads=[p[0], p[1], p[0], p[1]], dilations=a["dilation"],

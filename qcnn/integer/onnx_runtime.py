@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 from qcnn.integer.cpu import u8s8_saturates
-from qcnn.integer.onnx_builder import load_onnx
+from qcnn.integer.onnx_builder import as_uint8, load_onnx
 
 
 def uint8_weights(model):
@@ -40,8 +40,7 @@ def uint8_weights(model):
                 any(t != "DequantizeLinear" or k != 0 for t, k in users[n.input[0]]):
             continue
         wn, zn = n.input[0] + ".u8", n.output[0] + ".zero_point_u8"
-        g.initializer.extend([nph.from_array((w.astype(np.int16) + 128).astype(np.uint8), wn),
-                              nph.from_array((z.astype(np.int16) + 128).astype(np.uint8), zn)])
+        g.initializer.extend([nph.from_array(as_uint8(w), wn), nph.from_array(as_uint8(z), zn)])
         n.input[0], n.input[2] = wn, zn
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input}
     keep = [i for i in g.initializer if i.name in used]

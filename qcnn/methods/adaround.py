@@ -566,6 +566,7 @@ def _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, 
         raise ValueError(f"adaround: max_elements={max_elements!r} must be a positive integer or None")
     if not (isinstance(drop_prob, (int, float)) and 0.0 <= drop_prob < 1.0):
         raise ValueError(f"adaround: drop_prob={drop_prob!r} must lie in [0, 1)")
+    lr = default_lr(iterations) if lr is None else lr
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"adaround: lr={lr!r} must be positive")
     if not (math.isfinite(reg) and reg >= 0):
@@ -598,8 +599,6 @@ def adaround(qmodel: nn.Module, float_model: nn.Module | None, batches, mode: st
     for a unit whose per-sample input or output exceeds ``max_elements / batch_size`` elements (None: never).
     Deterministic for a given ``seed``.
     """
-    if lr is None and isinstance(iterations, int) and not isinstance(iterations, bool) and iterations > 0:
-        lr = default_lr(iterations)
     cfg = _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, max_elements)
     gm = _graph_module(qmodel)
     names = _weight_layers(gm)
