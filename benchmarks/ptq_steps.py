@@ -48,7 +48,7 @@ CONFIGS = {
 }
 #: the steps of each column (``+cle``: cross-layer equalization with high-bias absorption; ``+bc``: empirical
 #: bias correction; ``+pot``: power-of-two activation alignment; ``+adaround`` layer-wise, ``+brecq`` block-wise
-#: learned rounding)
+#: learned rounding; ``+act``: the activation steps learned with it, Adam step ``--act-lr``)
 STEPS = {
     "nearest": {},
     "+cle": {"equalize": True},
@@ -62,9 +62,13 @@ STEPS = {
     "+cle+adaround+bc": {"equalize": True, "round": "adaround", "bias_correction": "empirical"},
     "+brecq+bc": {"round": "brecq", "bias_correction": "empirical"},
     "+cle+brecq+bc": {"equalize": True, "round": "brecq", "bias_correction": "empirical"},
+    "+adaround+act+bc": {"round": "adaround", "round_act_lr": None, "bias_correction": "empirical"},
+    "+brecq+act+bc": {"round": "brecq", "round_act_lr": None, "bias_correction": "empirical"},
 }
 #: learned-rounding steps per layer / block; a run with another count labels its column with it
 DEFAULT_ITERATIONS = 1000
+#: Adam step of the learned activation steps (``+act``); another value labels its column with it
+DEFAULT_ACT_LR = 1e-4
 WEIGHTS = {"resnet20": "../shared/data/weights/resnet20-12fca82f.th",
            "resnet56": "../shared/data/weights/resnet56-4bfd9763.th",
            "tv:mobilenet_v2": "../shared/data/weights/mobilenet_v2-b0353104.pth"}
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                    help="learned rounding steps per layer / block")
+    p.add_argument("--act-lr", type=float, default=DEFAULT_ACT_LR, help="Adam step of the activation steps (+act)")
     p.add_argument("--configs", default=None, help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--steps", default=None, help="comma-separated subset of " + ",".join(STEPS))
     p.add_argument("--out", default="benchmarks/results")
@@ -177,11 +182,13 @@ def main(argv=None) -> int:
     out, tag = Path(args.out), args.model.replace("tv:", "")
     for cfg in configs:
         for st in steps:
+            spec = {k: (args.act_lr if k == "round_act_lr" else v) for k, v in STEPS[st].items()}
             recipe = Recipe(**CONFIGS[cfg], first_last="same", calib_images=args.calib_images,
-                            ptq={"round_iterations": args.iterations, **STEPS[st]})
+                            ptq={"round_iterations": args.iterations, **spec})
             figures, details = score(recipe)
-            label = st if "round" not in STEPS[st] or args.iterations == DEFAULT_ITERATIONS else \
-                f"{st} ({args.iterations} it)"
+            notes = [f"{args.iterations} it"] if "round" in spec and args.iterations != DEFAULT_ITERATIONS else []
+            notes += [f"act lr {args.act_lr:g}"] if "round_act_lr" in spec and args.act_lr != DEFAULT_ACT_LR else []
+            label = f"{st} ({', '.join(notes)})" if notes else st
             row = {"config": cfg, "steps": label, "recipe": recipe.to_dict(), **figures,
                    "cpu_seconds": sum(_total(d, "cpu_seconds") for d in details),
                    "seconds": sum(_total(d, "seconds") for d in details), "step_details": details}

@@ -84,6 +84,9 @@ def add_parser(sub) -> None:
                    help="learned rounding: optimisation steps per layer / block (default 1000)")
     t.add_argument("--round-drop-prob", type=float, default=None,
                    help="learned rounding: QDrop probability of feeding float activations (default 0: off)")
+    t.add_argument("--round-act-lr", type=float, default=None,
+                   help="learned rounding: also learn the per-tensor activation steps with this Adam step (BRECQ / "
+                        "QDrop use 4e-5; default 0: off)")
     t.add_argument("--mixed-precision", default=None, metavar="SIZE_OR_BOPS_BUDGET",
                    help="per-layer weight bits by measured sensitivity under a budget: size:200KB, size:1.5MiB, "
                         "bops:2G or 0.6x (of the --w-bits model's weight size)")
@@ -109,6 +112,7 @@ def recipe_from_args(args):
     ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
            "pot_align": args.pot_align, "bias_correction": args.bias_correction,
            "round": args.round, "round_iterations": args.round_iterations, "round_drop_prob": args.round_drop_prob,
+           "round_act_lr": args.round_act_lr,
            "mixed_precision": args.mixed_precision,
            "mp_candidates": list(_bits_list(args.mp_candidates, "--mp-candidates")) if args.mp_candidates else None}
     return recipe.replace(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,

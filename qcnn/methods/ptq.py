@@ -251,12 +251,16 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
     if spec.round != "nearest":
         rep = steps.run(spec.round, adaround, qmodel, twin, calib_batches,
                         mode="layer" if spec.round == "adaround" else "block",
-                        iterations=spec.round_iterations, drop_prob=spec.round_drop_prob)
+                        iterations=spec.round_iterations, drop_prob=spec.round_drop_prob, act_lr=spec.round_act_lr)
         steps.record[spec.round].update(
             flipped=sum(rep.flipped.values()) / max(len(rep.flipped), 1),
             undecided=sum(rep.undecided.values()) / max(len(rep.undecided), 1),
             recon_mse_nearest=sum(rep.recon_mse_nearest.values()),
             recon_mse_learned=sum(rep.recon_mse_learned.values()))
+        if rep.act_steps:
+            steps.record[spec.round]["act_steps"] = len(rep.act_steps)
+            steps.record[spec.round]["act_step_ratio"] = sum(b / a for a, b in rep.act_steps.values()) / len(
+                rep.act_steps)
     if spec.bias_correction == "empirical":
         shifts = steps.run("bias_correction", empirical_bias_correction, qmodel, twin, calib_batches)
         steps.record["bias_correction"]["max_shift"] = max(shifts.values(), default=0.0)

@@ -109,6 +109,12 @@ def lsq(x: Tensor, s: Tensor, bits: int, signed: bool, grad_scale: float | None 
         axis: int | None = None) -> Tensor:
     """Functional LSQ; ``grad_scale=None`` uses ``1/sqrt(N Q_P)`` with ``N`` = elements per step value."""
     qn, qp = lsq_range(bits, signed)
+    return lsq_codes(x, s, qn, qp, grad_scale, axis)
+
+
+def lsq_codes(x: Tensor, s: Tensor, qn: int, qp: int, grad_scale: float | None = None,
+              axis: int | None = None) -> Tensor:
+    """:func:`lsq` on the codes ``[-Q_N, Q_P]`` given directly (e.g. a narrow ``[-127, 127]`` grid)."""
     if grad_scale is None:
         n = x.numel() // (x.shape[axis] if axis is not None else 1)
         grad_scale = 1.0 / math.sqrt(max(n, 1) * qp)
@@ -221,4 +227,4 @@ class LSQQuantizer(Quantizer):
         return f"bits={self.bits}, signed={self.signed}, {ch}, grad_scale={self.use_grad_scale}"
 
 
-__all__ = ["LSQQuantizer", "lsq", "lsq_range"]
+__all__ = ["LSQQuantizer", "lsq", "lsq_codes", "lsq_range"]

@@ -169,6 +169,8 @@ class PTQSpec:
     round: str = "nearest"  #: nearest | adaround (layer-wise) | brecq (block reconstruction)
     round_iterations: int = 1000  #: optimisation steps per layer (adaround) or block (brecq)
     round_drop_prob: float = 0.0  #: QDrop: probability of feeding a float activation during reconstruction
+    #: learned rounding: Adam step of the activation quantizers' steps learned with it (BRECQ / QDrop; 0: off)
+    round_act_lr: float = 0.0
     mixed_precision: str | None = None  #: size / BOPs budget, e.g. ``size:200KB``, ``bops:2G``, ``0.6x``
     mp_candidates: list[int] = field(default_factory=lambda: [8, 6, 4])  #: weight bits the search may pick
 
@@ -186,6 +188,8 @@ class PTQSpec:
             raise ValueError(f"ptq: round_iterations={self.round_iterations!r} must be >= 1")
         if not 0.0 <= self.round_drop_prob < 1.0:
             raise ValueError(f"ptq: round_drop_prob={self.round_drop_prob!r} must lie in [0, 1)")
+        if not (math.isfinite(self.round_act_lr) and self.round_act_lr >= 0.0):
+            raise ValueError(f"ptq: round_act_lr={self.round_act_lr!r} must be >= 0")
         if not isinstance(self.mp_candidates, (list, tuple)) or not self.mp_candidates:
             raise ValueError(f"ptq: mp_candidates={self.mp_candidates!r} must be a non-empty list of bit widths")
         self.mp_candidates = [check_bits(b, "ptq: mp_candidates") for b in self.mp_candidates]

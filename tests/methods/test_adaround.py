@@ -195,6 +195,52 @@ def test_rounding_is_decided_on_a_large_map_with_a_short_schedule():
         assert _mse(q(held), ref) < 0.9 * _mse(nearest(held), ref)
 
 
+def test_activation_steps_learned_with_the_rounding_beat_calibrated_ones():
+    """``act_lr``: min/max-calibrated 3-bit activation steps are too coarse; learned jointly with the rounding
+    (LSQ gradient) they shrink, are written into the quantizers (a checkpoint keeps them) and lower the
+    held-out output error against learned rounding alone; power-of-two grids keep their steps."""
+    from qcnn.methods.adaround import LearnedActStep
+
+    model = _net()
+    recipe = Recipe(method="uniform", w_bits=4, a_bits=3, first_last="same", per_channel=True, fold_bn=True,
+                    calib="minmax")
+    calib, held = _batches(_images(256, c=3)), _images(256, c=3, seed=9)
+    with torch.no_grad():
+        ref = model(held)
+    errs = {}
+    for lr in (0.0, 1e-3):
+        q = _qmodel(model, recipe, calib)
+        before = {n: float(m.scale) for n, m in q.named_modules() if n.endswith("input_quant")}
+        rep = adaround(q, model, calib, iterations=300, act_lr=lr)
+        with torch.no_grad():
+            errs[lr] = _mse(q(held), ref)
+        if not lr:
+            assert rep.act_steps == {}
+            continue
+        assert set(rep.act_steps) == set(before)  # the four layers' inputs (the add is in no layer unit)
+        for name, (b, a) in rep.act_steps.items():
+            assert b == pytest.approx(before[name]) and a == pytest.approx(float(q.get_submodule(name).scale))
+            assert 0.4 * b < a < 0.95 * b, (name, b, a)
+        fresh = quantize(model, recipe).eval()
+        fresh.load_state_dict(q.state_dict())
+        with torch.no_grad():
+            assert torch.equal(fresh(held), q(held))
+    assert errs[1e-3] < 0.8 * errs[0.0], errs
+    # the stand-in starts as the calibrated quantizer (zero point kept), and its step gradient is LSQ's
+    q = _qmodel(model, recipe, calib)
+    inner = q.stem.input_quant
+    x = held[:4]
+    stand_in = LearnedActStep(inner)
+    assert int(inner.zero_point) != 0 and torch.allclose(stand_in(x), inner(x), atol=1e-6)
+    stand_in(x).sum().backward()
+    s, z = float(inner.scale), float(inner.zero_point)
+    v = x / s + z
+    expect = torch.where(v < inner.qmin, inner.qmin - z, torch.where(v > inner.qmax, inner.qmax - z, v.round() - v))
+    assert float(stand_in.step.grad) == pytest.approx(float(expect.sum()), rel=1e-4)
+    qc = _qmodel(model, Recipe(method="qcode", w_bits=4, a_bits=4, first_last="same", fold_bn=True), calib)
+    assert adaround(qc, model, calib, iterations=5, act_lr=1e-3).act_steps == {}
+
+
 def test_resnet20_w4a8_real_cifar(cifar_zip, weights_dir):
     from qcnn.data import get_data
     from qcnn.models import build_model, load_weights
@@ -234,6 +280,8 @@ def test_bad_input():
         adaround(q, model, calib, iterations=0)
     with pytest.raises(ValueError, match="drop_prob=1.0"):
         adaround(q, model, calib, drop_prob=1.0)
+    with pytest.raises(ValueError, match="act_lr=-0.1"):
+        adaround(q, model, calib, act_lr=-0.1)
     with pytest.raises(ValueError, match="empty"):
         adaround(q, model, [])
     with pytest.raises(ValueError, match="'stem'"):
