@@ -191,11 +191,12 @@ def main(argv=None) -> int:
             label = f"{st} ({', '.join(notes)})" if notes else st
             row = {"config": cfg, "steps": label, "recipe": recipe.to_dict(), **figures,
                    "cpu_seconds": sum(_total(d, "cpu_seconds") for d in details),
-                   "seconds": sum(_total(d, "seconds") for d in details), "step_details": details}
+                   "seconds": sum(_total(d, "seconds") for d in details), "threads": torch.get_num_threads(),
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "step_details": details}
             print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_details")}), flush=True)
             result = {"model": args.model, **head, "rows": _merge(out / f"ptq_steps_{tag}.json", [row], head),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                      "machine": f"CPU, {torch.get_num_threads()} threads"}
+                      "machine": "CPU (threads and date of each cell in the JSON rows, where recorded)"}
             write_json(out / f"ptq_steps_{tag}.json", result, indent=1)  # after every cell: nothing is lost
             write_text(out / f"ptq_steps_{tag}.md", _markdown(result))
     print(_markdown(result))
