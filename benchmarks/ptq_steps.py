@@ -166,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-images", type=int, default=1024)
     p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                    help="learned rounding steps per layer / block")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam step of the rounding variables (default: adaround's, max(4e-3, 10 / iterations))")
     p.add_argument("--act-lr", type=float, default=DEFAULT_ACT_LR, help="Adam step of the activation steps (+act)")
     p.add_argument("--configs", default=None, help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--steps", default=None, help="comma-separated subset of " + ",".join(STEPS))
@@ -184,9 +186,11 @@ def main(argv=None) -> int:
         for st in steps:
             spec = {k: (args.act_lr if k == "round_act_lr" else v) for k, v in STEPS[st].items()}
             recipe = Recipe(**CONFIGS[cfg], first_last="same", calib_images=args.calib_images,
-                            ptq={"round_iterations": args.iterations, **spec})
+                            ptq={"round_iterations": args.iterations, **spec,
+                                 **({"round_lr": args.lr} if "round" in spec and args.lr else {})})
             figures, details = score(recipe)
             notes = [f"{args.iterations} it"] if "round" in spec and args.iterations != DEFAULT_ITERATIONS else []
+            notes += [f"lr {args.lr:g}"] if "round" in spec and args.lr else []
             notes += [f"act lr {args.act_lr:g}"] if "round_act_lr" in spec and args.act_lr != DEFAULT_ACT_LR else []
             label = f"{st} ({', '.join(notes)})" if notes else st
             row = {"config": cfg, "steps": label, "recipe": recipe.to_dict(), **figures,

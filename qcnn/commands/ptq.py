@@ -84,6 +84,8 @@ def add_parser(sub) -> None:
                    help="learned rounding: optimisation steps per layer / block (default 1000)")
     t.add_argument("--round-drop-prob", type=float, default=None,
                    help="learned rounding: QDrop probability of feeding float activations (default 0: off)")
+    t.add_argument("--round-lr", type=float, default=None,
+                   help="learned rounding: Adam step of the rounding variables (default max(4e-3, 10 / iterations))")
     t.add_argument("--round-act-lr", type=float, default=None,
                    help="learned rounding: also learn the per-tensor activation steps with this Adam step (BRECQ / "
                         "QDrop use 4e-5; default 0: off)")
@@ -112,7 +114,7 @@ def recipe_from_args(args):
     ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
            "pot_align": args.pot_align, "bias_correction": args.bias_correction,
            "round": args.round, "round_iterations": args.round_iterations, "round_drop_prob": args.round_drop_prob,
-           "round_act_lr": args.round_act_lr,
+           "round_act_lr": args.round_act_lr, "round_lr": args.round_lr,
            "mixed_precision": args.mixed_precision,
            "mp_candidates": list(_bits_list(args.mp_candidates, "--mp-candidates")) if args.mp_candidates else None}
     return recipe.replace(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib=args.calib,

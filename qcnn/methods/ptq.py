@@ -251,7 +251,8 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
     if spec.round != "nearest":
         rep = steps.run(spec.round, adaround, qmodel, twin, calib_batches,
                         mode="layer" if spec.round == "adaround" else "block",
-                        iterations=spec.round_iterations, drop_prob=spec.round_drop_prob, act_lr=spec.round_act_lr)
+                        iterations=spec.round_iterations, drop_prob=spec.round_drop_prob, act_lr=spec.round_act_lr,
+                        lr=spec.round_lr)
         steps.record[spec.round].update(
             flipped=sum(rep.flipped.values()) / max(len(rep.flipped), 1),
             undecided=sum(rep.undecided.values()) / max(len(rep.undecided), 1),

@@ -168,6 +168,8 @@ class PTQSpec:
     bias_correction: str | None = None  #: empirical | analytic (None: off)
     round: str = "nearest"  #: nearest | adaround (layer-wise) | brecq (block reconstruction)
     round_iterations: int = 1000  #: optimisation steps per layer (adaround) or block (brecq)
+    #: learned rounding: Adam step of the rounding variables (None: ``max(4e-3, 10 / round_iterations)``)
+    round_lr: float | None = None
     round_drop_prob: float = 0.0  #: QDrop: probability of feeding a float activation during reconstruction
     #: learned rounding: Adam step of the activation quantizers' steps learned with it (BRECQ / QDrop; 0: off)
     round_act_lr: float = 0.0
@@ -188,6 +190,8 @@ class PTQSpec:
             raise ValueError(f"ptq: round_iterations={self.round_iterations!r} must be >= 1")
         if not 0.0 <= self.round_drop_prob < 1.0:
             raise ValueError(f"ptq: round_drop_prob={self.round_drop_prob!r} must lie in [0, 1)")
+        if self.round_lr is not None and not (math.isfinite(self.round_lr) and self.round_lr > 0.0):
+            raise ValueError(f"ptq: round_lr={self.round_lr!r} must be positive")
         if not (math.isfinite(self.round_act_lr) and self.round_act_lr >= 0.0):
             raise ValueError(f"ptq: round_act_lr={self.round_act_lr!r} must be >= 0")
         if not isinstance(self.mp_candidates, (list, tuple)) or not self.mp_candidates:

@@ -93,6 +93,7 @@ def test_bad_choices(flags, message, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--round-drop-prob", "1.5"], "round_drop_prob=1.5"),
     (["--round-act-lr", "-1"], "round_act_lr=-1.0"),
+    (["--round-lr", "0"], "round_lr=0.0"),
     (["--round-act-lr", "inf"], "round_act_lr=inf"),
     (["--mixed-precision", "lots"], "'lots'"),
     (["--mp-candidates", "8,x"], "--mp-candidates '8,x'"),

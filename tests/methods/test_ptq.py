@@ -134,6 +134,29 @@ def test_equalized_checkpoint_rebuilds_the_same_model():
     to_integer(relu, x[:1])  # the ReLU form runs integer-only
 
 
+def test_learned_rounding_options_reach_adaround_and_are_recorded():
+    """``round_lr`` and ``round_act_lr`` change what the rounding learns: an explicit step equal to the default
+    gives the default's model, another step another model; learned activation steps are counted in the step
+    record."""
+    from qcnn.methods.adaround import default_lr
+
+    model, data = _net(3), _data(128, 4)
+    base = Recipe(method="uniform", w_bits=3, a_bits=4, first_last="same", calib_images=128,
+                  ptq={"round": "brecq", "round_iterations": 40})
+    states = {}
+    for key, extra in {"default": {}, "same": {"round_lr": default_lr(40)}, "small": {"round_lr": 1e-3},
+                       "act": {"round_act_lr": 1e-3}}.items():
+        res = post_training_quantize(model, base.replace(ptq={**base.ptq.__dict__, **extra}), data)
+        states[key] = res.model.state_dict()
+        if key == "act":
+            assert res.ptq_steps["brecq"]["act_steps"] == 2  # the conv's and the linear's input steps
+        else:
+            assert "act_steps" not in res.ptq_steps["brecq"]
+    same = all(torch.equal(v, states["same"][k]) for k, v in states["default"].items())
+    differ = {k: not all(torch.equal(v, states[k][n]) for n, v in states["default"].items()) for k in ("small", "act")}
+    assert same and differ == {"small": True, "act": True}
+
+
 def test_bad_input():
     model, data = _net(), _data()
     with pytest.raises(ValueError, match="empty"):
