@@ -89,7 +89,7 @@ from torch import Tensor, fx, nn
 
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Grid, Quantizer
-from qcnn.quant.lsq import lsq_codes
+from qcnn.quant.lsq import EPS, lsq_codes
 from qcnn.quant.uniform import UniformQuantizer
 from qcnn.transform import float_twin, fold_bn, is_relu
 
@@ -577,9 +577,10 @@ def _uninstall(layer: nn.Module, done: bool) -> tuple[float, float]:
 
 def _install_act_steps(gm: fx.GraphModule, unit: _Unit) -> list[tuple[nn.Module, str, str, LearnedActStep]]:
     """(module, slot, name, stand-in) for every eligible activation quantizer of the unit's region."""
+    nodes = {n.name: n for n in gm.graph.nodes}
     out, seen = [], set()
-    for node in gm.graph.nodes:
-        if node.name not in unit.nodes or node.op != "call_module" or node.target in seen:
+    for node in (nodes[n] for n in unit.nodes):
+        if node.op != "call_module" or node.target in seen:
             continue
         seen.add(node.target)
         m = gm.get_submodule(node.target)
@@ -599,7 +600,7 @@ def _uninstall_act_steps(installed, done: bool, report: AdaRoundReport) -> None:
         if done:
             with torch.no_grad():
                 before = float(q.scale)
-                q.scale.copy_(stand_in.step.detach().abs().clamp_min(1e-8).to(q.scale.dtype))
+                q.scale.copy_(stand_in.step.detach().abs().clamp_min(EPS).to(q.scale.dtype))
             report.act_steps[name] = (before, float(q.scale))
 
 
