@@ -48,7 +48,8 @@ CONFIGS = {
 }
 #: the steps of each column (``+cle``: cross-layer equalization with high-bias absorption; ``+bc``: empirical
 #: bias correction; ``+pot``: power-of-two activation alignment; ``+adaround`` layer-wise, ``+brecq`` block-wise
-#: learned rounding; ``+act``: the activation steps learned with it, Adam step ``--act-lr``)
+#: learned rounding; ``+qdrop``: BRECQ with QDrop's activation dropping, probability 0.5; ``+act``: the
+#: activation steps learned with it, Adam step ``--act-lr``)
 STEPS = {
     "nearest": {},
     "+cle": {"equalize": True},
@@ -60,8 +61,10 @@ STEPS = {
     "+adaround": {"round": "adaround"},
     "+adaround+bc": {"round": "adaround", "bias_correction": "empirical"},
     "+cle+adaround+bc": {"equalize": True, "round": "adaround", "bias_correction": "empirical"},
+    "+brecq": {"round": "brecq"},
     "+brecq+bc": {"round": "brecq", "bias_correction": "empirical"},
     "+cle+brecq+bc": {"equalize": True, "round": "brecq", "bias_correction": "empirical"},
+    "+qdrop+bc": {"round": "brecq", "round_drop_prob": 0.5, "bias_correction": "empirical"},
     "+adaround+act+bc": {"round": "adaround", "round_act_lr": None, "bias_correction": "empirical"},
     "+brecq+act+bc": {"round": "brecq", "round_act_lr": None, "bias_correction": "empirical"},
 }

@@ -26,7 +26,9 @@ cross-layer equalization (structural, applied by ``quantize()``: :mod:`qcnn.meth
 absorption before it, then the power-of-two alignment of the activations (the same module); after it the
 mixed-precision search (:mod:`qcnn.methods.mixed_precision`), the weight
 grids fixed (:func:`freeze_weight_grids`), learned rounding (:mod:`qcnn.methods.adaround`) and bias correction
-(:mod:`qcnn.methods.bias_correction`), all on the calibration images; each step's wall and CPU seconds are in
+(:mod:`qcnn.methods.bias_correction`; after learned rounding its float reference is the rounded weights' float
+function, so that it removes the activations' shift and keeps the rounding), all on the calibration images; each
+step's wall and CPU seconds are in
 :attr:`PTQResult.ptq_steps`.
 """
 
@@ -262,6 +264,11 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
             steps.record[spec.round]["act_steps"] = len(rep.act_steps)
             steps.record[spec.round]["act_step_ratio"] = sum(b / a for a, b in rep.act_steps.values()) / len(
                 rep.act_steps)
+    if spec.round != "nearest" and spec.bias_correction:
+        # the reference after learned rounding: the float function of the rounded weights. Against the original
+        # float weights bias correction would undo the rounding's compensation of earlier layers' errors
+        # (measured: ResNet-20 W4A4 BRECQ 0.45 -> 1.88 points; against the rounded weights -0.13)
+        twin = float_twin(qmodel)
     if spec.bias_correction == "empirical":
         shifts = steps.run("bias_correction", empirical_bias_correction, qmodel, twin, calib_batches)
         steps.record["bias_correction"]["max_shift"] = max(shifts.values(), default=0.0)

@@ -157,6 +157,28 @@ def test_learned_rounding_options_reach_adaround_and_are_recorded():
     assert same and differ == {"small": True, "act": True}
 
 
+def test_bias_correction_after_learned_rounding_keeps_the_rounding():
+    """After learned rounding, bias correction's reference is the float function of the rounded weights: it
+    removes what activation quantization shifts, not the rounding's own choices. With float activations it has
+    nothing left to correct (the biases stay those of the rounding), where after nearest rounding it corrects the
+    weights' mean error."""
+    model, data = _net(5), _data(128, 6)
+    base = Recipe(method="uniform", w_bits=3, a_bits=None, first_last="same", calib_images=128,
+                  ptq={"round": "adaround", "round_iterations": 40})
+    rounded = post_training_quantize(model, base, data)
+    corrected = post_training_quantize(model, base.replace(ptq={**base.ptq.__dict__, "bias_correction": "empirical"}),
+                                       data)
+    assert corrected.ptq_steps["bias_correction"]["max_shift"] < 1e-5
+    for name, v in rounded.model.state_dict().items():
+        assert torch.allclose(v, corrected.model.state_dict()[name], atol=1e-5), name
+    nearest = post_training_quantize(model, base.replace(ptq={"round": "nearest", "bias_correction": "empirical"}),
+                                     data)
+    assert nearest.ptq_steps["bias_correction"]["max_shift"] > 1e-3
+    with_acts = post_training_quantize(model, base.replace(a_bits=4, ptq={**base.ptq.__dict__,
+                                                                         "bias_correction": "empirical"}), data)
+    assert with_acts.ptq_steps["bias_correction"]["max_shift"] > 1e-4
+
+
 def test_bad_input():
     model, data = _net(), _data()
     with pytest.raises(ValueError, match="empty"):
