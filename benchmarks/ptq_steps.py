@@ -188,12 +188,12 @@ def main(argv=None) -> int:
     for cfg in configs:
         for st in steps:
             spec = {k: (args.act_lr if k == "round_act_lr" else v) for k, v in STEPS[st].items()}
+            lr = args.lr if "round" in spec else None
             recipe = Recipe(**CONFIGS[cfg], first_last="same", calib_images=args.calib_images,
-                            ptq={"round_iterations": args.iterations, **spec,
-                                 **({"round_lr": args.lr} if "round" in spec and args.lr else {})})
+                            ptq={"round_iterations": args.iterations, **spec, "round_lr": lr})
             figures, details = score(recipe)
             notes = [f"{args.iterations} it"] if "round" in spec and args.iterations != DEFAULT_ITERATIONS else []
-            notes += [f"lr {args.lr:g}"] if "round" in spec and args.lr else []
+            notes += [f"lr {lr:g}"] if lr else []
             notes += [f"act lr {args.act_lr:g}"] if "round_act_lr" in spec and args.act_lr != DEFAULT_ACT_LR else []
             label = f"{st} ({', '.join(notes)})" if notes else st
             row = {"config": cfg, "steps": label, "recipe": recipe.to_dict(), **figures,

@@ -146,7 +146,7 @@ def test_learned_rounding_options_reach_adaround_and_are_recorded():
     states = {}
     for key, extra in {"default": {}, "same": {"round_lr": default_lr(40)}, "small": {"round_lr": 1e-3},
                        "act": {"round_act_lr": 1e-3}}.items():
-        res = post_training_quantize(model, base.replace(ptq={**base.ptq.__dict__, **extra}), data)
+        res = post_training_quantize(model, base.replace(ptq=extra), data)  # merged into base.ptq
         states[key] = res.model.state_dict()
         if key == "act":
             assert res.ptq_steps["brecq"]["act_steps"] == 2  # the conv's and the linear's input steps
@@ -166,16 +166,14 @@ def test_bias_correction_after_learned_rounding_keeps_the_rounding():
     base = Recipe(method="uniform", w_bits=3, a_bits=None, first_last="same", calib_images=128,
                   ptq={"round": "adaround", "round_iterations": 40})
     rounded = post_training_quantize(model, base, data)
-    corrected = post_training_quantize(model, base.replace(ptq={**base.ptq.__dict__, "bias_correction": "empirical"}),
-                                       data)
+    corrected = post_training_quantize(model, base.replace(ptq={"bias_correction": "empirical"}), data)
     assert corrected.ptq_steps["bias_correction"]["max_shift"] < 1e-5
     for name, v in rounded.model.state_dict().items():
         assert torch.allclose(v, corrected.model.state_dict()[name], atol=1e-5), name
     nearest = post_training_quantize(model, base.replace(ptq={"round": "nearest", "bias_correction": "empirical"}),
                                      data)
     assert nearest.ptq_steps["bias_correction"]["max_shift"] > 1e-3
-    with_acts = post_training_quantize(model, base.replace(a_bits=4, ptq={**base.ptq.__dict__,
-                                                                         "bias_correction": "empirical"}), data)
+    with_acts = post_training_quantize(model, base.replace(a_bits=4, ptq={"bias_correction": "empirical"}), data)
     assert with_acts.ptq_steps["bias_correction"]["max_shift"] > 1e-4
 
 
