@@ -49,7 +49,8 @@ CONFIGS = {
 #: the steps of each column (``+cle``: cross-layer equalization with high-bias absorption; ``+bc``: empirical
 #: bias correction; ``+pot``: power-of-two activation alignment; ``+adaround`` layer-wise, ``+brecq`` block-wise
 #: learned rounding; ``+qdrop``: BRECQ with QDrop's activation dropping, probability 0.5; ``+act``: the
-#: activation steps learned with it, Adam step ``--act-lr``)
+#: activation steps learned with it, Adam step ``--act-lr``; ``+dc``: each spatial kernel's sum kept through the
+#: rounding, ``keep_dc``)
 STEPS = {
     "nearest": {},
     "+cle": {"equalize": True},
@@ -65,6 +66,13 @@ STEPS = {
     "+brecq+bc": {"round": "brecq", "bias_correction": "empirical"},
     "+cle+brecq+bc": {"equalize": True, "round": "brecq", "bias_correction": "empirical"},
     "+qdrop+bc": {"round": "brecq", "round_drop_prob": 0.5, "bias_correction": "empirical"},
+    "+dc": {"keep_dc": True},
+    "+dc+bc": {"keep_dc": True, "bias_correction": "empirical"},
+    "+cle+dc+bc": {"equalize": True, "keep_dc": True, "bias_correction": "empirical"},
+    "+cle+pot+dc+bc": {"equalize": True, "pot_align": True, "keep_dc": True, "bias_correction": "empirical"},
+    "+adaround+dc": {"round": "adaround", "keep_dc": True},
+    "+brecq+dc": {"round": "brecq", "keep_dc": True},
+    "+brecq+dc+bc": {"round": "brecq", "keep_dc": True, "bias_correction": "empirical"},
     "+adaround+act+bc": {"round": "adaround", "round_act_lr": None, "bias_correction": "empirical"},
     "+brecq+act+bc": {"round": "brecq", "round_act_lr": None, "bias_correction": "empirical"},
 }

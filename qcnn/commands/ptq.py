@@ -80,6 +80,9 @@ def add_parser(sub) -> None:
     t.add_argument("--round", default=None, choices=["nearest", "adaround", "brecq"],
                    help="weight rounding: nearest (default), adaround (layer-wise learned rounding) or brecq "
                         "(block reconstruction)")
+    t.add_argument("--keep-dc", action="store_true", default=None,
+                   help="round each spatial kernel so that its sum (its DC gain) stays within half a step of the "
+                        "float kernel's, after nearest or learned rounding (depthwise nets: MobileNetV2)")
     t.add_argument("--round-iterations", type=positive_int, default=None,
                    help="learned rounding: optimisation steps per layer / block (default 1000)")
     t.add_argument("--round-drop-prob", type=float, default=None,
@@ -113,7 +116,8 @@ def recipe_from_args(args):
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(method="qcode")
     ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
            "pot_align": args.pot_align, "bias_correction": args.bias_correction,
-           "round": args.round, "round_iterations": args.round_iterations, "round_drop_prob": args.round_drop_prob,
+           "round": args.round, "keep_dc": args.keep_dc, "round_iterations": args.round_iterations,
+           "round_drop_prob": args.round_drop_prob,
            "round_act_lr": args.round_act_lr, "round_lr": args.round_lr,
            "mixed_precision": args.mixed_precision,
            "mp_candidates": list(_bits_list(args.mp_candidates, "--mp-candidates")) if args.mp_candidates else None}

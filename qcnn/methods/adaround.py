@@ -49,6 +49,11 @@ and the shortcut between them belong to it), followed by adds whose inputs are a
 contain no other unit's layer; otherwise its layers fall back to layer units. A block runs as an fx
 sub-GraphModule of the quantized model sharing its layers.
 
+Kernel sums (``keep_dc=True``): when a unit ends, before the rounding is made hard, the least certain decisions
+(smallest ``|V|``) of each spatial kernel slice flip until the slice's code sum is within half a step of its float
+sum (:mod:`qcnn.methods.kernel_sums`: the DC gain that a flat input sees, which the reconstruction loss on a few
+images leaves up to several steps off).
+
 QDrop (``drop_prob = p > 0``): every element of the unit's input is, independently at each step, the float
 model's value with probability ``p`` (and then not activation-quantized by the unit's first layers either) or
 the quantized model's value (quantized as usual): ``x = where(u < p, x_float, Q(x_quant))``, ``u ~ U(0, 1)``.
@@ -87,6 +92,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
+from qcnn.methods.kernel_sums import sum_moves
 from qcnn.nn.layers import QConv2d, QLinear
 from qcnn.quant.base import Grid, Quantizer
 from qcnn.quant.lsq import EPS, lsq_codes
@@ -132,6 +138,7 @@ class _Config:
     batch_size: int
     max_elements: int | None
     act_lr: float = 0.0
+    keep_dc: bool = False
 
 
 @dataclass
@@ -163,6 +170,7 @@ class AdaRoundWeight(nn.Module):
         rest = w / s - self.base
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.register_buffer("nearest_codes", torch.clamp(torch.round(w / s) + self.z, grid.qmin, grid.qmax))
+        self.register_buffer("float_codes", w / s + self.z)
         self.qmin, self.qmax = grid.qmin, grid.qmax
         self.hard = False
 
@@ -178,6 +186,22 @@ class AdaRoundWeight(nn.Module):
 
     def regularizer(self, beta: float) -> Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def keep_sums(self) -> None:
+        """Flip the least certain hard decisions (smallest ``|V|``) so that each kernel slice's code sum is
+        within half a step of its float sum (:mod:`qcnn.methods.kernel_sums`); a weight with one tap per
+        slice (1x1 convolution, linear layer) is left as it is."""
+        if self.v.dim() < 3 or self.v[0, 0].numel() < 2:
+            return
+        taps = self.v[0, 0].numel()
+        up = (self.v >= 0).reshape(-1, taps)
+        c = torch.clamp(self.base + up.reshape(self.v.shape).to(self.base.dtype) + self.z, self.qmin, self.qmax)
+        c, v, margin = c.reshape(-1, taps), self.float_codes.reshape(-1, taps), self.v.abs().reshape(-1, taps)
+        moves = sum_moves(v, c, margin, margin, ~up & (c < self.qmax) & (c < v), up & (c > self.qmin) & (c > v))
+        flat = self.v.view(-1, taps)
+        flat[moves > 0] = 0.0  # h = [V >= 0] = 1
+        flat[moves < 0] = -1e-6
 
 
 #: the activation-quantizer slots of the quantized modules whose steps ``act_lr`` learns
@@ -556,9 +580,10 @@ def _install(layer: nn.Module) -> AdaRoundWeight:
     return r
 
 
-def _uninstall(layer: nn.Module, done: bool) -> tuple[float, float]:
-    """Put the layer's quantizer back; when ``done``, with the hard-rounded weight and the grid frozen.
-    Returns the fractions of codes that differ from nearest rounding and of rounding variables undecided."""
+def _uninstall(layer: nn.Module, done: bool, keep_dc: bool = False) -> tuple[float, float]:
+    """Put the layer's quantizer back; when ``done``, with the hard-rounded weight (each kernel's sum kept
+    with ``keep_dc``) and the grid frozen. Returns the fractions of codes that differ from nearest rounding and
+    of rounding variables undecided."""
     r, q = layer.weight_quant, layer._adaround_quant
     layer.weight_quant = q
     del layer._adaround_quant
@@ -567,6 +592,8 @@ def _uninstall(layer: nn.Module, done: bool) -> tuple[float, float]:
     with torch.no_grad():
         h = r.h()
         undecided = float(((h > 0.01) & (h < 0.99)).double().mean())
+        if keep_dc:
+            r.keep_sums()
         r.hard = True
         layer.weight.copy_(r())
         flipped = float((r.codes() != r.nearest_codes).double().mean())
@@ -624,7 +651,7 @@ def _run_unit(gm, twin, unit: _Unit, xs, cfg: _Config, gen, report: AdaRoundRepo
             m.input_quant = w.inner
         _uninstall_act_steps(acts, done, report)
         for name, m in zip(unit.layers[:len(rounders)], layers):
-            report.flipped[name], report.undecided[name] = _uninstall(m, done)
+            report.flipped[name], report.undecided[name] = _uninstall(m, done, cfg.keep_dc)
     report.recon_mse_learned[unit.name] = _recon_mse(region, cache, cfg.batch_size)
     if log is not None:
         log(f"  {report.mode} {unit.name}: output MSE nearest {report.recon_mse_nearest[unit.name]:.4g} -> "
@@ -639,7 +666,7 @@ def default_lr(iterations: int) -> float:
 
 
 def _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, max_elements,
-                act_lr=0.0) -> _Config:
+                act_lr=0.0, keep_dc=False) -> _Config:
     if mode not in MODES:
         raise ValueError(f"adaround: unknown mode {mode!r}; choose one of {MODES}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations <= 0:
@@ -663,7 +690,7 @@ def _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, 
     if len(beta) != 2 or not all(math.isfinite(b) and b > 0 for b in beta):
         raise ValueError(f"adaround: beta={beta!r} must be two positive numbers (start, end)")
     return _Config(iterations, float(lr), float(reg), (float(beta[0]), float(beta[1])), float(warmup),
-                   float(drop_prob), batch_size, max_elements, float(act_lr))
+                   float(drop_prob), batch_size, max_elements, float(act_lr), bool(keep_dc))
 
 
 def _inputs(batches, device) -> list[Tensor]:
@@ -676,7 +703,8 @@ def _inputs(batches, device) -> list[Tensor]:
 def adaround(qmodel: nn.Module, float_model: nn.Module | None, batches, mode: str = "layer",
              iterations: int = 1000, lr: float | None = None, reg: float = 0.01, beta=(20.0, 2.0), warmup: float = 0.2,
              drop_prob: float = 0.0, batch_size: int = 32, seed: int = 0, log=None,
-             max_elements: int | None = MAX_BATCH_ELEMENTS, act_lr: float = 0.0) -> AdaRoundReport:
+             max_elements: int | None = MAX_BATCH_ELEMENTS, act_lr: float = 0.0,
+             keep_dc: bool = False) -> AdaRoundReport:
     """Learn the rounding of every quantized layer of the calibrated ``qmodel`` in place (see module
     docstring): ``mode="layer"`` is AdaRound, ``mode="block"`` BRECQ; ``drop_prob`` > 0 adds QDrop.
 
@@ -685,9 +713,11 @@ def adaround(qmodel: nn.Module, float_model: nn.Module | None, batches, mode: st
     calibration inputs (tensors or ``(x, y)`` pairs). Each step draws ``batch_size`` cached samples, fewer
     for a unit whose per-sample input or output exceeds ``max_elements / batch_size`` elements (None: never).
     ``act_lr > 0`` also learns the steps of the units' per-tensor uniform activation quantizers (module
-    docstring; BRECQ / QDrop use 4e-5 with 20 000 iterations). Deterministic for a given ``seed``.
+    docstring; BRECQ / QDrop use 4e-5 with 20 000 iterations). ``keep_dc`` keeps each spatial kernel's sum
+    through the hard rounding (:mod:`qcnn.methods.kernel_sums`). Deterministic for a given ``seed``.
     """
-    cfg = _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, max_elements, act_lr)
+    cfg = _check_args(mode, iterations, lr, reg, beta, warmup, drop_prob, batch_size, max_elements, act_lr,
+                      keep_dc)
     gm = _graph_module(qmodel)
     names = _weight_layers(gm)
     _check_layers(gm, names)

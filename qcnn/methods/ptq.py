@@ -25,7 +25,9 @@ The post-training steps of ``recipe.ptq`` run around the calibration, each in it
 cross-layer equalization (structural, applied by ``quantize()``: :mod:`qcnn.methods.equalize`) and high-bias
 absorption before it, then the power-of-two alignment of the activations (the same module); after it the
 mixed-precision search (:mod:`qcnn.methods.mixed_precision`), the weight
-grids fixed (:func:`freeze_weight_grids`), learned rounding (:mod:`qcnn.methods.adaround`) and bias correction
+grids fixed (:func:`freeze_weight_grids`), learned rounding (:mod:`qcnn.methods.adaround`), DC-preserving
+rounding of the spatial kernels (``keep_dc``: :mod:`qcnn.methods.kernel_sums`, after nearest or inside learned
+rounding) and bias correction
 (:mod:`qcnn.methods.bias_correction`; after learned rounding its float reference is the rounded weights' float
 function, so that it removes the activations' shift and keeps the rounding), all on the calibration images; each
 step's wall and CPU seconds are in
@@ -49,6 +51,7 @@ from qcnn.methods.adaround import adaround
 from qcnn.methods.base import get_method
 from qcnn.methods.bias_correction import analytic_bias_correction, empirical_bias_correction
 from qcnn.methods.equalize import absorb_high_bias, align_pot_activations
+from qcnn.methods.kernel_sums import keep_kernel_sums
 from qcnn.methods.mixed_precision import parse_budget, sensitivity_search
 from qcnn.methods.place import quantize
 from qcnn.methods.regrid import METRICS, best_act_fl, best_weight_fl, restore, set_bits, snapshot
@@ -254,7 +257,7 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
         rep = steps.run(spec.round, adaround, qmodel, twin, calib_batches,
                         mode="layer" if spec.round == "adaround" else "block",
                         iterations=spec.round_iterations, drop_prob=spec.round_drop_prob, act_lr=spec.round_act_lr,
-                        lr=spec.round_lr)
+                        lr=spec.round_lr, keep_dc=spec.keep_dc)
         steps.record[spec.round].update(
             flipped=sum(rep.flipped.values()) / max(len(rep.flipped), 1),
             undecided=sum(rep.undecided.values()) / max(len(rep.undecided), 1),
@@ -264,12 +267,18 @@ def _round_and_correct(steps: _Steps, qmodel, twin, model, calib_batches, spec) 
             steps.record[spec.round]["act_steps"] = len(rep.act_steps)
             steps.record[spec.round]["act_step_ratio"] = sum(b / a for a, b in rep.act_steps.values()) / len(
                 rep.act_steps)
+    elif spec.keep_dc:
+        rep = steps.run("keep_dc", keep_kernel_sums, qmodel)
+        steps.record["keep_dc"].update(layers=len(rep.moved), sum_error_before=max(rep.before.values(), default=0.0),
+                                       sum_error_after=max(rep.after.values(), default=0.0))
     if spec.bias_correction == "empirical":
         # the reference is the float function of the weights as they are now, as the analytic form's is: after
         # learned rounding, the rounded ones. Against the original float weights the correction undid the
         # rounding's compensation of earlier layers' errors (measured: ResNet-20 W4A4 BRECQ 0.45 -> 1.88 points;
         # -0.13 against the rounded weights); after nearest rounding the two are the same weights
-        shifts = steps.run("bias_correction", empirical_bias_correction, qmodel, float_twin(qmodel), calib_batches)
+        # (keep_dc after nearest rounding compensates nothing: its reference stays the float weights, ``twin``)
+        ref = float_twin(qmodel) if spec.round != "nearest" else twin
+        shifts = steps.run("bias_correction", empirical_bias_correction, qmodel, ref, calib_batches)
         steps.record["bias_correction"]["max_shift"] = max(shifts.values(), default=0.0)
     elif spec.bias_correction == "analytic":
         how = steps.run("bias_correction", analytic_bias_correction, qmodel, model, calib_batches)
@@ -330,7 +339,7 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
     if spec.mixed_precision:
         result.mixed_precision = _mixed_precision(steps, qmodel, twin, calib_batches, recipe)
         result.recipe = recipe_of(qmodel, recipe)
-    if spec.round != "nearest" or spec.bias_correction:
+    if spec.round != "nearest" or spec.bias_correction or spec.keep_dc:
         steps.run("freeze_weight_grids", freeze_weight_grids, qmodel, calib_batches[0][0])
     _round_and_correct(steps, qmodel, twin, model, calib_batches, spec)
     if search == "accuracy":

@@ -154,7 +154,7 @@ BIAS_CORRECTIONS = ("empirical", "analytic")
 class PTQSpec:
     """Post-training steps (``ptq:`` in a recipe; ``qcnn ptq`` flags of the same names), applied in this order:
     cross-layer equalization (+ high-bias absorption), power-of-two alignment, calibration, learned rounding,
-    bias correction, then
+    DC-preserving rounding (keep_dc), bias correction, then
     the mixed-precision search. See docs/ptq.md."""
 
     equalize: bool = False  #: cross-layer equalization (Nagel et al. 2019), data-free; needs fold_bn
@@ -167,6 +167,9 @@ class PTQSpec:
     pot_align: bool = False
     bias_correction: str | None = None  #: empirical | analytic (None: off)
     round: str = "nearest"  #: nearest | adaround (layer-wise) | brecq (block reconstruction)
+    #: round each spatial kernel so that its sum (DC gain) stays within half a step of the float one
+    #: (:mod:`qcnn.methods.kernel_sums`), after nearest or learned rounding
+    keep_dc: bool = False
     round_iterations: int = 1000  #: optimisation steps per layer (adaround) or block (brecq)
     #: learned rounding: Adam step of the rounding variables (None: ``max(4e-3, 10 / round_iterations)``)
     round_lr: float | None = None
@@ -205,6 +208,7 @@ class PTQSpec:
         out += ["absorb_bias"] if self.equalize and self.absorb_bias else []
         out += ["pot_align"] if self.pot_align else []
         out += [] if self.round == "nearest" else [self.round]
+        out += ["keep_dc"] if self.keep_dc else []
         out += [f"bias_correction:{self.bias_correction}"] if self.bias_correction else []
         return out + ([f"mixed_precision:{self.mixed_precision}"] if self.mixed_precision else [])
 
