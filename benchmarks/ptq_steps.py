@@ -50,7 +50,8 @@ CONFIGS = {
 #: bias correction; ``+pot``: power-of-two activation alignment; ``+adaround`` layer-wise, ``+brecq`` block-wise
 #: learned rounding; ``+qdrop``: BRECQ with QDrop's activation dropping, probability 0.5; ``+act``: the
 #: activation steps learned with it, Adam step ``--act-lr``; ``+dc``: each spatial kernel's sum kept through the
-#: rounding, ``keep_dc``)
+#: rounding, ``keep_dc``; ``+aug2``: the calibration images, their mirror images and 2 random resized crops of each,
+#: ``calib_augment: 2``)
 STEPS = {
     "nearest": {},
     "+cle": {"equalize": True},
@@ -73,6 +74,8 @@ STEPS = {
     "+adaround+dc": {"round": "adaround", "keep_dc": True},
     "+brecq+dc": {"round": "brecq", "keep_dc": True},
     "+brecq+dc+bc": {"round": "brecq", "keep_dc": True, "bias_correction": "empirical"},
+    "+adaround+dc+aug2": {"round": "adaround", "keep_dc": True, "calib_augment": 2},
+    "+brecq+dc+aug2": {"round": "brecq", "keep_dc": True, "calib_augment": 2},
     "+adaround+act+bc": {"round": "adaround", "round_act_lr": None, "bias_correction": "empirical"},
     "+brecq+act+bc": {"round": "brecq", "round_act_lr": None, "bias_correction": "empirical"},
 }

@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
     add_per_channel_args(g, "the recipe's; per-channel without --recipe, as Recipe(); QCode's paper form is "
                             "--per-tensor")
     t = p.add_argument_group("post-training steps (recipe ptq: fields of the same names)")
+    t.add_argument("--calib-augment", type=int, default=None, metavar="K",
+                   help="calibrate every step on the calibration images, their mirror images and K random resized "
+                        "crops of each (for a few images and learned rounding; default 0: the images alone)")
     t.add_argument("--equalize", action="store_true", default=None,
                    help="cross-layer equalization + high-bias absorption before calibration (Nagel et al. 2019)")
     t.add_argument("--no-absorb-bias", dest="absorb_bias", action="store_false", default=None,
@@ -114,7 +117,8 @@ def recipe_from_args(args):
     from qcnn.recipes import Recipe, load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(method="qcode")
-    ptq = {"equalize": args.equalize, "absorb_bias": args.absorb_bias, "equalize_relu6": args.equalize_relu6,
+    ptq = {"calib_augment": args.calib_augment, "equalize": args.equalize, "absorb_bias": args.absorb_bias,
+           "equalize_relu6": args.equalize_relu6,
            "pot_align": args.pot_align, "bias_correction": args.bias_correction,
            "round": args.round, "keep_dc": args.keep_dc, "round_iterations": args.round_iterations,
            "round_drop_prob": args.round_drop_prob,

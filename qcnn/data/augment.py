@@ -77,3 +77,29 @@ class Normalize:
         """Normalised float -> pixel values in [0, 255] (float)."""
         scale, shift = self._consts(x.device)
         return (x + shift) / scale
+
+
+#: area range of the random crops of :func:`calibration_views` (a fraction of the image)
+VIEW_SCALE = (0.35, 1.0)
+
+
+def calibration_views(x: torch.Tensor, copies: int, seed: int = 0) -> list[torch.Tensor]:
+    """More views of a few calibration images ``x`` ``[B, C, H, W]`` (already normalised) for post-training
+    steps that fit many parameters to them (learned rounding): ``x`` itself, its mirror image and ``copies``
+    batches in which each image is a random crop of ``VIEW_SCALE`` of its area and aspect ratio 3/4..4/3,
+    resized back to ``H x W`` (torchvision's ``RandomResizedCrop``, bilinear, antialiased) and mirrored with
+    probability 1/2. The same ``seed`` gives the same views; the global random state is left as it was."""
+    from torchvision.transforms import v2
+
+    if x.dim() != 4:
+        raise ValueError(f"calibration views need image batches [B, C, H, W], got a tensor of shape "
+                         f"{tuple(x.shape)}")
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise ValueError(f"copies={copies!r} must be an integer >= 0")
+    crop = v2.RandomResizedCrop(tuple(x.shape[-2:]), scale=VIEW_SCALE, antialias=True)
+    out = [x, x.flip(-1)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(copies):
+            out.append(torch.stack([crop(im.flip(-1) if bool(torch.rand(()) < 0.5) else im) for im in x]))
+    return out

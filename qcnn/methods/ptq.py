@@ -46,6 +46,7 @@ from torch import Tensor, fx, nn
 from qcnn.calib import calibrating
 from qcnn.calib.histogram import HistogramObserver
 from qcnn.calib.observers import check_finite
+from qcnn.data.augment import calibration_views
 from qcnn.detection.task import metric_of
 from qcnn.methods.adaround import adaround
 from qcnn.methods.base import get_method
@@ -324,6 +325,9 @@ def post_training_quantize(model: nn.Module, recipe: Recipe, calib_loader, searc
     n_images = max(recipe.calib_images, eval_images if search == "accuracy" else 0)
     batches = _batches(calib_loader, n_images)
     calib_batches = _batches(batches, recipe.calib_images)
+    if spec.calib_augment:
+        calib_batches = [(v, y) for x, y in calib_batches for v in calibration_views(x, spec.calib_augment)]
+        steps.record["calib_augment"] = {"images": sum(x.shape[0] for x, _ in calib_batches)}
     if spec.equalize and spec.absorb_bias:
         n = steps.run("absorb_bias", absorb_high_bias, qmodel, calib_batches)
         steps.record["absorb_bias"]["channels"] = int(n)

@@ -157,6 +157,9 @@ class PTQSpec:
     DC-preserving rounding (keep_dc), bias correction, then
     the mixed-precision search. See docs/ptq.md."""
 
+    #: extra views of the calibration images for every step after quantize(): their mirror images and this many
+    #: random resized crops of each (:func:`qcnn.data.augment.calibration_views`; 0: the images alone)
+    calib_augment: int = 0
     equalize: bool = False  #: cross-layer equalization (Nagel et al. 2019), data-free; needs fold_bn
     absorb_bias: bool = True  #: with ``equalize``: high-bias absorption on calibration data
     #: with ``equalize``: a ReLU6 between two equalized layers becomes a per-channel ``clip`` (exact), a ``relu``
@@ -189,6 +192,8 @@ class PTQSpec:
             raise ValueError(f"ptq: round={self.round!r} is not one of {ROUNDINGS}")
         if self.bias_correction is not None and self.bias_correction not in BIAS_CORRECTIONS:
             raise ValueError(f"ptq: bias_correction={self.bias_correction!r} is not one of {BIAS_CORRECTIONS}")
+        if self.calib_augment < 0:
+            raise ValueError(f"ptq: calib_augment={self.calib_augment!r} must be >= 0")
         if self.round_iterations < 1:
             raise ValueError(f"ptq: round_iterations={self.round_iterations!r} must be >= 1")
         if not 0.0 <= self.round_drop_prob < 1.0:
@@ -204,7 +209,8 @@ class PTQSpec:
     @property
     def steps(self) -> list[str]:
         """The enabled steps, in the order they run (recorded in checkpoints and reports)."""
-        out = ["equalize"] if self.equalize else []
+        out = [f"calib_augment:{self.calib_augment}"] if self.calib_augment else []
+        out += ["equalize"] if self.equalize else []
         out += ["absorb_bias"] if self.equalize and self.absorb_bias else []
         out += ["pot_align"] if self.pot_align else []
         out += [] if self.round == "nearest" else [self.round]

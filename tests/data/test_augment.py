@@ -52,3 +52,31 @@ def test_normalize_numbers():
     assert torch.allclose(out[0, :, 0, 2], (128 / 255 - mean) / std, atol=1e-6)
     assert torch.allclose(norm.inverse(out), x.float(), atol=1e-4)
     assert out.dtype == torch.float32
+
+
+def test_calibration_views_mirror_crop_and_keep_the_random_state():
+    """The images, their mirror images, then ``copies`` batches of resized crops: the same for the same seed,
+    different for another, each crop a resampled window of its own image (a constant image stays constant),
+    and the global random state untouched."""
+    import pytest
+
+    from qcnn.data.augment import calibration_views
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    x[2] = 0.7
+    torch.manual_seed(123)
+    expect_next = torch.rand(())
+    torch.manual_seed(123)
+    views = calibration_views(x, 2)
+    assert torch.equal(torch.rand(()), expect_next)
+    assert len(views) == 4 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[1], x.flip(-1))
+    assert all(torch.equal(a, b) for a, b in zip(views, calibration_views(x, 2)))
+    assert not torch.equal(views[2], calibration_views(x, 2, seed=1)[2])
+    assert not torch.allclose(views[2][:2], x[:2], atol=1e-3) and not torch.allclose(views[2], views[3], atol=1e-3)
+    assert torch.allclose(views[2][2], x[2], atol=1e-5) and torch.allclose(views[3][2], x[2], atol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(3, 16\)"):
+        calibration_views(torch.zeros(3, 16), 1)
+    with pytest.raises(ValueError, match="copies=-1"):
+        calibration_views(x, -1)

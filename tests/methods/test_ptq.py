@@ -207,3 +207,19 @@ def test_resnet20_8bit_qcode_on_real_cifar(cifar_zip, weights_dir):
     f, a = top1(model, test), top1(q, test)
     assert f > 78.0
     assert abs(f - a) <= 0.5, (f, a)
+
+
+def test_calib_augment_feeds_the_views_to_the_steps():
+    """``calib_augment: K`` calibrates the steps on (2 + K) views of each calibration image: recorded in the
+    steps, a different learned rounding than the images alone, and refused below 0."""
+    model, data = _net(3), _data(64, 4)
+    base = Recipe(method="uniform", w_bits=3, a_bits=4, first_last="same", calib_images=64,
+                  ptq={"round": "adaround", "round_iterations": 30})
+    plain = post_training_quantize(model, base, data)
+    more = post_training_quantize(model, base.replace(ptq={"calib_augment": 2}), data)
+    assert more.ptq_steps["calib_augment"]["images"] == 64 * 4 and "calib_augment" not in plain.ptq_steps
+    assert "calib_augment:2" in more.recipe.ptq.steps
+    w = {k: r.model.get_submodule("0").weight for k, r in (("plain", plain), ("more", more))}
+    assert not torch.equal(w["plain"], w["more"])
+    with pytest.raises(ValueError, match="calib_augment=-1"):
+        Recipe(ptq={"calib_augment": -1})
