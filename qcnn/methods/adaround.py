@@ -189,15 +189,15 @@ class AdaRoundWeight(nn.Module):
 
     @torch.no_grad()
     def keep_sums(self) -> None:
-        """Flip the least certain hard decisions (smallest ``|V|``) so that each kernel slice's code sum is
-        within half a step of its float sum (:mod:`qcnn.methods.kernel_sums`); a weight with one tap per
-        slice (1x1 convolution, linear layer) is left as it is."""
+        """With ``hard`` set: flip the least certain decisions (smallest ``|V|``) so that each kernel slice's
+        code sum is within half a step of its float sum (:mod:`qcnn.methods.kernel_sums`); a weight with one
+        tap per slice (1x1 convolution, linear layer) is left as it is."""
         if self.v.dim() < 3 or self.v[0, 0].numel() < 2:
             return
         taps = self.v[0, 0].numel()
         up = (self.v >= 0).reshape(-1, taps)
-        c = torch.clamp(self.base + up.reshape(self.v.shape).to(self.base.dtype) + self.z, self.qmin, self.qmax)
-        c, v, margin = c.reshape(-1, taps), self.float_codes.reshape(-1, taps), self.v.abs().reshape(-1, taps)
+        c = self.codes().reshape(-1, taps)
+        v, margin = self.float_codes.reshape(-1, taps), self.v.abs().reshape(-1, taps)
         moves = sum_moves(v, c, margin, margin, ~up & (c < self.qmax) & (c < v), up & (c > self.qmin) & (c > v))
         flat = self.v.view(-1, taps)
         flat[moves > 0] = 0.0  # h = [V >= 0] = 1
@@ -592,9 +592,9 @@ def _uninstall(layer: nn.Module, done: bool, keep_dc: bool = False) -> tuple[flo
     with torch.no_grad():
         h = r.h()
         undecided = float(((h > 0.01) & (h < 0.99)).double().mean())
+        r.hard = True
         if keep_dc:
             r.keep_sums()
-        r.hard = True
         layer.weight.copy_(r())
         flipped = float((r.codes() != r.nearest_codes).double().mean())
     if isinstance(q, UniformQuantizer):

@@ -168,6 +168,14 @@ class Grid:
         return Grid(bits=width, signed=lo < 0, scale=self.scale.detach().clone().reshape(()),
                     zero_point=torch.tensor(0, dtype=torch.int32), qmin=lo, qmax=hi)
 
+    def real_codes(self, x: Tensor) -> Tensor:
+        """``x / scale + zero_point`` on a uniform grid, not rounded nor clipped (the codes ``x`` falls between);
+        0 + zero point in a channel of scale 0."""
+        s = self._bcast(self.scale.to(x.device), x.dim())
+        z = self._bcast(self.zero_point.to(x.device), x.dim()) if self.zero_point is not None else 0
+        zero = s == 0
+        return torch.where(zero, torch.zeros_like(x), x / torch.where(zero, torch.ones_like(s), s)) + z
+
     def to_codes(self, x: Tensor) -> Tensor:
         """Integer codes (int32) of an on-grid tensor ``x``. A channel of scale 0 (e.g. the Bi-Real / ELQ
         grid of an all-zero output channel) holds only the value 0: its codes are the zero point (0), not
@@ -175,11 +183,7 @@ class Grid:
         if self.levels is not None:
             lv = self.levels.to(x.device, x.dtype)
             return torch.argmin((x.unsqueeze(-1) - lv).abs(), dim=-1).to(torch.int32)
-        s = self._bcast(self.scale.to(x.device), x.dim())
-        z = self._bcast(self.zero_point.to(x.device), x.dim()) if self.zero_point is not None else 0
-        zero = s == 0
-        q = torch.where(zero, torch.zeros_like(x), torch.round(x / torch.where(zero, torch.ones_like(s), s))) + z
-        return q.clamp(self.qmin, self.qmax).to(torch.int32)
+        return torch.round(self.real_codes(x)).clamp(self.qmin, self.qmax).to(torch.int32)
 
     def from_codes(self, q: Tensor) -> Tensor:
         """Real values of integer codes."""
