@@ -12,8 +12,8 @@ its mean over the calibration images) nor small next to the output when the kern
 per-channel weights, every other layer float): quantizing the first depthwise layer alone costs a logit
 noise-to-signal ratio of 0.72 on 10 held-out ImageNet samples; of its 32 channels, channel 4 (weights summing to
 -0.04, largest 5.2) alone 0.31 on the 20 samples, and moving that channel's nine rounded weights by a common
-offset that restores ``sum(w)`` brings it to 1e-4 (a first-moment, x and y gradient, fix on top: below 1e-4). The error of the first
-depthwise layer is the sum error of its kernels.
+offset that restores ``sum(w)`` brings it to 1e-4 (a first-moment, x and y gradient, fix on top: below 1e-4).
+The error of the first depthwise layer is the sum error of its kernels.
 
 Rounding. In code units ``v = w / s + z`` (the layer's grid: scale ``s`` and zero point ``z`` per tensor or per
 output channel, codes ``[q_min, q_max]``) each code ``c`` is ``floor(v)`` or ``ceil(v)``. Per slice the residual
